@@ -1,0 +1,132 @@
+//! `streamhub demo`: the seed article's tour of the gRPC patterns, against a
+//! running server and with real data.
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+
+use super::{
+    Context,
+    telemetry::{print_alert, print_sample, simulated, status_error},
+};
+use crate::proto::telemetry::{
+    MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+};
+
+/// Arguments of `streamhub demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The server's own service name, whose real metrics the tour reads.
+    #[arg(long, default_value = "streamhub")]
+    pub self_name: String,
+    /// How long to watch live metrics in the server-streaming step.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub subscribe_for: Duration,
+    /// Payloads to send in the bidirectional step.
+    #[arg(long, default_value_t = 20)]
+    pub feed_ticks: u64,
+    /// Milliseconds between those payloads.
+    #[arg(long, default_value_t = 100)]
+    pub tick_ms: u64,
+}
+
+fn step(ctx: &Context, title: &str) {
+    ctx.note("step", &format!("\n== {title} =="));
+}
+
+/// Runs the tour.
+pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
+    let channel = ctx.connect().await?;
+    let mut client = TelemetryServiceClient::new(channel.clone());
+
+    step(
+        ctx,
+        "1. Unary: GetSnapshot of the server's own host metrics",
+    );
+    // The server samples itself every second; wait for the first sample if
+    // it has just started.
+    let request = MetricsRequest {
+        service_name: args.self_name.clone(),
+        interval_ms: 0,
+    };
+    let first = client
+        .subscribe(request.clone())
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .next()
+        .await;
+    if let Some(Err(status)) = first {
+        return Err(status_error(status));
+    }
+    let snapshot = client
+        .get_snapshot(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_sample(ctx, &snapshot);
+
+    step(
+        ctx,
+        &format!(
+            "2. Server streaming: Subscribe to {} for {:?} (one update a second, no polling)",
+            args.self_name, args.subscribe_for
+        ),
+    );
+    let mut updates = client
+        .subscribe(MetricsRequest {
+            service_name: args.self_name.clone(),
+            interval_ms: 1000,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let watch = async {
+        while let Some(update) = updates.next().await {
+            print_sample(ctx, &update.map_err(status_error)?);
+        }
+        anyhow::Ok(())
+    };
+    if let Ok(result) = tokio::time::timeout(args.subscribe_for, watch).await {
+        result?;
+    }
+
+    step(
+        ctx,
+        &format!(
+            "3. Bidirectional: LiveFeed of {} synthetic payloads (CPU spike every tenth), alerts come back",
+            args.feed_ticks
+        ),
+    );
+    let ticks = args.feed_ticks;
+    let interval = Duration::from_millis(args.tick_ms.max(1));
+    let payloads = async_stream::stream! {
+        let mut timer = tokio::time::interval(interval);
+        for tick in 1..=ticks {
+            timer.tick().await;
+            let (cpu_usage, memory_mb) = simulated(tick);
+            yield MetricsPayload {
+                service_name: "demo-gateway".to_owned(),
+                cpu_usage,
+                memory_mb,
+                timestamp_ms: 0,
+                request_count: tick * 100,
+            };
+        }
+    };
+    let mut alerts = client
+        .live_feed(payloads)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut count = 0;
+    while let Some(alert) = alerts.next().await {
+        print_alert(ctx, &alert.map_err(status_error)?);
+        count += 1;
+    }
+    ctx.note(
+        "done",
+        &format!("\nLiveFeed ended: {count} alerts for {ticks} payloads."),
+    );
+    Ok(())
+}

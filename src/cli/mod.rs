@@ -1,0 +1,78 @@
+//! Client subcommands of the `streamhub` binary, and `serve`.
+//!
+//! Each subcommand is a clap `Args` struct with a `run` function; `main.rs`
+//! only parses and dispatches. Human-readable output by default, one JSON
+//! object per line with `--json`.
+
+pub mod demo;
+pub mod serve;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// Settings every client subcommand shares.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The server URL, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// Print one JSON object per line instead of text.
+    pub json: bool,
+}
+
+impl Context {
+    /// Opens a channel to the server.
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        let endpoint = Endpoint::from_shared(self.server.clone())
+            .with_context(|| format!("invalid server URL {:?}", self.server))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))
+    }
+
+    /// Prints `value` as a JSON line, or `human` as text.
+    pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            match serde_json::to_string(value) {
+                Ok(line) => println!("{line}"),
+                Err(err) => eprintln!("cannot encode output as JSON: {err}"),
+            }
+        } else {
+            println!("{}", human());
+        }
+    }
+
+    /// Prints a progress note: on stderr as text, or as a JSON event line.
+    pub fn note(&self, event: &str, text: &str) {
+        if self.json {
+            self.emit(
+                &serde_json::json!({ "event": event, "message": text }),
+                String::new,
+            );
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+/// Formats a Unix-millisecond timestamp as RFC 3339 (UTC).
+pub fn format_ms(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Whether a failed call is worth retrying after a reconnect.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}

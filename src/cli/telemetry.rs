@@ -1,0 +1,328 @@
+//! Telemetry subcommands: `snapshot`, `services`, `subscribe`, `feed`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+
+use super::{Context, format_ms, is_transient};
+use crate::{
+    proto::telemetry::{
+        AlertResponse, ListServicesRequest, MetricsPayload, MetricsRequest, MetricsResponse,
+        telemetry_service_client::TelemetryServiceClient,
+    },
+    telemetry::host::HostSampler,
+};
+
+/// A sample as the CLI prints it.
+#[derive(Debug, Serialize)]
+pub struct SampleView<'a> {
+    /// Service name.
+    pub service: &'a str,
+    /// CPU %.
+    pub cpu_usage: f64,
+    /// Memory MB.
+    pub memory_mb: f64,
+    /// Request count.
+    pub request_count: u64,
+    /// Unix ms.
+    pub timestamp_ms: u64,
+}
+
+impl<'a> From<&'a MetricsResponse> for SampleView<'a> {
+    fn from(m: &'a MetricsResponse) -> Self {
+        Self {
+            service: &m.service_name,
+            cpu_usage: m.cpu_usage,
+            memory_mb: m.memory_mb,
+            request_count: m.request_count,
+            timestamp_ms: m.timestamp_ms,
+        }
+    }
+}
+
+/// Prints one sample.
+pub fn print_sample(ctx: &Context, m: &MetricsResponse) {
+    ctx.emit(&SampleView::from(m), || {
+        format!(
+            "[{}] {:<20} CPU {:>5.1}%  memory {:>8.0} MB  requests {}",
+            format_ms(m.timestamp_ms),
+            m.service_name,
+            m.cpu_usage,
+            m.memory_mb,
+            m.request_count
+        )
+    });
+}
+
+/// Prints one alert.
+pub fn print_alert(ctx: &Context, a: &AlertResponse) {
+    #[derive(Serialize)]
+    struct AlertView<'a> {
+        alert_type: &'a str,
+        message: &'a str,
+        value: f64,
+        timestamp_ms: u64,
+    }
+    ctx.emit(
+        &AlertView {
+            alert_type: &a.alert_type,
+            message: &a.message,
+            value: a.value,
+            timestamp_ms: a.timestamp_ms,
+        },
+        || format!("[ALERT] {:<20} {}", a.alert_type, a.message),
+    );
+}
+
+/// Arguments of `streamhub snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Service whose latest sample to show.
+    pub name: String,
+}
+
+/// `streamhub snapshot NAME`.
+pub async fn snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {
+    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
+    let sample = client
+        .get_snapshot(MetricsRequest {
+            service_name: args.name,
+            interval_ms: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_sample(ctx, &sample);
+    Ok(())
+}
+
+/// `streamhub services`: every known service with its latest sample.
+pub async fn services(ctx: &Context) -> anyhow::Result<()> {
+    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
+    let list = client
+        .list_services(ListServicesRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if list.services.is_empty() && !ctx.json {
+        println!("no services have reported yet");
+    }
+    for entry in &list.services {
+        match &entry.latest {
+            Some(sample) => print_sample(ctx, sample),
+            None => ctx.emit(
+                &serde_json::json!({ "service": entry.service_name, "awaiting_first_sample": true }),
+                || format!("{:<20} (awaited by subscribers, no sample yet)", entry.service_name),
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Arguments of `streamhub subscribe`.
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    /// Service to watch; it need not have reported yet.
+    pub name: String,
+    /// At most one update per this many milliseconds (0: server default).
+    #[arg(long, default_value_t = 1000, env = "STREAMHUB_INTERVAL_MS")]
+    pub interval_ms: u32,
+    /// Stop after this many samples (default: until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long, e.g. `10s` (default: until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// `streamhub subscribe NAME`: prints samples until Ctrl-C, reconnecting
+/// with backoff when the server goes away.
+pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()> {
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let until_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = subscribe_loop(ctx, &args) => result,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = until_deadline => Ok(()),
+    }
+}
+
+async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<()> {
+    let mut received = 0u64;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let lost = match subscribe_once(ctx, args, &mut received, &mut backoff).await {
+            Ok(()) => return Ok(()),
+            Err(Lost::Fatal(err)) => return Err(err),
+            Err(Lost::Transient(why)) => why,
+        };
+        ctx.note(
+            "reconnecting",
+            &format!(
+                "connection to {} lost ({lost}); reconnecting in {:.1}s",
+                ctx.server,
+                backoff.as_secs_f64()
+            ),
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum Lost {
+    Transient(String),
+    Fatal(anyhow::Error),
+}
+
+async fn subscribe_once(
+    ctx: &Context,
+    args: &SubscribeArgs,
+    received: &mut u64,
+    backoff: &mut Duration,
+) -> Result<(), Lost> {
+    let channel = ctx
+        .connect()
+        .await
+        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let mut client = TelemetryServiceClient::new(channel);
+    let request = MetricsRequest {
+        service_name: args.name.clone(),
+        interval_ms: args.interval_ms,
+    };
+    let mut stream = match client.subscribe(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if is_transient(&status) => return Err(Lost::Transient(status_text(&status))),
+        Err(status) => return Err(Lost::Fatal(status_error(status))),
+    };
+    if *received > 0 {
+        ctx.note("reconnected", &format!("reconnected to {}", ctx.server));
+    }
+    loop {
+        match stream.next().await {
+            Some(Ok(sample)) => {
+                *backoff = Duration::from_millis(250);
+                print_sample(ctx, &sample);
+                *received += 1;
+                if args.count.is_some_and(|n| *received >= n) {
+                    return Ok(());
+                }
+            }
+            Some(Err(status)) if is_transient(&status) => {
+                return Err(Lost::Transient(status_text(&status)));
+            }
+            Some(Err(status)) => return Err(Lost::Fatal(status_error(status))),
+            None => return Err(Lost::Transient("the server ended the stream".into())),
+        }
+    }
+}
+
+/// Arguments of `streamhub feed`.
+#[derive(Debug, clap::Args)]
+pub struct FeedArgs {
+    /// Name to report under (default: this machine's host name).
+    #[arg(long, env = "STREAMHUB_SERVICE")]
+    pub service: Option<String>,
+    /// Milliseconds between payloads.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Send the seed's synthetic pattern (a CPU spike every tenth tick)
+    /// instead of this machine's real metrics.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Stop after this many payloads (default: until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+/// The seed's synthetic metrics for tick `tick` (1-based): CPU 95% every
+/// tenth tick, 45-49% otherwise; memory growing 10 MB a tick from 2 GB.
+pub fn simulated(tick: u64) -> (f64, f64) {
+    #[allow(clippy::cast_precision_loss)] // tick counts stay far below 2^52
+    let cpu = if tick.is_multiple_of(10) {
+        95.0
+    } else {
+        45.0 + (tick % 5) as f64
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let memory = 2048.0 + tick as f64 * 10.0;
+    (cpu, memory)
+}
+
+/// `streamhub feed`: streams metrics through LiveFeed and prints alerts.
+pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
+    let service = match args.service.clone() {
+        Some(name) => name,
+        None => sysinfo::System::host_name().unwrap_or_else(|| "localhost".to_owned()),
+    };
+    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
+    let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
+    let producer_service = service.clone();
+    let producer = tokio::spawn(produce(producer_service, args, tx));
+    let mut alerts = client
+        .live_feed(ReceiverStream::new(rx))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    ctx.note(
+        "feeding",
+        &format!("streaming metrics of {service}; alerts follow"),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            alert = alerts.next() => match alert {
+                Some(Ok(alert)) => print_alert(ctx, &alert),
+                Some(Err(status)) => {
+                    producer.abort();
+                    return Err(status_error(status));
+                }
+                None => break,
+            }
+        }
+    }
+    producer.abort();
+    Ok(())
+}
+
+async fn produce(service: String, args: FeedArgs, tx: mpsc::Sender<MetricsPayload>) {
+    let mut sampler = (!args.simulate).then(HostSampler::new);
+    let mut ticks = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
+    let mut tick = 0u64;
+    while args.count.is_none_or(|n| tick < n) {
+        ticks.tick().await;
+        tick += 1;
+        let (cpu_usage, memory_mb) = match sampler.as_mut() {
+            Some(sampler) => sampler.sample(),
+            None => simulated(tick),
+        };
+        let payload = MetricsPayload {
+            service_name: service.clone(),
+            cpu_usage,
+            memory_mb,
+            timestamp_ms: 0,
+            request_count: tick,
+        };
+        if tx.send(payload).await.is_err() {
+            return;
+        }
+    }
+    // Dropping the sender half-closes the call; the server then ends it.
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Turns a failed call into an error that says what the server said.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server answered {}", status_text(&status))
+}

@@ -1,0 +1,331 @@
+//! Server configuration: embedded defaults, then a TOML file, then
+//! `STREAMHUB_*` environment variables, then command-line flags.
+//!
+//! Every setting has a default that serves. Nested keys are reached from the
+//! environment with a double underscore (`STREAMHUB_TELEMETRY__MAX_SERVICES`)
+//! and from the command line with `--set telemetry.max_services=5000`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// Errors while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file, variable or flag held a value that does not fit its setting.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// A `--set` argument was not `key=value`.
+    #[error("--set expects KEY=VALUE, got {0:?}")]
+    BadOverride(String),
+    /// The values parse but contradict each other.
+    #[error("invalid configuration: {0}")]
+    Inconsistent(String),
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Directory for uploads, chat history and other durable state.
+    pub data_dir: PathBuf,
+    /// How long shutdown may take before open streams are cut off.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Transport limits (HTTP/2, TCP, message sizes).
+    pub limits: Limits,
+    /// Telemetry service settings.
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./streamhub-data"),
+            drain_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+/// Limits tonic leaves off or at library defaults, set explicitly here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: open calls per connection.
+    pub max_concurrent_streams: u32,
+    /// Remotely reset streams waiting to be accepted before the connection
+    /// is closed with GOAWAY (HTTP/2 rapid-reset protection).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset because of peer errors before it closes
+    /// the connection (protection against peers provoking resets).
+    pub max_local_error_reset_streams: usize,
+    /// Largest encoded gRPC message accepted or sent, in bytes.
+    pub max_message_size: usize,
+    /// Interval of HTTP/2 PING frames that detect dead peers.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// TCP keepalive idle time on accepted sockets.
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
+    /// Close connections older than this (GOAWAY), so clients rebalance.
+    /// Off by default: streams are meant to live long.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Option<Duration>,
+    /// Time given to calls on a connection past its maximum age.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Option<Duration>,
+    /// HTTP/2 initial stream flow-control window, in bytes.
+    pub initial_stream_window_size: u32,
+    /// HTTP/2 initial connection flow-control window, in bytes.
+    pub initial_connection_window_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 4096,
+            max_pending_accept_reset_streams: 64,
+            max_local_error_reset_streams: 256,
+            max_message_size: 4 * 1024 * 1024 + 64 * 1024,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+            max_connection_age: None,
+            max_connection_age_grace: None,
+            initial_stream_window_size: 1024 * 1024,
+            initial_connection_window_size: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Telemetry service settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Name under which the server reports its own host's metrics.
+    pub self_name: String,
+    /// How often the server samples its own host. Zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub self_sample_interval: Duration,
+    /// Interval used by Subscribe when the request says 0.
+    #[serde(with = "humantime_serde")]
+    pub default_interval: Duration,
+    /// Shortest interval a subscriber may ask for; shorter ones are raised.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Most distinct service names the hub tracks.
+    pub max_services: usize,
+    /// While a value stays above its threshold, repeat the alert at most
+    /// this often.
+    #[serde(with = "humantime_serde")]
+    pub alert_repeat_interval: Duration,
+    /// Alert rules run on every LiveFeed payload.
+    pub rules: Vec<AlertRuleConfig>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            self_name: "streamhub".to_owned(),
+            self_sample_interval: Duration::from_secs(1),
+            default_interval: Duration::from_millis(1000),
+            min_interval: Duration::from_millis(100),
+            max_services: 10_000,
+            alert_repeat_interval: Duration::from_secs(60),
+            rules: vec![
+                AlertRuleConfig {
+                    name: "CPU_HIGH".to_owned(),
+                    metric: Metric::CpuUsage,
+                    above: 90.0,
+                },
+                AlertRuleConfig {
+                    name: "MEMORY_HIGH".to_owned(),
+                    metric: Metric::MemoryMb,
+                    above: 4096.0,
+                },
+            ],
+        }
+    }
+}
+
+/// One threshold rule: `name` fires when `metric` rises above `above`, and
+/// `<name>_RESOLVED` when it falls back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRuleConfig {
+    /// Alert type sent to clients, e.g. `CPU_HIGH`.
+    pub name: String,
+    /// The measured value the rule watches.
+    pub metric: Metric,
+    /// Threshold; the alert fires when the value is strictly above it.
+    pub above: f64,
+}
+
+/// A value carried by a metrics sample.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// CPU usage in percent.
+    CpuUsage,
+    /// Memory in MB.
+    MemoryMb,
+    /// Request count.
+    RequestCount,
+}
+
+/// Where configuration comes from, highest priority last.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// A TOML file, if any.
+    pub file: Option<PathBuf>,
+    /// Read `STREAMHUB_*` environment variables.
+    pub env: bool,
+    /// `key=value` overrides (dotted keys), applied last.
+    pub overrides: Vec<String>,
+}
+
+/// Environment variables that belong to the client or to clap, not to the
+/// server configuration.
+const CLIENT_ENV: &[&str] = &["server", "config", "json", "set"];
+
+impl Config {
+    /// Loads the configuration from `sources` over the embedded defaults.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = &sources.file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        if sources.env {
+            figment = figment.merge(Env::prefixed("STREAMHUB_").split("__").ignore(CLIENT_ENV));
+        }
+        for item in &sources.overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride(item.clone()))?;
+            // Parse the value like TOML would (numbers, booleans), falling
+            // back to a plain string.
+            let value: figment::value::Value = value
+                .parse::<figment::value::Value>()
+                .unwrap_or_else(|_| value.into());
+            figment = figment.merge(Serialized::default(key.trim(), value));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.telemetry;
+        if t.self_name.is_empty() || t.self_name.len() > crate::telemetry::MAX_NAME_LEN {
+            return Err(ConfigError::Inconsistent(format!(
+                "telemetry.self_name must be 1 to {} bytes",
+                crate::telemetry::MAX_NAME_LEN
+            )));
+        }
+        if t.min_interval.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "telemetry.min_interval must be above zero".into(),
+            ));
+        }
+        if t.max_services == 0 {
+            return Err(ConfigError::Inconsistent(
+                "telemetry.max_services must be at least 1".into(),
+            ));
+        }
+        for rule in &t.rules {
+            if rule.name.is_empty() || !rule.above.is_finite() {
+                return Err(ConfigError::Inconsistent(format!(
+                    "alert rule {:?} needs a name and a finite threshold",
+                    rule.name
+                )));
+            }
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err(ConfigError::Inconsistent(
+                "limits.max_message_size must be at least 1024 bytes".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(config.listen.port(), 50051);
+        assert_eq!(config.telemetry.rules.len(), 2);
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys() {
+        let sources = Sources {
+            overrides: vec![
+                "telemetry.max_services=5".into(),
+                "drain_timeout=3s".into(),
+                "limits.max_connection_age=5m".into(),
+            ],
+            ..Sources::default()
+        };
+        let config = Config::load(&sources).expect("loads");
+        assert_eq!(config.telemetry.max_services, 5);
+        assert_eq!(config.drain_timeout, Duration::from_secs(3));
+        assert_eq!(
+            config.limits.max_connection_age,
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn file_is_read_and_typos_are_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("streamhub.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:6000\"\n[telemetry]\nalert_repeat_interval = \"5s\"\n\
+             [[telemetry.rules]]\nname = \"REQS_HIGH\"\nmetric = \"request_count\"\nabove = 1000.0\n",
+        )
+        .expect("write");
+        let config = Config::load(&Sources {
+            file: Some(path.clone()),
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(config.listen.port(), 6000);
+        assert_eq!(config.telemetry.rules.len(), 1);
+        assert_eq!(config.telemetry.rules[0].metric, Metric::RequestCount);
+
+        std::fs::write(&path, "listn = \"127.0.0.1:6000\"\n").expect("write");
+        let err = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect_err("typo rejected");
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_override_is_reported() {
+        let err = Config::load(&Sources {
+            overrides: vec!["nonsense".into()],
+            ..Sources::default()
+        })
+        .expect_err("rejected");
+        assert!(err.to_string().contains("nonsense"));
+    }
+}

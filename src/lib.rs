@@ -1,0 +1,25 @@
+//! streamhub: a gRPC streaming hub.
+//!
+//! Live telemetry pushed to any number of subscribers, metrics streamed in
+//! with alerts streamed back, chunked uploads that never lose a byte, and
+//! chat rooms over full-duplex streams.
+//!
+//! # Layout
+//!
+//! - [`server`]: wiring of services, health, reflection, limits, shutdown.
+//! - [`config`]: settings from defaults, file, environment and flags.
+//! - [`shutdown`]: the cancellation token every stream watches.
+//! - [`rpc`]: what all services share (stream logs, the request gate).
+//! - [`broker`]: latest-value pub/sub, no gRPC types.
+//! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
+//! - [`proto`]: generated protobuf code.
+//! - [`cli`]: the client subcommands of the `streamhub` binary.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod proto;
+pub mod rpc;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

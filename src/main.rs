@@ -1,0 +1,71 @@
+//! The `streamhub` binary: parses arguments, sets up logging, and calls the
+//! library.
+
+use clap::{Parser, Subcommand};
+use streamhub::cli::{self, Context};
+use tracing_subscriber::EnvFilter;
+
+/// A gRPC streaming hub: live telemetry, metrics in and alerts out,
+/// resumable chunked uploads, and chat rooms.
+#[derive(Debug, Parser)]
+#[command(name = "streamhub", version, about)]
+struct Cli {
+    /// Server URL the client subcommands talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMHUB_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+    /// Print one JSON object per line instead of human-readable text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (until SIGTERM or Ctrl-C).
+    Serve(cli::serve::ServeArgs),
+    /// Show the latest sample of a service.
+    Snapshot(cli::telemetry::SnapshotArgs),
+    /// List the services the server knows, with their latest samples.
+    Services,
+    /// Print a service's samples as they arrive, until Ctrl-C.
+    Subscribe(cli::telemetry::SubscribeArgs),
+    /// Stream this machine's metrics through LiveFeed and print the alerts.
+    Feed(cli::telemetry::FeedArgs),
+    /// A short tour of every streaming pattern against a running server.
+    Demo(cli::demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let ctx = Context {
+        server: cli.server,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Serve(args) => cli::serve::run(args).await,
+        Command::Snapshot(args) => cli::telemetry::snapshot(&ctx, args).await,
+        Command::Services => cli::telemetry::services(&ctx).await,
+        Command::Subscribe(args) => cli::telemetry::subscribe(&ctx, args).await,
+        Command::Feed(args) => cli::telemetry::feed(&ctx, args).await,
+        Command::Demo(args) => cli::demo::run(&ctx, args).await,
+    }
+}

@@ -1,0 +1,222 @@
+//! Server wiring: services, health, reflection, transport limits, and the
+//! graceful shutdown sequence.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests
+//! start a server on port 0 and stop it when they like.
+//!
+//! Shutdown, in order: health goes NOT_SERVING; the token is cancelled, so
+//! new calls are refused and every open stream delivers what it accepted
+//! and ends with UNAVAILABLE; tonic stops accepting connections and waits
+//! for them to close; if that takes longer than the drain timeout, whatever
+//! is left is dropped and `run` returns anyway.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_check_response::ServingStatus as PbStatus,
+        health_server::{Health, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
+
+use crate::{
+    config::Config,
+    proto,
+    rpc::{GateLayer, shutting_down},
+    shutdown::Shutdown,
+    telemetry::{self, Hub, service::TelemetryService},
+};
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data directory cannot be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Reflection could not be built from the descriptors.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener's address could not be read.
+    #[error("listener error: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// Names of the gRPC services served, as health knows them.
+pub const SERVICE_NAMES: &[&str] = &["telemetry.TelemetryService"];
+
+/// Runs a server on `listener` until `signal` completes, then shuts down
+/// gracefully within `config.drain_timeout`.
+pub async fn run<F>(listener: TcpListener, config: Config, signal: F) -> Result<(), ServerError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let local_addr = listener.local_addr()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+
+    let shutdown = Shutdown::new();
+    let hub = Arc::new(Hub::new(config.telemetry.clone()));
+    shutdown.spawn(telemetry::host::report_self(
+        Arc::clone(&hub),
+        shutdown.token(),
+    ));
+
+    let health = HealthReporter::new();
+    health.set_service_status("", ServingStatus::Serving).await;
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    let health_service = HealthServer::new(HealthGate {
+        inner: HealthService::from_health_reporter(health.clone()),
+        shutdown: shutdown.clone(),
+    });
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limits = &config.limits;
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .initial_stream_window_size(limits.initial_stream_window_size)
+        .initial_connection_window_size(limits.initial_connection_window_size);
+    if let Some(age) = limits.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(grace) = limits.max_connection_age_grace {
+        builder = builder.max_connection_age_grace(grace);
+    }
+
+    let router = builder
+        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            TelemetryService::new(Arc::clone(&hub), shutdown.clone())
+                .into_server(limits.max_message_size),
+        );
+
+    // serve_with_incoming ignores the builder's TCP options: set them here.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(limits.tcp_keepalive));
+
+    let serve = router.serve_with_incoming_shutdown(incoming, shutdown.token().cancelled_owned());
+    tokio::pin!(serve);
+    tracing::info!(addr = %local_addr, data_dir = %config.data_dir.display(), "serving");
+
+    tokio::select! {
+        result = &mut serve => return result.map_err(ServerError::from),
+        () = signal => {}
+    }
+
+    tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining open streams");
+    let deadline = tokio::time::Instant::now() + config.drain_timeout;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    for name in SERVICE_NAMES {
+        health
+            .set_service_status(*name, ServingStatus::NotServing)
+            .await;
+    }
+    shutdown.trigger();
+
+    match tokio::time::timeout_at(deadline, &mut serve).await {
+        Ok(result) => result?,
+        Err(_) => tracing::warn!("drain timeout passed: closing the remaining connections"),
+    }
+    if tokio::time::timeout_at(deadline, shutdown.wait_tasks())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed: abandoning background tasks");
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Binds `addr` and runs the server there until `signal` completes.
+pub async fn bind_and_run<F>(config: Config, signal: F) -> Result<SocketAddr, ServerError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    run(listener, config, signal).await?;
+    Ok(addr)
+}
+
+/// The standard health service, with Watch streams that end on shutdown
+/// (tonic-health's own never end, which would hold the drain open).
+struct HealthGate {
+    inner: HealthService,
+    shutdown: Shutdown,
+}
+
+#[tonic::async_trait]
+impl Health for HealthGate {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut inner = self.inner.watch(request).await?.into_inner();
+        let shutdown = self.shutdown.clone();
+        let stream = async_stream::stream! {
+            use futures::StreamExt;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    item = inner.next() => match item {
+                        Some(item) => yield item,
+                        None => return,
+                    },
+                }
+            }
+            // Say NOT_SERVING before ending, whether or not the watcher saw
+            // the change race past.
+            yield Ok(HealthCheckResponse { status: PbStatus::NotServing.into() });
+            yield Err(shutting_down());
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

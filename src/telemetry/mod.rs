@@ -1,0 +1,283 @@
+//! Telemetry: services report metrics samples, subscribers watch them.
+//!
+//! - [`Hub`] is the core: it validates samples, keeps each service's latest
+//!   sample in a [`LatestBroker`], and hands out subscriptions.
+//! - [`alerts`] turns a stream of samples into edge-triggered alerts.
+//! - [`host`] samples this machine's CPU and memory.
+//! - [`service`] is the gRPC layer: the only part that knows protobuf.
+
+pub mod alerts;
+pub mod host;
+pub mod service;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    broker::{BrokerError, LatestBroker, MemoryBroker, Subscription},
+    config::TelemetryConfig,
+};
+
+/// Longest accepted service name, in bytes.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// One metrics sample of one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The reporting service.
+    pub service: Arc<str>,
+    /// CPU usage in percent.
+    pub cpu_usage: f64,
+    /// Memory in MB.
+    pub memory_mb: f64,
+    /// Requests handled by the service (as it reports them).
+    pub request_count: u64,
+    /// Unix time of the sample, in milliseconds.
+    pub timestamp_ms: u64,
+}
+
+/// A sample as reported, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Service name.
+    pub service: String,
+    /// CPU usage in percent.
+    pub cpu_usage: f64,
+    /// Memory in MB.
+    pub memory_mb: f64,
+    /// Request count.
+    pub request_count: u64,
+    /// Unix ms; 0 means "now".
+    pub timestamp_ms: u64,
+}
+
+/// What can go wrong in the telemetry core.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TelemetryError {
+    /// The service name is empty.
+    #[error("service_name is empty")]
+    EmptyName,
+    /// The service name is too long.
+    #[error("service_name is {len} bytes; the limit is {MAX_NAME_LEN}")]
+    NameTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A measured value is NaN, infinite or negative.
+    #[error("{field} is {value}; it must be a finite number, zero or more")]
+    BadValue {
+        /// The protobuf field name.
+        field: &'static str,
+        /// The value received.
+        value: f64,
+    },
+    /// Nothing has been reported under that name.
+    #[error("no metrics have been reported for service {0:?}")]
+    UnknownService(String),
+    /// The table of services is full.
+    #[error("the hub already tracks its limit of {limit} services")]
+    TooManyServices {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl From<BrokerError> for TelemetryError {
+    fn from(err: BrokerError) -> Self {
+        match err {
+            BrokerError::TooManyTopics { limit } => TelemetryError::TooManyServices { limit },
+        }
+    }
+}
+
+/// Checks a service name: 1 to [`MAX_NAME_LEN`] bytes.
+pub fn validate_name(name: &str) -> Result<(), TelemetryError> {
+    if name.is_empty() {
+        return Err(TelemetryError::EmptyName);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(TelemetryError::NameTooLong { len: name.len() });
+    }
+    Ok(())
+}
+
+fn validate_value(field: &'static str, value: f64) -> Result<(), TelemetryError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(TelemetryError::BadValue { field, value })
+    }
+}
+
+/// Current Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The telemetry core: latest samples and their subscribers.
+pub struct Hub {
+    broker: Arc<dyn LatestBroker<Sample>>,
+    config: TelemetryConfig,
+    rpc_count: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub over an in-memory broker.
+    pub fn new(config: TelemetryConfig) -> Self {
+        let broker = Arc::new(MemoryBroker::new(config.max_services));
+        Self::with_broker(config, broker)
+    }
+
+    /// A hub over any broker.
+    pub fn with_broker(config: TelemetryConfig, broker: Arc<dyn LatestBroker<Sample>>) -> Self {
+        Self {
+            broker,
+            config,
+            rpc_count: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &TelemetryConfig {
+        &self.config
+    }
+
+    /// The counter of RPCs handled by this server, reported as the
+    /// self-service's `request_count`.
+    pub fn rpc_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.rpc_count)
+    }
+
+    /// RPCs handled so far.
+    pub fn rpc_count(&self) -> u64 {
+        self.rpc_count.load(Ordering::Relaxed)
+    }
+
+    /// Validates a report and makes it the service's latest sample.
+    pub fn ingest(&self, report: Report) -> Result<Sample, TelemetryError> {
+        validate_name(&report.service)?;
+        validate_value("cpu_usage", report.cpu_usage)?;
+        validate_value("memory_mb", report.memory_mb)?;
+        let sample = Sample {
+            service: Arc::from(report.service),
+            cpu_usage: report.cpu_usage,
+            memory_mb: report.memory_mb,
+            request_count: report.request_count,
+            timestamp_ms: if report.timestamp_ms == 0 {
+                now_ms()
+            } else {
+                report.timestamp_ms
+            },
+        };
+        self.broker.publish(&sample.service, sample.clone())?;
+        Ok(sample)
+    }
+
+    /// The latest sample of `service`.
+    pub fn snapshot(&self, service: &str) -> Result<Sample, TelemetryError> {
+        validate_name(service)?;
+        self.broker
+            .latest(service)
+            .ok_or_else(|| TelemetryError::UnknownService(service.to_owned()))
+    }
+
+    /// Subscribes to `service`, which need not have reported yet.
+    pub fn subscribe(&self, service: &str) -> Result<Subscription<Sample>, TelemetryError> {
+        validate_name(service)?;
+        Ok(self.broker.subscribe(service)?)
+    }
+
+    /// The interval a subscriber gets when it asks for `requested_ms`.
+    pub fn effective_interval(&self, requested_ms: u32) -> Duration {
+        if requested_ms == 0 {
+            self.config.default_interval.max(self.config.min_interval)
+        } else {
+            Duration::from_millis(u64::from(requested_ms)).max(self.config.min_interval)
+        }
+    }
+
+    /// Every known service with its latest sample.
+    pub fn services(&self) -> Vec<(String, Option<Sample>)> {
+        self.broker.topics()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(name: &str, cpu: f64) -> Report {
+        Report {
+            service: name.into(),
+            cpu_usage: cpu,
+            memory_mb: 10.0,
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn ingest_validates_and_stamps_time() {
+        let hub = Hub::new(TelemetryConfig::default());
+        assert_eq!(hub.ingest(report("", 1.0)), Err(TelemetryError::EmptyName));
+        assert!(matches!(
+            hub.ingest(report(&"x".repeat(201), 1.0)),
+            Err(TelemetryError::NameTooLong { len: 201 })
+        ));
+        assert!(matches!(
+            hub.ingest(report("a", f64::NAN)),
+            Err(TelemetryError::BadValue {
+                field: "cpu_usage",
+                ..
+            })
+        ));
+        assert!(matches!(
+            hub.ingest(report("a", -1.0)),
+            Err(TelemetryError::BadValue {
+                field: "cpu_usage",
+                ..
+            })
+        ));
+        let sample = hub.ingest(report("a", 5.0)).expect("valid");
+        assert!(sample.timestamp_ms > 0);
+        assert_eq!(hub.snapshot("a").expect("known"), sample);
+        assert_eq!(
+            hub.snapshot("b"),
+            Err(TelemetryError::UnknownService("b".into()))
+        );
+    }
+
+    #[test]
+    fn intervals_have_a_default_and_a_floor() {
+        let hub = Hub::new(TelemetryConfig::default());
+        assert_eq!(hub.effective_interval(0), Duration::from_millis(1000));
+        assert_eq!(hub.effective_interval(5), Duration::from_millis(100));
+        assert_eq!(hub.effective_interval(250), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn service_limit() {
+        let config = TelemetryConfig {
+            max_services: 1,
+            ..TelemetryConfig::default()
+        };
+        let hub = Hub::new(config);
+        hub.ingest(report("a", 1.0)).expect("first fits");
+        assert_eq!(
+            hub.ingest(report("b", 1.0)),
+            Err(TelemetryError::TooManyServices { limit: 1 })
+        );
+    }
+}

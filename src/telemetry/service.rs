@@ -1,0 +1,253 @@
+//! The gRPC face of the telemetry hub: converts between protobuf and domain
+//! types, maps errors to statuses, and ends every stream on shutdown.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    Hub, Report, Sample, TelemetryError,
+    alerts::{Alert, AlertEngine},
+};
+use crate::{
+    config::AlertRuleConfig,
+    proto::telemetry::{
+        AlertResponse, ListServicesRequest, ListServicesResponse, MetricsPayload, MetricsRequest,
+        MetricsResponse, ServiceEntry, telemetry_service_server,
+    },
+    rpc::{StreamLog, shutting_down},
+    shutdown::Shutdown,
+};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `telemetry.TelemetryService` implementation.
+#[derive(Debug, Clone)]
+pub struct TelemetryService {
+    hub: Arc<Hub>,
+    rules: Arc<[AlertRuleConfig]>,
+    shutdown: Shutdown,
+}
+
+impl TelemetryService {
+    /// A service over `hub`, whose streams end when `shutdown` triggers.
+    pub fn new(hub: Arc<Hub>, shutdown: Shutdown) -> Self {
+        let rules = hub.config().rules.clone().into();
+        Self {
+            hub,
+            rules,
+            shutdown,
+        }
+    }
+
+    /// The tonic server wrapping this service, with message size limits.
+    pub fn into_server(
+        self,
+        max_message_size: usize,
+    ) -> telemetry_service_server::TelemetryServiceServer<Self> {
+        telemetry_service_server::TelemetryServiceServer::new(self)
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size)
+    }
+}
+
+fn status(err: &TelemetryError) -> Status {
+    match err {
+        TelemetryError::EmptyName
+        | TelemetryError::NameTooLong { .. }
+        | TelemetryError::BadValue { .. } => Status::invalid_argument(err.to_string()),
+        TelemetryError::UnknownService(_) => Status::not_found(err.to_string()),
+        TelemetryError::TooManyServices { .. } => Status::resource_exhausted(err.to_string()),
+    }
+}
+
+impl From<Sample> for MetricsResponse {
+    fn from(s: Sample) -> Self {
+        Self {
+            service_name: s.service.to_string(),
+            cpu_usage: s.cpu_usage,
+            memory_mb: s.memory_mb,
+            request_count: s.request_count,
+            timestamp_ms: s.timestamp_ms,
+        }
+    }
+}
+
+impl From<MetricsPayload> for Report {
+    fn from(p: MetricsPayload) -> Self {
+        Self {
+            service: p.service_name,
+            cpu_usage: p.cpu_usage,
+            memory_mb: p.memory_mb,
+            request_count: p.request_count,
+            timestamp_ms: p.timestamp_ms,
+        }
+    }
+}
+
+impl From<Alert> for AlertResponse {
+    fn from(a: Alert) -> Self {
+        Self {
+            alert_type: a.alert_type,
+            message: a.message,
+            value: a.value,
+            timestamp_ms: a.timestamp_ms,
+        }
+    }
+}
+
+/// What woke a stream up.
+enum Wake<T> {
+    Shutdown,
+    Next(T),
+}
+
+#[tonic::async_trait]
+impl telemetry_service_server::TelemetryService for TelemetryService {
+    async fn get_snapshot(
+        &self,
+        request: Request<MetricsRequest>,
+    ) -> Result<Response<MetricsResponse>, Status> {
+        let name = request.into_inner().service_name;
+        let sample = self.hub.snapshot(&name).map_err(|e| status(&e))?;
+        Ok(Response::new(sample.into()))
+    }
+
+    type SubscribeStream = BoxStream<MetricsResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<MetricsRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut log = StreamLog::open(&request, "Subscribe", &request.get_ref().service_name);
+        let MetricsRequest {
+            service_name,
+            interval_ms,
+        } = request.into_inner();
+        let mut subscription = self.hub.subscribe(&service_name).map_err(|e| {
+            log.end(format!("refused: {e}"));
+            status(&e)
+        })?;
+        let interval = self.hub.effective_interval(interval_ms);
+        let shutdown = self.shutdown.clone();
+        // No task per subscriber: tonic polls this stream, and the broker
+        // wakes it when a new sample arrives.
+        let stream = async_stream::stream! {
+            loop {
+                let woke = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => Wake::Shutdown,
+                    sample = subscription.next() => Wake::Next(sample),
+                };
+                let sample = match woke {
+                    Wake::Shutdown => {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                    Wake::Next(None) => {
+                        log.end("service removed");
+                        break;
+                    }
+                    Wake::Next(Some(sample)) => sample,
+                };
+                yield Ok(MetricsResponse::from(sample));
+                // At most one message per interval: whatever arrives
+                // meanwhile is coalesced into the newest sample.
+                let resume = Instant::now() + interval;
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                    () = tokio::time::sleep_until(resume) => {}
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type LiveFeedStream = BoxStream<AlertResponse>;
+
+    async fn live_feed(
+        &self,
+        request: Request<Streaming<MetricsPayload>>,
+    ) -> Result<Response<Self::LiveFeedStream>, Status> {
+        let mut log = StreamLog::open(&request, "LiveFeed", "");
+        let mut inbound = request.into_inner();
+        let hub = Arc::clone(&self.hub);
+        let shutdown = self.shutdown.clone();
+        let mut engine =
+            AlertEngine::new(Arc::clone(&self.rules), hub.config().alert_repeat_interval);
+        // Alerts of a payload are yielded before the next payload is read,
+        // so on shutdown every accepted payload's alerts are delivered
+        // before the closing status.
+        let stream = async_stream::stream! {
+            let mut position: u64 = 0;
+            loop {
+                let woke = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => Wake::Shutdown,
+                    message = inbound.message() => Wake::Next(message),
+                };
+                let payload = match woke {
+                    Wake::Shutdown => {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                    Wake::Next(Ok(Some(payload))) => payload,
+                    Wake::Next(Ok(None)) => {
+                        log.end(format!("client finished sending after {position} payloads"));
+                        break;
+                    }
+                    Wake::Next(Err(err)) => {
+                        log.end(format!("client stream failed after {position} payloads: {err}"));
+                        break;
+                    }
+                };
+                position += 1;
+                log.set_subject(&payload.service_name);
+                let name = payload.service_name.clone();
+                match hub.ingest(payload.into()) {
+                    Ok(sample) => {
+                        for alert in engine.evaluate(&sample) {
+                            yield Ok(AlertResponse::from(alert));
+                        }
+                    }
+                    Err(err) => {
+                        let mut bad = status(&err);
+                        bad = Status::new(
+                            bad.code(),
+                            format!("payload {position} (service {name:?}): {err}"),
+                        );
+                        log.end(bad.message().to_owned());
+                        yield Err(bad);
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        let services = self
+            .hub
+            .services()
+            .into_iter()
+            .map(|(service_name, latest)| ServiceEntry {
+                service_name,
+                latest: latest.map(MetricsResponse::from),
+            })
+            .collect();
+        Ok(Response::new(ListServicesResponse { services }))
+    }
+}
