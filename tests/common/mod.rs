@@ -118,13 +118,19 @@ impl ServerProcess {
     /// Spawns the binary with `args` after `serve --listen 127.0.0.1:0`,
     /// and waits for its "listening on" line.
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_on("127.0.0.1:0", data_dir, args, Stdio::null())
+    }
+
+    /// Spawns the binary listening on `listen`, its log (stderr) going to
+    /// `log`, and waits for its "listening on" line.
+    pub fn spawn_on(listen: &str, data_dir: &std::path::Path, args: &[&str], log: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamhub"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();

@@ -1,0 +1,213 @@
+//! The `streamhub serve` process: signals, the drain deadline, and how
+//! settings are layered (defaults, file, environment, flags).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{ServerProcess, within};
+use futures::StreamExt;
+use streamhub::proto::telemetry::{
+    MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, transport::Endpoint};
+
+fn payload(service: &str, cpu: f64) -> MetricsPayload {
+    MetricsPayload {
+        service_name: service.into(),
+        cpu_usage: cpu,
+        memory_mb: 1.0,
+        timestamp_ms: 0,
+        request_count: 0,
+    }
+}
+
+async fn client(url: String) -> TelemetryServiceClient<tonic::transport::Channel> {
+    let channel = within("connect", Endpoint::from_shared(url).unwrap().connect())
+        .await
+        .unwrap();
+    TelemetryServiceClient::new(channel)
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_with_unavailable_and_exits_within_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::spawn(dir.path(), &["--drain-timeout", "5s"]);
+    let mut client = client(server.url()).await;
+
+    let (tx, rx) = mpsc::channel(4);
+    let mut alerts = client
+        .live_feed(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(payload("edge", 99.0)).await.unwrap();
+    assert_eq!(
+        within("alert", alerts.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .alert_type,
+        "CPU_HIGH"
+    );
+    let mut updates = client
+        .subscribe(MetricsRequest {
+            service_name: "edge".into(),
+            interval_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within("first", updates.next()).await.unwrap().unwrap();
+
+    server.signal("TERM");
+    let start = std::time::Instant::now();
+    let subscribe_end = within("subscribe end", updates.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    let feed_end = within("feed end", alerts.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    for (what, status) in [("subscribe", subscribe_end), ("live feed", feed_end)] {
+        assert_eq!(status.code(), Code::Unavailable, "{what}");
+        assert!(
+            status.message().contains("shutting down"),
+            "{what}: {}",
+            status.message()
+        );
+    }
+    let code = server.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, Some(0));
+    // Every stream ended on its own: no need to wait for the deadline.
+    assert!(start.elapsed() < Duration::from_secs(5));
+    drop(tx);
+}
+
+#[tokio::test]
+async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = ServerProcess::spawn_on(
+        "127.0.0.1:0",
+        &dir.path().join("data"),
+        &[
+            "--drain-timeout",
+            "1s",
+            "--set",
+            "telemetry.min_interval=1ms",
+        ],
+        Stdio::from(log),
+    );
+    let mut client = client(server.url()).await;
+    let (tx, rx) = mpsc::channel(1);
+    let mut alerts = client
+        .live_feed(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(payload("flood", 1.0)).await.unwrap();
+    // A subscriber that never reads: its HTTP/2 window fills up, so the
+    // server cannot deliver its closing status.
+    let mut stalled = client
+        .subscribe(MetricsRequest {
+            service_name: "flood".into(),
+            interval_ms: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within("first", stalled.next()).await.unwrap().unwrap();
+    // A second subscriber on the same connection shows each payload has been
+    // published before the next is sent.
+    let mut probe = client
+        .subscribe(MetricsRequest {
+            service_name: "flood".into(),
+            interval_ms: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3000u32 {
+        tx.send(MetricsPayload {
+            service_name: "flood".into(),
+            cpu_usage: 1.0,
+            memory_mb: f64::from(i),
+            timestamp_ms: 0,
+            request_count: u64::from(i),
+        })
+        .await
+        .unwrap();
+        let mut seen = within("probe", probe.next()).await.unwrap().unwrap();
+        while seen.request_count < u64::from(i) {
+            seen = within("probe", probe.next()).await.unwrap().unwrap();
+        }
+    }
+
+    server.signal("TERM");
+    let code = server.wait_exit(Duration::from_secs(4));
+    assert_eq!(code, Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("drain timeout passed"), "{log}");
+    drop((tx, alerts.next().await, stalled));
+}
+
+#[test]
+fn settings_come_from_defaults_file_environment_and_flags_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("streamhub.toml");
+    std::fs::write(
+        &file,
+        "drain_timeout = \"7s\"\n[telemetry]\nmax_services = 100\nmin_interval = \"250ms\"\n\
+         [limits]\nmax_concurrent_streams = 10\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .args([
+            "--drain-timeout",
+            "2s",
+            "--set",
+            "limits.max_concurrent_streams=20",
+        ])
+        .env("STREAMHUB_TELEMETRY__MAX_SERVICES", "50")
+        .env("STREAMHUB_SERVER", "http://ignored:1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Flag beats file.
+    assert_eq!(config["drain_timeout"], "2s");
+    // Environment beats file.
+    assert_eq!(config["telemetry"]["max_services"], 50);
+    // File beats default.
+    assert_eq!(config["telemetry"]["min_interval"], "250ms");
+    // --set beats file.
+    assert_eq!(config["limits"]["max_concurrent_streams"], 20);
+    // Untouched: the embedded default.
+    assert_eq!(config["listen"], "127.0.0.1:50051");
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args([
+            "serve",
+            "--print-config",
+            "--set",
+            "telemetry.max_servces=5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("max_servces"), "{stderr}");
+}
