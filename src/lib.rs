@@ -14,7 +14,9 @@
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`proto`]: generated protobuf code.
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
+//! - [`bench`]: the benchmark suite behind `streamhub bench`.
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

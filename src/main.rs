@@ -39,6 +39,8 @@ enum Command {
     Feed(cli::telemetry::FeedArgs),
     /// A short tour of every streaming pattern against a running server.
     Demo(cli::demo::DemoArgs),
+    /// Run a benchmark scenario and write its results as JSON.
+    Bench(Box<cli::bench::BenchArgs>),
 }
 
 #[tokio::main]
@@ -46,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
+        // The NATS client logs every reconnect attempt at info.
+        Command::Bench(_) => "info,async_nats=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -67,5 +71,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Subscribe(args) => cli::telemetry::subscribe(&ctx, args).await,
         Command::Feed(args) => cli::telemetry::feed(&ctx, args).await,
         Command::Demo(args) => cli::demo::run(&ctx, args).await,
+        Command::Bench(args) => cli::bench::run(&ctx.server, *args).await,
     }
 }

@@ -1,0 +1,287 @@
+//! The benchmark suite behind `streamhub bench SCENARIO`.
+//!
+//! Each scenario measures one performance promise of streamhub side by
+//! side with its peers in one run, and returns a [`harness::Report`]: rows
+//! of medians over repetitions, and the targets checked against
+//! them. The CLI prints its summary and writes it as JSON, from which
+//! `bench/tables.py` and `bench/plot.py` make the tables and plots of
+//! BENCHMARKS.md.
+//!
+//! - [`harness`]: servers under test, pinning, `/proc` figures, wire
+//!   counting, histograms, medians, the report.
+//! - [`polling`]: scenario 1, polling versus streaming.
+//! - [`fanout`]: scenario 2, one publisher to N subscribers.
+//! - [`latency`]: scenario 5, publish-to-receipt latency next to a TCP
+//!   ping-pong.
+//! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
+//!
+//! Scenarios 3 (upload) and 4 (chat) slot in as new [`Scenario`] variants
+//! once those services exist.
+//!
+//! Every load loop is bounded in count and time, and every connection goes
+//! to 127.0.0.1.
+
+pub mod fanout;
+pub mod harness;
+pub mod latency;
+pub mod nats;
+pub mod polling;
+
+use std::{path::PathBuf, time::Instant};
+
+use harness::{Machine, Pinning, Report};
+
+/// What can stop a benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// What was started.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A server never printed `listening on ADDR`.
+    #[error("{what} did not say where it listens{log}")]
+    NoListen {
+        /// Which server.
+        what: String,
+        /// The end of its log.
+        log: String,
+    },
+    /// Anything the setup found wrong.
+    #[error("{0}")]
+    Setup(String),
+    /// A step did not finish in its time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// An I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A gRPC connection failed.
+    #[error("connection failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A call failed.
+    #[error("call failed: {0}")]
+    Status(Box<tonic::Status>),
+    /// The NATS client failed.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// The results could not be encoded.
+    #[error("cannot encode results: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<tonic::Status> for BenchError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(Box::new(status))
+    }
+}
+
+/// The scenarios `streamhub bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// 1: pollers calling GetSnapshot versus streamers holding Subscribe.
+    Polling,
+    /// 2: one LiveFeed publisher, N subscribers (and nats-server).
+    Fanout,
+    /// 5: publish-to-receipt latency next to a TCP ping-pong.
+    Latency,
+    /// Internal: the TCP echo server of the latency scenario.
+    #[value(hide = true)]
+    TcpEcho,
+}
+
+impl Scenario {
+    /// The scenario's name, as in result file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Polling => "polling",
+            Self::Fanout => "fanout",
+            Self::Latency => "latency",
+            Self::TcpEcho => "tcp-echo",
+        }
+    }
+}
+
+/// A server a scenario can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// This server.
+    Streamhub,
+    /// The Python grpcio peer in `bench/peers/python`.
+    Python,
+    /// The Node grpc-js peer in `bench/peers/node`.
+    Node,
+    /// nats-server (fan-out only; added by `--nats`).
+    Nats,
+}
+
+impl Target {
+    /// The target's name in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Streamhub => "streamhub",
+            Self::Python => "python",
+            Self::Node => "node",
+            Self::Nats => "nats",
+        }
+    }
+
+    /// The shortest Subscribe interval the target honours, in ms
+    /// (streamhub is started with a 1 ms floor; the peers' is fixed).
+    pub fn min_interval_ms(self) -> u64 {
+        match self {
+            Self::Streamhub | Self::Nats => 1,
+            Self::Python | Self::Node => 100,
+        }
+    }
+}
+
+/// Settings of a benchmark run (every scenario reads the ones it needs).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Servers to measure, side by side in this run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "streamhub,python,node"
+    )]
+    pub targets: Vec<Target>,
+    /// Leave nats-server out of the fan-out scenario.
+    #[arg(long)]
+    pub no_nats: bool,
+    /// Measure the already running server at --server instead of starting
+    /// one (one target only).
+    #[arg(long)]
+    pub external: bool,
+    /// Process id of the --external server, for its CPU and memory.
+    #[arg(long, requires = "external")]
+    pub server_pid: Option<u32>,
+    /// Server URL used with --external.
+    #[arg(skip = String::new())]
+    pub server: String,
+    /// Extra `--set KEY=VALUE` settings for the streamhub server
+    /// (repeatable), e.g. `limits.initial_stream_window_size=65535`.
+    #[arg(long = "server-set", value_name = "KEY=VALUE")]
+    pub server_set: Vec<String>,
+    /// Repetitions of each configuration; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    /// Seconds of warm-up before each measured window.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Polling: clients, each on its own connection.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Polling: pollers' GetSnapshot period and streamers' interval, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub poll_ms: u64,
+    /// Polling: how often the service reports, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub report_ms: u64,
+    /// Polling: how often the service reports in the quiet variant, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub quiet_report_ms: u64,
+    /// Polling: measured window of the normal variant, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Polling: measured window of the quiet variant, in seconds.
+    #[arg(long, default_value_t = 40.0)]
+    pub quiet_duration: f64,
+    /// Fan-out: subscriber counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    pub subscribers: Vec<usize>,
+    /// Fan-out: most subscriptions per connection (streamhub allows 4096
+    /// concurrent streams per connection by default).
+    #[arg(long, default_value_t = 4000)]
+    pub per_connection: usize,
+    /// Fan-out: samples sent one at a time to time their reach.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// Fan-out: seconds of publishing as fast as subscribers keep up.
+    #[arg(long, default_value_t = 5.0)]
+    pub saturation: f64,
+    /// Fan-out: samples in flight during saturation.
+    #[arg(long, default_value_t = 4)]
+    pub pipeline: u64,
+    /// Fan-out: largest subscriber count tried on the Python and Node
+    /// peers (larger counts are reported as not attempted).
+    #[arg(long, default_value_t = 100_000)]
+    pub peer_max_subscribers: usize,
+    /// Latency: samples timed per target.
+    #[arg(long, default_value_t = 500)]
+    pub samples: u64,
+    /// Latency: most seconds spent timing one target.
+    #[arg(long, default_value_t = 20.0)]
+    pub max_seconds: f64,
+    /// Seconds a server may take to start, or subscribers to be set up.
+    #[arg(long, default_value_t = 90)]
+    pub setup_timeout: u64,
+    /// Do not pin the server and the load to different cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Cores for the server under test (taskset CPU list).
+    #[arg(long, default_value = "1")]
+    pub server_cpus: String,
+    /// Cores for the load generator (taskset CPU list).
+    #[arg(long, default_value = "0")]
+    pub load_cpus: String,
+    /// Where the reference peers live.
+    #[arg(long, default_value = "bench/peers")]
+    pub peers_dir: PathBuf,
+    /// Internal (tcp-echo): address to listen on.
+    #[arg(long, hide = true, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// Runs `scenario` and returns its report.
+pub async fn run(scenario: Scenario, options: &Options) -> Result<Report, BenchError> {
+    let started = Instant::now();
+    let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let machine = Machine::probe();
+    let pinning = Pinning::apply(options).await;
+    let (settings, rows, checks) = match scenario {
+        Scenario::Polling => polling::run(options, &pinning).await?,
+        Scenario::Fanout => fanout::run(options, &pinning).await?,
+        Scenario::Latency => latency::run(options, &pinning).await?,
+        Scenario::TcpEcho => {
+            latency::echo_server(options.listen).await?;
+            return Err(BenchError::Setup("the echo server stopped".into()));
+        }
+    };
+    Ok(Report {
+        scenario: scenario.name().to_owned(),
+        started_at,
+        elapsed_s: harness::secs(started),
+        machine,
+        pinning,
+        settings,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        rows,
+        checks,
+    })
+}
+
+/// The metrics a scenario's summary shows.
+pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
+    match scenario {
+        Scenario::Polling => &[
+            "updates",
+            "cpu_us_per_update",
+            "bytes_per_update",
+            "server_cpu_ms",
+        ],
+        Scenario::Fanout => &[
+            "reach_p50_us",
+            "reach_p99_us",
+            "reach_max_us",
+            "deliveries_per_s",
+            "mem_per_sub_bytes",
+        ],
+        Scenario::Latency => &["latency_p50_us", "latency_p99_us", "latency_max_us"],
+        Scenario::TcpEcho => &[],
+    }
+}

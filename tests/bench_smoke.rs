@@ -1,0 +1,169 @@
+//! Smoke test of the benchmark suite: every scenario at a tiny scale,
+//! against servers the suite starts itself (streamhub, the Python and Node
+//! peers, nats-server), checking that the JSON results are well-formed.
+//! It asserts no timings: only that every row was measured and counted
+//! something.
+//!
+//! Needs the peers and nats-server installed, as `./scripts/test` does.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, process::Command};
+
+use serde_json::Value;
+
+/// Runs `streamhub bench SCENARIO ARGS...` and returns its parsed results.
+fn bench(scenario: &str, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(format!("{scenario}.json"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .current_dir(root)
+        .arg("bench")
+        .arg(scenario)
+        .args(["--repetitions", "1", "--no-pin", "--setup-timeout", "30"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("streamhub bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench {scenario} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("results written to"), "{stdout}");
+    let text = std::fs::read_to_string(&out).expect("results file written");
+    serde_json::from_str(&text).expect("results are JSON")
+}
+
+/// Checks the report's common fields and returns its rows.
+fn rows<'a>(report: &'a Value, scenario: &str) -> &'a Vec<Value> {
+    assert_eq!(report["scenario"], scenario);
+    for field in ["started_at", "machine", "pinning", "settings", "command"] {
+        assert!(!report[field].is_null(), "{field} missing");
+    }
+    assert!(report["machine"]["nproc"].as_u64().unwrap() >= 1);
+    assert!(report["checks"].as_array().is_some_and(|c| !c.is_empty()));
+    for check in report["checks"].as_array().unwrap() {
+        assert!(check["name"].is_string() && check["goal"].is_string());
+        assert!(check["met"].is_boolean());
+    }
+    report["rows"].as_array().expect("rows")
+}
+
+/// Asserts every row was measured, with `keys` present and `positive`
+/// above zero in its medians and its single run.
+fn measured(row: &Value, keys: &[&str], positive: &[&str]) {
+    assert!(row["error"].is_null(), "row failed: {row}");
+    assert_eq!(row["runs"].as_array().unwrap().len(), 1, "{row}");
+    for key in keys {
+        assert!(row["median"][key].is_number(), "{key} missing in {row}");
+    }
+    for key in positive {
+        assert!(
+            row["median"][key].as_f64().unwrap() > 0.0,
+            "{key} is not above zero in {row}"
+        );
+    }
+}
+
+fn targets(rows: &[Value]) -> Vec<&str> {
+    let mut names: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
+    names.dedup();
+    names
+}
+
+#[test]
+fn polling_versus_streaming() {
+    let report = bench(
+        "polling",
+        &[
+            "--clients",
+            "5",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+            "--quiet-duration",
+            "1",
+            "--poll-ms",
+            "200",
+            "--report-ms",
+            "200",
+            "--quiet-report-ms",
+            "500",
+        ],
+    );
+    let rows = rows(&report, "polling");
+    assert_eq!(rows.len(), 12, "3 targets x 2 variants x 2 modes");
+    assert_eq!(targets(rows), ["streamhub", "python", "node"]);
+    for row in rows {
+        measured(
+            row,
+            &[
+                "updates",
+                "calls",
+                "wire_bytes",
+                "bytes_per_update",
+                "server_cpu_ms",
+            ],
+            &["updates", "wire_bytes", "bytes_per_update"],
+        );
+        // Streamers make their one call before the measured window.
+        if row["config"]["mode"] == "polling" {
+            assert!(row["median"]["calls"].as_f64().unwrap() > 0.0, "{row}");
+        }
+    }
+}
+
+#[test]
+fn fan_out_with_peers_and_nats() {
+    let report = bench(
+        "fanout",
+        &[
+            "--subscribers",
+            "5",
+            "--per-connection",
+            "3",
+            "--rounds",
+            "2",
+            "--saturation",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "fanout");
+    assert_eq!(targets(rows), ["streamhub", "python", "node", "nats"]);
+    for row in rows {
+        measured(
+            row,
+            &[
+                "reach_p50_us",
+                "reach_p99_us",
+                "reach_max_us",
+                "mem_per_sub_bytes",
+                "server_cpu_pct",
+            ],
+            &["held", "deliveries_per_s", "reach_count", "samples_per_s"],
+        );
+        // 5 subscribers over connections of at most 3.
+        assert_eq!(row["median"]["connections"], 2.0, "{row}");
+        assert_eq!(row["median"]["held"], 5.0, "{row}");
+    }
+}
+
+#[test]
+fn latency_floor_next_to_tcp() {
+    let report = bench("latency", &["--samples", "10", "--max-seconds", "2"]);
+    let rows = rows(&report, "latency");
+    assert_eq!(targets(rows), ["streamhub", "python", "node", "tcp"]);
+    for row in rows {
+        measured(
+            row,
+            &["latency_p50_us", "latency_p99_us", "latency_max_us"],
+            &["latency_count", "latency_p50_us"],
+        );
+    }
+}
