@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Prints the markdown tables of BENCHMARKS.md from bench/results/*.json.
+
+Usage: bench/tables.py [RESULTS_DIR]   (standard library only)
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+# Per scenario: (metric key, column title, scale factor) shown in its table.
+COLUMNS = {
+    "polling": [
+        ("updates", "updates received", 1),
+        ("calls", "calls", 1),
+        ("server_cpu_ms", "server CPU (ms)", 1),
+        ("cpu_us_per_update", "CPU µs / update", 1),
+        ("wire_bytes", "wire bytes", 1),
+        ("bytes_per_update", "bytes / update", 1),
+    ],
+    "fanout": [
+        ("setup_s", "setup (s)", 1),
+        ("reach_p50_us", "reach p50 (ms)", 1e-3),
+        ("reach_p99_us", "reach p99 (ms)", 1e-3),
+        ("reach_max_us", "reach max (ms)", 1e-3),
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("samples_per_s", "samples/s", 1),
+        ("server_cpu_pct", "server CPU %", 1),
+        ("cpu_ns_per_delivery", "CPU ns / delivery", 1),
+        ("mem_per_sub_bytes", "bytes / subscription", 1),
+        ("server_hwm_kib", "server peak RSS (MiB)", 1 / 1024),
+    ],
+    "latency": [
+        ("latency_p50_us", "p50 (µs)", 1),
+        ("latency_p99_us", "p99 (µs)", 1),
+        ("latency_max_us", "max (µs)", 1),
+        ("latency_count", "samples", 1),
+    ],
+}
+
+
+def fmt(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def table(report):
+    scenario = report["scenario"]
+    columns = COLUMNS.get(scenario)
+    rows = report["rows"]
+    config_keys = sorted({k for r in rows for k in r["config"]})
+    if columns is None:
+        keys = sorted({k for r in rows for k in r["median"]})
+        columns = [(k, k, 1) for k in keys]
+    out = []
+    head = ["target"] + config_keys + [title for _, title, _ in columns]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join(["---"] * len(head)) + "|")
+    for r in rows:
+        cells = [r["target"]] + [r["config"].get(k, "") for k in config_keys]
+        if r.get("error"):
+            cells.append("not measured: " + r["error"].replace("\n", " ").replace("|", "/")[:160])
+            cells += [""] * (len(columns) - 1)
+        else:
+            for key, _, scale in columns:
+                v = r["median"].get(key)
+                cells.append(fmt(v * scale if v is not None else None))
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    if report.get("checks"):
+        out.append("| target from the issue | goal | measured | met |")
+        out.append("|---|---|---|---|")
+        for c in report["checks"]:
+            met = "yes" if c["met"] else ("**no**" if c["value"] is not None else "not measured")
+            out.append(f"| {c['name']} | {c['goal']} | {fmt(c['value'])} | {met} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main():
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    order = ["polling", "fanout", "upload", "chat", "latency"]
+    files = sorted(results.glob("*.json"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
+    for path in files:
+        report = json.loads(path.read_text())
+        m = report["machine"]
+        print(f"### {report['scenario']}\n")
+        print(
+            f"_{path.name}: {report['started_at']}, {report['elapsed_s']:.0f} s; "
+            f"{m['nproc']} × {m['cpu_model']}, load average at start {m['loadavg'].split()[0]}; "
+            f"server on CPUs {report['pinning']['server']}, load on {report['pinning']['load']}; "
+            f"settings {json.dumps(report['settings'], ensure_ascii=False)}_\n"
+        )
+        print(table(report))
+
+
+if __name__ == "__main__":
+    main()
