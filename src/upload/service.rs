@@ -224,6 +224,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
             .begin(&start.name, start.offset)
             .await
             .map_err(|e| refuse(&mut log, e))?;
+        upload.set_peer(&peer);
         if start.offset > 0 {
             tracing::info!(upload = %start.name, %peer, offset = start.offset, "upload resumed");
         }

@@ -275,6 +275,7 @@ impl Store {
             start: offset,
             position: offset,
             chunk: 0,
+            peer: String::new(),
             tx: Some(tx),
             writer: Some(writer),
             ended: None,
@@ -683,6 +684,7 @@ pub struct Upload {
     start: u64,
     position: u64,
     chunk: u32,
+    peer: String,
     tx: Option<mpsc::Sender<Vec<u8>>>,
     writer: Option<tokio::task::JoinHandle<WriterEnd>>,
     ended: Option<WriterEnd>,
@@ -718,6 +720,7 @@ impl Upload {
     /// chunks behind, which pushes back on the client through HTTP/2 flow
     /// control.
     pub async fn write(&mut self, index: u32, data: Vec<u8>) -> Result<(), UploadError> {
+        // Until it is accepted, this chunk is the one in flight.
         self.chunk = index;
         let len = data.len() as u64;
         let limit = self.store.config.max_file_size;
@@ -743,7 +746,13 @@ impl Upload {
             return Err(err);
         }
         self.position += len;
+        self.chunk = index.saturating_add(1);
         Ok(())
+    }
+
+    /// Names the peer in the log line written if the call is dropped.
+    pub fn set_peer(&mut self, peer: &str) {
+        peer.clone_into(&mut self.peer);
     }
 
     fn write_error(&self, error: Option<&io::Error>) -> UploadError {
@@ -849,15 +858,16 @@ impl Upload {
 impl Drop for Upload {
     fn drop(&mut self) {
         if !self.settled {
-            // The call was dropped mid-await (its connection went away):
-            // the writer thread drains its queue, closes the file and frees
-            // the name on its own.
+            // tonic dropped the call mid-await: its client went away. The
+            // writer thread drains its queue, closes the file and frees the
+            // name on its own.
             tracing::warn!(
                 upload = %self.name,
+                peer = %self.peer,
                 chunk = self.chunk,
                 held = self.position,
-                "upload stopped during chunk {} of upload {}; the bytes received so far are kept for a resume",
-                self.chunk, self.name
+                "client disconnected during chunk {} of upload {}; {} bytes kept for a resume",
+                self.chunk, self.name, self.position
             );
         }
     }
