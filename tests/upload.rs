@@ -948,3 +948,31 @@ async fn cli_uploads_resumes_lists_and_downloads() {
     assert_eq!(std::fs::read(&target).unwrap(), data);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn chunks_up_to_4_mib_fit_the_default_message_limit() {
+    let server = TestServer::start().await;
+    let mut c = client(server.channel().await);
+    let data = bytes(60, 4 * MIB + 1);
+    for size in [MIB, 4 * MIB] {
+        let response = send(&mut c, chunks("wide.bin", &data, 0, size, true))
+            .await
+            .unwrap();
+        assert_eq!(response.total_chunks as usize, data.len().div_ceil(size));
+        assert_eq!(stored(server.data_dir.path(), "wide.bin"), data);
+    }
+    let mut stream = c
+        .download(DownloadRequest {
+            filename: "wide.bin".into(),
+            chunk_size: u32::MAX,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(chunk) = within("download chunk", stream.next()).await {
+        got.extend_from_slice(&chunk.unwrap().data);
+    }
+    assert_eq!(got, data);
+    server.stop().await;
+}
