@@ -7,6 +7,7 @@
 pub mod demo;
 pub mod serve;
 pub mod telemetry;
+pub mod upload;
 
 use std::time::Duration;
 
