@@ -42,6 +42,8 @@ pub struct Config {
     pub limits: Limits,
     /// Telemetry service settings.
     pub telemetry: TelemetryConfig,
+    /// File upload service settings.
+    pub upload: UploadConfig,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             telemetry: TelemetryConfig::default(),
+            upload: UploadConfig::default(),
         }
     }
 }
@@ -160,6 +163,37 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// File upload service settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadConfig {
+    /// Largest file accepted, in bytes; a bigger upload fails with
+    /// RESOURCE_EXHAUSTED and its bytes are discarded.
+    pub max_file_size: u64,
+    /// Most bytes all stored files and unfinished uploads may take together;
+    /// none by default (only the disk's own size).
+    pub quota: Option<u64>,
+    /// How long the bytes of an unfinished upload are kept for a resume
+    /// after its last write.
+    #[serde(with = "humantime_serde")]
+    pub partial_ttl: Duration,
+    /// How often expired unfinished uploads are looked for (also once at
+    /// startup).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        Self {
+            max_file_size: 16 * 1024 * 1024 * 1024,
+            quota: None,
+            partial_ttl: Duration::from_secs(24 * 60 * 60),
+            sweep_interval: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
 /// One threshold rule: `name` fires when `metric` rises above `above`, and
 /// `<name>_RESOLVED` when it falls back.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -252,6 +286,17 @@ impl Config {
                 )));
             }
         }
+        let u = &self.upload;
+        if u.max_file_size == 0 {
+            return Err(ConfigError::Inconsistent(
+                "upload.max_file_size must be at least 1 byte".into(),
+            ));
+        }
+        if u.partial_ttl.is_zero() || u.sweep_interval.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "upload.partial_ttl and upload.sweep_interval must be above zero".into(),
+            ));
+        }
         if self.limits.max_message_size < 1024 {
             return Err(ConfigError::Inconsistent(
                 "limits.max_message_size must be at least 1024 bytes".into(),
@@ -279,6 +324,8 @@ mod tests {
                 "telemetry.max_services=5".into(),
                 "drain_timeout=3s".into(),
                 "limits.max_connection_age=5m".into(),
+                "upload.quota=1000000".into(),
+                "upload.partial_ttl=1h".into(),
             ],
             ..Sources::default()
         };
@@ -289,6 +336,8 @@ mod tests {
             config.limits.max_connection_age,
             Some(Duration::from_secs(300))
         );
+        assert_eq!(config.upload.quota, Some(1_000_000));
+        assert_eq!(config.upload.partial_ttl, Duration::from_secs(3600));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
+//! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`proto`]: generated protobuf code.
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 //! - [`bench`]: the benchmark suite behind `streamhub bench`.
@@ -25,3 +26,4 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod upload;

@@ -37,6 +37,12 @@ enum Command {
     Subscribe(cli::telemetry::SubscribeArgs),
     /// Stream this machine's metrics through LiveFeed and print the alerts.
     Feed(cli::telemetry::FeedArgs),
+    /// Upload a file in chunks, resuming where an interrupted upload stopped.
+    Upload(cli::upload::UploadArgs),
+    /// List the stored files with their sizes and SHA-256.
+    Files,
+    /// Download a stored file and verify its SHA-256.
+    Download(cli::upload::DownloadArgs),
     /// A short tour of every streaming pattern against a running server.
     Demo(cli::demo::DemoArgs),
     /// Run a benchmark scenario and write its results as JSON.
@@ -70,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Services => cli::telemetry::services(&ctx).await,
         Command::Subscribe(args) => cli::telemetry::subscribe(&ctx, args).await,
         Command::Feed(args) => cli::telemetry::feed(&ctx, args).await,
+        Command::Upload(args) => cli::upload::upload(&ctx, args).await,
+        Command::Files => cli::upload::files(&ctx).await,
+        Command::Download(args) => cli::upload::download(&ctx, args).await,
         Command::Demo(args) => cli::demo::run(&ctx, args).await,
         Command::Bench(args) => cli::bench::run(&ctx.server, *args).await,
     }

@@ -31,6 +31,7 @@ use crate::{
     rpc::{GateLayer, shutting_down},
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
+    upload::{self, service::UploadService},
 };
 
 /// Errors that stop the server.
@@ -50,13 +51,16 @@ pub enum ServerError {
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The upload store could not be opened.
+    #[error("cannot open the upload store: {0}")]
+    Upload(#[from] upload::UploadError),
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
 }
 
 /// Names of the gRPC services served, as health knows them.
-pub const SERVICE_NAMES: &[&str] = &["telemetry.TelemetryService"];
+pub const SERVICE_NAMES: &[&str] = &["telemetry.TelemetryService", "fileupload.FileUploadService"];
 
 /// Runs a server on `listener` until `signal` completes, then shuts down
 /// gracefully within `config.drain_timeout`.
@@ -76,6 +80,8 @@ where
         Arc::clone(&hub),
         shutdown.token(),
     ));
+    let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
+    shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
 
     let health = HealthReporter::new();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -121,6 +127,10 @@ where
         .add_service(reflection_v1alpha)
         .add_service(
             TelemetryService::new(Arc::clone(&hub), shutdown.clone())
+                .into_server(limits.max_message_size),
+        )
+        .add_service(
+            UploadService::new(uploads, shutdown.clone(), limits.max_message_size)
                 .into_server(limits.max_message_size),
         );
 

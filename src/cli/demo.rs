@@ -9,8 +9,9 @@ use super::{
     Context,
     telemetry::{print_alert, print_sample, simulated, status_error},
 };
-use crate::proto::telemetry::{
-    MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+use crate::proto::{
+    fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
+    telemetry::{MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient},
 };
 
 /// Arguments of `streamhub demo`.
@@ -28,7 +29,13 @@ pub struct DemoArgs {
     /// Milliseconds between those payloads.
     #[arg(long, default_value_t = 100)]
     pub tick_ms: u64,
+    /// Size of the generated file uploaded in the client-streaming step.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub upload_bytes: usize,
 }
+
+/// The seed's chunk size.
+const DEMO_CHUNK: usize = 64 * 1024;
 
 fn step(ctx: &Context, title: &str) {
     ctx.note("step", &format!("\n== {title} =="));
@@ -127,6 +134,86 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     ctx.note(
         "done",
         &format!("\nLiveFeed ended: {count} alerts for {ticks} payloads."),
+    );
+
+    step(
+        ctx,
+        &format!(
+            "4. Client streaming: Upload a generated {} byte file in {} KiB chunks",
+            args.upload_bytes,
+            DEMO_CHUNK / 1024
+        ),
+    );
+    upload_step(ctx, channel, args.upload_bytes).await
+}
+
+/// The seed's upload: the whole file in chunks, the server acks at the end
+/// with the stored file's SHA-256.
+async fn upload_step(
+    ctx: &Context,
+    channel: tonic::transport::Channel,
+    size: usize,
+) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+
+    // Recognisable, not compressible: a simple xorshift sequence.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    let digest = sha2::Sha256::digest(&data).to_vec();
+    let filename = "demo-upload.bin".to_owned();
+    let total = data.len().div_ceil(DEMO_CHUNK).max(1);
+    let chunks: Vec<FileChunk> = (0..total)
+        .map(|i| {
+            let start = i * DEMO_CHUNK;
+            let end = (start + DEMO_CHUNK).min(data.len());
+            FileChunk {
+                filename: filename.clone(),
+                data: data[start..end].to_vec(),
+                chunk_index: u32::try_from(i).unwrap_or(u32::MAX),
+                is_last: i + 1 == total,
+                offset: None,
+                sha256: if i + 1 == total {
+                    digest.clone()
+                } else {
+                    Vec::new()
+                },
+            }
+        })
+        .collect();
+    ctx.note(
+        "uploading",
+        &format!("Uploading {filename} in {total} chunks..."),
+    );
+    let response = FileUploadServiceClient::new(channel)
+        .upload(tokio_stream::iter(chunks))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    ctx.emit(
+        &serde_json::json!({
+            "filename": response.filename,
+            "total_bytes": response.total_bytes,
+            "total_chunks": response.total_chunks,
+            "success": response.success,
+            "message": response.message,
+            "sha256": hex::encode(&response.sha256),
+        }),
+        || {
+            format!(
+                "Upload complete: {} bytes in {} chunks — {} (sha256 {})",
+                response.total_bytes,
+                response.total_chunks,
+                response.message,
+                hex::encode(&response.sha256)
+            )
+        },
     );
     Ok(())
 }

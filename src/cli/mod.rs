@@ -8,6 +8,7 @@ pub mod bench;
 pub mod demo;
 pub mod serve;
 pub mod telemetry;
+pub mod upload;
 
 use std::time::Duration;
 
