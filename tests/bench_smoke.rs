@@ -1,10 +1,11 @@
 //! Smoke test of the benchmark suite: every scenario at a tiny scale,
 //! against servers the suite starts itself (streamhub, the Python and Node
-//! peers, nats-server), checking that the JSON results are well-formed.
+//! peers, nats-server, iperf3), checking that the JSON results are well-formed.
 //! It asserts no timings: only that every row was measured and counted
 //! something.
 //!
-//! Needs the peers and nats-server installed, as `./scripts/test` does.
+//! Needs the peers, nats-server and iperf3 installed, as `./scripts/test`
+//! does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -71,8 +72,12 @@ fn measured(row: &Value, keys: &[&str], positive: &[&str]) {
 }
 
 fn targets(rows: &[Value]) -> Vec<&str> {
-    let mut names: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
-    names.dedup();
+    let mut names: Vec<&str> = Vec::new();
+    for name in rows.iter().map(|r| r["target"].as_str().unwrap()) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
     names
 }
 
@@ -151,6 +156,40 @@ fn fan_out_with_peers_and_nats() {
         // 5 subscribers over connections of at most 3.
         assert_eq!(row["median"]["connections"], 2.0, "{row}");
         assert_eq!(row["median"]["held"], 5.0, "{row}");
+    }
+}
+
+#[test]
+fn upload_next_to_iperf3_and_dd() {
+    let report = bench(
+        "upload",
+        &[
+            "--upload-mib",
+            "2",
+            "--big-upload-mib",
+            "4",
+            "--chunk-sizes",
+            "16KiB,64KiB",
+            "--iperf-seconds",
+            "1",
+        ],
+    );
+    let rows = rows(&report, "upload");
+    assert_eq!(
+        targets(rows),
+        ["iperf3", "dd", "streamhub", "python", "node"]
+    );
+    // iperf3, dd x 2, 3 targets x 2 storages x 2 chunk sizes, 3 big uploads.
+    assert_eq!(rows.len(), 1 + 2 + 12 + 3);
+    for row in rows {
+        measured(row, &["mib_per_s"], &["mib_per_s"]);
+        if row["target"] != "iperf3" && row["target"] != "dd" {
+            measured(
+                row,
+                &["server_hwm_kib", "seconds"],
+                &["server_hwm_kib", "bytes"],
+            );
+        }
     }
 }
 

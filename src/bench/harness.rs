@@ -283,7 +283,17 @@ impl ServerUnderTest {
                 drain: None,
             });
         }
-        let dir = bench_dir(target.name())?;
+        Self::start_with_dir(target, options, pinning, bench_dir(target.name())?).await
+    }
+
+    /// Like [`Self::start`], with the server's scratch folder (holding its
+    /// data directory) at `dir`.
+    pub async fn start_with_dir(
+        target: Target,
+        options: &Options,
+        pinning: &Pinning,
+        dir: PathBuf,
+    ) -> Result<Self, BenchError> {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)?;
         let (program, args) = target_command(target, options, &data_dir)?;
@@ -438,9 +448,13 @@ pub fn parse_listening(line: &str) -> Option<SocketAddr> {
 
 /// A fresh scratch folder for one server of this run.
 pub fn bench_dir(what: &str) -> Result<PathBuf, BenchError> {
+    bench_dir_in(&std::env::temp_dir(), what)
+}
+
+/// A fresh scratch folder under `parent`.
+pub fn bench_dir_in(parent: &Path, what: &str) -> Result<PathBuf, BenchError> {
     let n = SERVER_SEQ.fetch_add(1, Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("streamhub-bench-{}-{what}-{n}", std::process::id()));
+    let dir = parent.join(format!("streamhub-bench-{}-{what}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

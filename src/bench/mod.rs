@@ -13,10 +13,11 @@
 //! - [`fanout`]: scenario 2, one publisher to N subscribers.
 //! - [`latency`]: scenario 5, publish-to-receipt latency next to a TCP
 //!   ping-pong.
+//! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
 //!
-//! Scenarios 3 (upload) and 4 (chat) slot in as new [`Scenario`] variants
-//! once those services exist.
+//! Scenario 4 (chat) slots in as a new [`Scenario`] variant once the chat
+//! service exists.
 //!
 //! Every load loop is bounded in count and time, and every connection goes
 //! to 127.0.0.1.
@@ -26,6 +27,7 @@ pub mod harness;
 pub mod latency;
 pub mod nats;
 pub mod polling;
+pub mod upload;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -86,6 +88,9 @@ pub enum Scenario {
     Polling,
     /// 2: one LiveFeed publisher, N subscribers (and nats-server).
     Fanout,
+    /// 3: upload throughput per chunk size, on disk and tmpfs, next to
+    /// iperf3 and dd; peak memory of a multi-GiB upload.
+    Upload,
     /// 5: publish-to-receipt latency next to a TCP ping-pong.
     Latency,
     /// Internal: the TCP echo server of the latency scenario.
@@ -99,6 +104,7 @@ impl Scenario {
         match self {
             Self::Polling => "polling",
             Self::Fanout => "fanout",
+            Self::Upload => "upload",
             Self::Latency => "latency",
             Self::TcpEcho => "tcp-echo",
         }
@@ -211,6 +217,25 @@ pub struct Options {
     /// peers (larger counts are reported as not attempted).
     #[arg(long, default_value_t = 100_000)]
     pub peer_max_subscribers: usize,
+    /// Upload: size of each timed upload, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub upload_mib: u64,
+    /// Upload: chunk sizes to measure, e.g. `16KiB,64KiB,256KiB,1MiB`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size,
+          default_value = "16KiB,64KiB,256KiB,1MiB")]
+    pub chunk_sizes: Vec<usize>,
+    /// Upload: size of the upload whose peak server memory is read, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub big_upload_mib: u64,
+    /// Upload: a folder on disk for the data directory.
+    #[arg(long, default_value = "/var/tmp")]
+    pub disk_dir: PathBuf,
+    /// Upload: a folder on tmpfs for the data directory.
+    #[arg(long, default_value = "/dev/shm")]
+    pub tmpfs_dir: PathBuf,
+    /// Upload: seconds of each iperf3 measurement.
+    #[arg(long, default_value_t = 3.0)]
+    pub iperf_seconds: f64,
     /// Latency: samples timed per target.
     #[arg(long, default_value_t = 500)]
     pub samples: u64,
@@ -237,6 +262,25 @@ pub struct Options {
     pub listen: std::net::SocketAddr,
 }
 
+/// Parses a size such as `65536`, `64KiB` or `1MiB`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("not a size: {text}"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        _ => return Err(format!("unknown unit in {text}: use KiB or MiB")),
+    };
+    n.checked_mul(scale)
+        .filter(|&s| s > 0)
+        .ok_or_else(|| format!("size out of range: {text}"))
+}
+
 /// Runs `scenario` and returns its report.
 pub async fn run(scenario: Scenario, options: &Options) -> Result<Report, BenchError> {
     let started = Instant::now();
@@ -246,6 +290,7 @@ pub async fn run(scenario: Scenario, options: &Options) -> Result<Report, BenchE
     let (settings, rows, checks) = match scenario {
         Scenario::Polling => polling::run(options, &pinning).await?,
         Scenario::Fanout => fanout::run(options, &pinning).await?,
+        Scenario::Upload => upload::run(options, &pinning).await?,
         Scenario::Latency => latency::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
@@ -281,6 +326,7 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "deliveries_per_s",
             "mem_per_sub_bytes",
         ],
+        Scenario::Upload => &["mib_per_s", "server_cpu_pct", "server_hwm_kib"],
         Scenario::Latency => &["latency_p50_us", "latency_p99_us", "latency_max_us"],
         Scenario::TcpEcho => &[],
     }

@@ -1,0 +1,429 @@
+//! Scenario 3, upload: single-stream throughput of FileUploadService.Upload
+//! for chunk sizes from 16 KiB to 1 MiB, SHA-256 and fsync included (the
+//! server hashes and fsyncs before it answers), with the data directory on
+//! disk and on tmpfs, next to the two limits measured in the same run: raw
+//! TCP over loopback (iperf3, one stream) and the disk's durable write rate
+//! (`dd conv=fsync`); and the server's peak memory during one multi-GiB
+//! upload.
+//!
+//! Every upload of a server reuses one file name, so the stored file is
+//! replaced each time and the data directory never holds more than one
+//! file and one partial upload.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{process::Command, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{
+    BenchError, Options, Target,
+    harness::{
+        Check, Metrics, Pinning, ProcReader, Row, ServerUnderTest, WireCounter, bench_dir_in,
+        connect, cpu_delta_us, ratio,
+    },
+};
+use crate::proto::fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient};
+
+/// The chunk size the CLI uses by default, where the targets are checked.
+pub const DEFAULT_CHUNK: usize = 64 * 1024;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Runs the scenario.
+pub async fn run(
+    options: &Options,
+    pinning: &Pinning,
+) -> Result<(serde_json::Value, Vec<Row>, Vec<Check>), BenchError> {
+    let data = Arc::new(pattern(4 * 1024 * 1024 + 7));
+    let size = options.upload_mib * 1024 * 1024;
+    let places = [
+        ("disk", options.disk_dir.clone()),
+        ("tmpfs", options.tmpfs_dir.clone()),
+    ];
+    let mut rows = Vec::new();
+
+    // The limits.
+    let loopback = [("storage", "loopback".to_owned())];
+    rows.push(match iperf3(options, pinning).await {
+        Ok(runs) => Row::new("iperf3", &loopback, runs),
+        Err(err) => Row::failed("iperf3", &loopback, &err),
+    });
+    for (storage, dir) in &places {
+        let place = [("storage", (*storage).to_owned())];
+        let mut runs = Vec::new();
+        let mut failure = None;
+        for _ in 0..options.repetitions {
+            match dd(dir, options.upload_mib, pinning).await {
+                Ok(m) => runs.push(m),
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
+        rows.push(match failure {
+            Some(err) => Row::failed("dd", &place, &err),
+            None => Row::new("dd", &place, runs),
+        });
+    }
+
+    // Throughput per target, storage and chunk size.
+    for &target in options.targets.iter().filter(|t| **t != Target::Nats) {
+        for (storage, dir) in &places {
+            let server = match start_in(target, options, pinning, dir).await {
+                Ok(server) => server,
+                Err(err) => {
+                    for &chunk in &options.chunk_sizes {
+                        rows.push(Row::failed(target.name(), &config(storage, chunk), &err));
+                    }
+                    continue;
+                }
+            };
+            let proc = server.proc().await;
+            for &chunk in &options.chunk_sizes {
+                tracing::info!(target = target.name(), storage, chunk, "upload runs");
+                let mut runs = Vec::new();
+                let mut failure = None;
+                for _ in 0..options.repetitions {
+                    match upload(server.addr, proc.as_ref(), size, chunk, &data).await {
+                        Ok(m) => runs.push(m),
+                        Err(err) => {
+                            failure = Some(err);
+                            break;
+                        }
+                    }
+                }
+                rows.push(match failure {
+                    Some(err) => Row::failed(target.name(), &config(storage, chunk), &err),
+                    None => Row::new(target.name(), &config(storage, chunk), runs),
+                });
+            }
+            server.stop().await;
+        }
+    }
+
+    // Peak memory during one big upload, on a fresh server on disk.
+    let big = options.big_upload_mib * 1024 * 1024;
+    for &target in options.targets.iter().filter(|t| **t != Target::Nats) {
+        let config = [
+            ("storage", "disk".to_owned()),
+            ("chunk", chunk_name(DEFAULT_CHUNK)),
+            ("file", format!("{} MiB", options.big_upload_mib)),
+        ];
+        tracing::info!(
+            target = target.name(),
+            mib = options.big_upload_mib,
+            "big upload"
+        );
+        let result = async {
+            let server = start_in(target, options, pinning, &options.disk_dir).await?;
+            let proc = server.proc().await;
+            let result = upload(server.addr, proc.as_ref(), big, DEFAULT_CHUNK, &data).await;
+            server.stop().await;
+            result
+        }
+        .await;
+        rows.push(match result {
+            Ok(m) => Row::new(target.name(), &config, vec![m]),
+            Err(err) => Row::failed(target.name(), &config, &err),
+        });
+    }
+
+    let checks = checks(&rows, options);
+    let settings = serde_json::json!({
+        "file_mib": options.upload_mib,
+        "chunk_sizes": options.chunk_sizes,
+        "default_chunk": DEFAULT_CHUNK,
+        "big_upload_mib": options.big_upload_mib,
+        "disk_dir": options.disk_dir,
+        "disk_fs": fs_type(&options.disk_dir).await,
+        "tmpfs_dir": options.tmpfs_dir,
+        "tmpfs_fs": fs_type(&options.tmpfs_dir).await,
+        "iperf3_seconds": options.iperf_seconds,
+        "repetitions": options.repetitions,
+        "client_sends_sha256": false,
+    });
+    Ok((settings, rows, checks))
+}
+
+fn chunk_name(chunk: usize) -> String {
+    if chunk.is_multiple_of(1024 * 1024) {
+        format!("{}MiB", chunk / (1024 * 1024))
+    } else {
+        format!("{}KiB", chunk / 1024)
+    }
+}
+
+fn config(storage: &str, chunk: usize) -> [(&'static str, String); 2] {
+    [
+        ("storage", storage.to_owned()),
+        ("chunk", chunk_name(chunk)),
+    ]
+}
+
+fn checks(rows: &[Row], options: &Options) -> Vec<Check> {
+    let get = |target: &str, storage: &str, chunk: Option<usize>, key: &str| {
+        rows.iter()
+            .find(|r| {
+                r.target == target
+                    && r.is("storage", storage)
+                    && chunk.is_none_or(|c| r.is("chunk", &chunk_name(c)))
+                    && !r.config.contains_key("file")
+            })
+            .and_then(|r| r.get(key))
+    };
+    let sh = |storage: &str| get("streamhub", storage, Some(DEFAULT_CHUNK), "mib_per_s");
+    let mut checks = vec![
+        Check::at_least(
+            "disk: streamhub at 64 KiB chunks / dd conv=fsync",
+            ratio(sh("disk"), get("dd", "disk", None, "mib_per_s")),
+            0.9,
+        ),
+        Check::at_least(
+            "tmpfs: streamhub at 64 KiB chunks / iperf3 single stream",
+            ratio(sh("tmpfs"), get("iperf3", "loopback", None, "mib_per_s")),
+            0.5,
+        ),
+    ];
+    let big = rows
+        .iter()
+        .find(|r| r.target == "streamhub" && r.config.contains_key("file"))
+        .and_then(|r| r.get("server_hwm_kib"))
+        .map(|kib| kib / 1024.0);
+    checks.push(Check::at_most(
+        format!(
+            "server peak memory (MiB) over a {} MiB upload",
+            options.big_upload_mib
+        ),
+        big,
+        64.0,
+    ));
+    for peer in ["python", "node"] {
+        for storage in ["disk", "tmpfs"] {
+            checks.push(Check::at_least(
+                format!("{storage}: streamhub / {peer} throughput at 64 KiB (ahead of the peer)"),
+                ratio(
+                    sh(storage),
+                    get(peer, storage, Some(DEFAULT_CHUNK), "mib_per_s"),
+                ),
+                1.0,
+            ));
+        }
+    }
+    checks
+}
+
+async fn start_in(
+    target: Target,
+    options: &Options,
+    pinning: &Pinning,
+    parent: &Path,
+) -> Result<ServerUnderTest, BenchError> {
+    let dir = bench_dir_in(parent, target.name())?;
+    ServerUnderTest::start_with_dir(target, options, pinning, dir).await
+}
+
+/// Bytes that do not compress to nothing (xorshift).
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Uploads `size` bytes in `chunk`-byte chunks; times it from the first
+/// chunk to the server's answer.
+async fn upload(
+    addr: SocketAddr,
+    proc: Option<&ProcReader>,
+    size: u64,
+    chunk: usize,
+    data: &Arc<Vec<u8>>,
+) -> Result<Metrics, BenchError> {
+    let channel = connect(addr, &WireCounter::default()).await?;
+    let mut client = FileUploadServiceClient::new(channel)
+        .max_encoding_message_size(chunk + 64 * 1024)
+        .max_decoding_message_size(4 * 1024 * 1024);
+    let chunk = chunk.max(1);
+    let chunks = size.div_ceil(chunk as u64).max(1);
+    let (tx, rx) = mpsc::channel::<FileChunk>(16);
+    let data = Arc::clone(data);
+    let producer = tokio::spawn(async move {
+        let window = data.len() - chunk.min(data.len());
+        for i in 0..chunks {
+            let start = usize::try_from(i).unwrap_or(0).wrapping_mul(7919) % window.max(1);
+            let len = usize::try_from((size - i * chunk as u64).min(chunk as u64)).unwrap_or(chunk);
+            let message = FileChunk {
+                filename: if i == 0 {
+                    "bench-upload.bin".to_owned()
+                } else {
+                    String::new()
+                },
+                data: data[start..start + len.min(data.len() - start)].to_vec(),
+                chunk_index: u32::try_from(i).unwrap_or(u32::MAX),
+                is_last: i + 1 == chunks,
+                offset: None,
+                sha256: Vec::new(),
+            };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let before = proc.map(ProcReader::read).transpose()?;
+    let started = Instant::now();
+    let response = client.upload(ReceiverStream::new(rx)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let after = proc.map(ProcReader::read).transpose()?;
+    producer.abort();
+    let response = response?.into_inner();
+    if !response.success || response.total_bytes != size {
+        return Err(BenchError::Setup(format!(
+            "upload not stored: {} ({} of {size} bytes)",
+            response.message, response.total_bytes
+        )));
+    }
+    let mut m = Metrics::new();
+    m.insert("bytes".into(), size as f64);
+    m.insert("chunks".into(), chunks as f64);
+    m.insert("seconds".into(), seconds);
+    m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
+    if let (Some(b), Some(a)) = (before, after) {
+        m.insert(
+            "server_cpu_pct".into(),
+            cpu_delta_us(&b, &a) / 1e4 / seconds,
+        );
+        m.insert("server_hwm_kib".into(), a.hwm_kib as f64);
+    }
+    Ok(m)
+}
+
+/// The disk's durable write rate: `dd` of `mib` MiB with `conv=fsync`,
+/// pinned like the server.
+async fn dd(dir: &Path, mib: u64, pinning: &Pinning) -> Result<Metrics, BenchError> {
+    let dir = bench_dir_in(dir, "dd")?;
+    let file = dir.join("dd.bin");
+    let mut command = pinned(pinning, "dd");
+    command
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args([
+            "bs=1M",
+            &format!("count={mib}"),
+            "conv=fsync",
+            "status=none",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let output = command.output().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    if !output.status.success() {
+        return Err(BenchError::Setup(format!(
+            "dd failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    let mut m = Metrics::new();
+    m.insert("seconds".into(), seconds);
+    m.insert("mib_per_s".into(), mib as f64 / seconds);
+    Ok(m)
+}
+
+/// A command run on the server's cores when pinning.
+fn pinned(pinning: &Pinning, program: &str) -> Command {
+    match &pinning.server {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Raw TCP over loopback, one stream: iperf3's server pinned like ours,
+/// its client on the load's cores.
+async fn iperf3(options: &Options, pinning: &Pinning) -> Result<Vec<Metrics>, BenchError> {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let mut server = pinned(pinning, "iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                BenchError::Setup("iperf3 is not installed (apt-get install -y iperf3)".into())
+            }
+            _ => BenchError::Io(e),
+        })?;
+    let mut runs = Vec::new();
+    let mut outcome = Ok(());
+    for _ in 0..options.repetitions {
+        match iperf3_client(port, options.iperf_seconds).await {
+            Ok(m) => runs.push(m),
+            Err(err) => {
+                outcome = Err(err);
+                break;
+            }
+        }
+    }
+    let _ = server.kill().await;
+    outcome.map(|()| runs)
+}
+
+async fn iperf3_client(port: u16, seconds: f64) -> Result<Metrics, BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J", "-t"])
+            .arg(format!("{}", seconds.max(1.0).round()))
+            .output()
+            .await?;
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            let mut m = Metrics::new();
+            m.insert("mib_per_s".into(), bps / 8.0 / MIB);
+            return Ok(m);
+        }
+        // The server may not listen yet.
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&output.stdout)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The file system type of `dir` (`tmpfs`, `ext2/ext3`, ...).
+async fn fs_type(dir: &PathBuf) -> String {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(dir)
+        .output()
+        .await
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".to_owned(), |s| s.trim().to_owned())
+}
