@@ -12,10 +12,12 @@
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
+//! - [`chat`]: chat rooms: durable storage, the room hub, service.
 //! - [`proto`]: generated protobuf code.
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 
 pub mod broker;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod proto;
