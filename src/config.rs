@@ -385,6 +385,32 @@ mod tests {
     }
 
     #[test]
+    fn chat_settings_have_defaults_and_are_checked() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(config.chat.history, 10_000);
+        assert_eq!(config.chat.member_queue, 1024);
+        assert_eq!(config.chat.max_text_bytes, 64 * 1024);
+        let config = Config::load(&Sources {
+            overrides: vec!["chat.member_queue=8".into(), "chat.history=50".into()],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!((config.chat.member_queue, config.chat.history), (8, 50));
+        for bad in [
+            "chat.member_queue=0",
+            "chat.history=0",
+            "chat.max_text_bytes=5000000",
+        ] {
+            let err = Config::load(&Sources {
+                overrides: vec![bad.into()],
+                ..Sources::default()
+            })
+            .expect_err("rejected");
+            assert!(err.to_string().contains("chat."), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_override_is_reported() {
         let err = Config::load(&Sources {
             overrides: vec!["nonsense".into()],

@@ -37,6 +37,9 @@ enum Command {
     Subscribe(cli::telemetry::SubscribeArgs),
     /// Stream this machine's metrics through LiveFeed and print the alerts.
     Feed(cli::telemetry::FeedArgs),
+    /// Chat in a room: lines typed (or piped) are sent, messages received
+    /// are shown; survives server restarts without loss or repeats.
+    Chat(cli::chat::ChatArgs),
     /// A short tour of every streaming pattern against a running server.
     Demo(cli::demo::DemoArgs),
 }
@@ -66,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Services => cli::telemetry::services(&ctx).await,
         Command::Subscribe(args) => cli::telemetry::subscribe(&ctx, args).await,
         Command::Feed(args) => cli::telemetry::feed(&ctx, args).await,
+        Command::Chat(args) => cli::chat::run(&ctx, args).await,
         Command::Demo(args) => cli::demo::run(&ctx, args).await,
     }
 }
