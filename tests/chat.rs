@@ -837,3 +837,39 @@ async fn sigterm_during_heavy_traffic_drains_within_deadline_then_resume_is_exac
     run_until_done(&[&ann, &bob], &server.url()).await;
     assert_same_history(&[&ann, &bob]);
 }
+
+#[tokio::test]
+async fn cli_sends_piped_lines_and_exits_once_acknowledged() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start().await;
+    let mut watcher = join(&server, "cli").await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["--server", &server.url(), "--json", "chat", "--name", "bot"])
+        .args(["--room", "cli", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hi\nbye\n").await.unwrap();
+    drop(stdin);
+    let output = within("the client to exit", child.wait_with_output())
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let printed: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let texts: Vec<(u64, &str)> = printed
+        .iter()
+        .filter(|v| v["kind"] == "member")
+        .map(|v| (v["seq"].as_u64().unwrap(), v["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(texts, [(1, "hi"), (2, "bye")]);
+    assert_eq!(watcher.next_member().await.message, "hi");
+    assert_eq!(watcher.next_member().await.message, "bye");
+    server.stop().await;
+}
