@@ -4,6 +4,7 @@
 //! only parses and dispatches. Human-readable output by default, one JSON
 //! object per line with `--json`.
 
+pub mod chat;
 pub mod demo;
 pub mod serve;
 pub mod telemetry;
