@@ -86,6 +86,22 @@ fn insert(map: &mut MetadataMap, key: &'static str, value: u64) {
     map.insert(key, MetadataValue::from(value));
 }
 
+/// A refused resume: the status carries the room's oldest and last seq and
+/// its epoch in trailers, besides naming them in the message.
+fn resume_refused(
+    code: tonic::Code,
+    err: &ChatError,
+    oldest: u64,
+    last: u64,
+    epoch: u64,
+) -> Status {
+    let mut map = MetadataMap::new();
+    insert(&mut map, OLDEST_SEQ_KEY, oldest);
+    insert(&mut map, LAST_SEQ_KEY, last);
+    insert(&mut map, EPOCH_KEY, epoch);
+    Status::with_metadata(code, err.to_string(), map)
+}
+
 /// Maps a chat error to the status a client sees.
 pub fn status(err: &ChatError) -> Status {
     match err {
@@ -95,25 +111,13 @@ pub fn status(err: &ChatError) -> Status {
             last,
             epoch,
             ..
-        } => {
-            let mut map = MetadataMap::new();
-            insert(&mut map, OLDEST_SEQ_KEY, *oldest);
-            insert(&mut map, LAST_SEQ_KEY, *last);
-            insert(&mut map, EPOCH_KEY, *epoch);
-            Status::with_metadata(tonic::Code::OutOfRange, err.to_string(), map)
-        }
+        } => resume_refused(tonic::Code::OutOfRange, err, *oldest, *last, *epoch),
         ChatError::EpochChanged {
             oldest,
             last,
             epoch,
             ..
-        } => {
-            let mut map = MetadataMap::new();
-            insert(&mut map, OLDEST_SEQ_KEY, *oldest);
-            insert(&mut map, LAST_SEQ_KEY, *last);
-            insert(&mut map, EPOCH_KEY, *epoch);
-            Status::with_metadata(tonic::Code::FailedPrecondition, err.to_string(), map)
-        }
+        } => resume_refused(tonic::Code::FailedPrecondition, err, *oldest, *last, *epoch),
         ChatError::TooManyRooms { .. } => Status::resource_exhausted(err.to_string()),
         ChatError::ShuttingDown => shutting_down(),
         ChatError::Store(_) => Status::unavailable(err.to_string()),
