@@ -44,6 +44,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// File upload service settings.
     pub upload: UploadConfig,
+    /// Chat service settings.
+    pub chat: ChatConfig,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             limits: Limits::default(),
             telemetry: TelemetryConfig::default(),
             upload: UploadConfig::default(),
+            chat: ChatConfig::default(),
         }
     }
 }
@@ -194,6 +197,43 @@ impl Default for UploadConfig {
     }
 }
 
+/// Chat service settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChatConfig {
+    /// Messages of history kept per room; older ones are deleted.
+    pub history: u64,
+    /// Largest accepted message text, in bytes.
+    pub max_text_bytes: usize,
+    /// Messages queued for one member before it is cut off with
+    /// RESOURCE_EXHAUSTED as too slow.
+    pub member_queue: usize,
+    /// Idempotency keys remembered per room (the keys of the most recent
+    /// messages that carried one).
+    pub idempotency_window: usize,
+    /// Announce joins and leaves of members that name themselves (request
+    /// metadata `chat-member`) as server-originated messages.
+    pub announce_members: bool,
+    /// Most rooms open at once.
+    pub max_rooms: usize,
+    /// Most messages written in one storage commit (one fsync).
+    pub max_batch: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            max_text_bytes: 64 * 1024,
+            member_queue: 1024,
+            idempotency_window: 10_000,
+            announce_members: true,
+            max_rooms: 10_000,
+            max_batch: 1024,
+        }
+    }
+}
+
 /// One threshold rule: `name` fires when `metric` rises above `above`, and
 /// `<name>_RESOLVED` when it falls back.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -297,6 +337,31 @@ impl Config {
                 "upload.partial_ttl and upload.sweep_interval must be above zero".into(),
             ));
         }
+        let c = &self.chat;
+        for (name, value) in [
+            ("chat.max_text_bytes", c.max_text_bytes),
+            ("chat.member_queue", c.member_queue),
+            ("chat.max_rooms", c.max_rooms),
+            ("chat.max_batch", c.max_batch),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{name} must be at least 1"
+                )));
+            }
+        }
+        if c.history == 0 {
+            return Err(ConfigError::Inconsistent(
+                "chat.history must be at least 1".into(),
+            ));
+        }
+        if c.max_text_bytes + 1024 > self.limits.max_message_size {
+            return Err(ConfigError::Inconsistent(format!(
+                "chat.max_text_bytes ({}) must leave 1 KiB for the rest of a message \
+                 within limits.max_message_size ({})",
+                c.max_text_bytes, self.limits.max_message_size
+            )));
+        }
         if self.limits.max_message_size < 1024 {
             return Err(ConfigError::Inconsistent(
                 "limits.max_message_size must be at least 1024 bytes".into(),
@@ -366,6 +431,32 @@ mod tests {
         })
         .expect_err("typo rejected");
         assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn chat_settings_have_defaults_and_are_checked() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(config.chat.history, 10_000);
+        assert_eq!(config.chat.member_queue, 1024);
+        assert_eq!(config.chat.max_text_bytes, 64 * 1024);
+        let config = Config::load(&Sources {
+            overrides: vec!["chat.member_queue=8".into(), "chat.history=50".into()],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!((config.chat.member_queue, config.chat.history), (8, 50));
+        for bad in [
+            "chat.member_queue=0",
+            "chat.history=0",
+            "chat.max_text_bytes=5000000",
+        ] {
+            let err = Config::load(&Sources {
+                overrides: vec![bad.into()],
+                ..Sources::default()
+            })
+            .expect_err("rejected");
+            assert!(err.to_string().contains("chat."), "{bad}: {err}");
+        }
     }
 
     #[test]

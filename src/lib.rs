@@ -13,12 +13,14 @@
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
+//! - [`chat`]: chat rooms: durable storage, the room hub, service.
 //! - [`proto`]: generated protobuf code.
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 //! - [`bench`]: the benchmark suite behind `streamhub bench`.
 
 pub mod bench;
 pub mod broker;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod proto;

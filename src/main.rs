@@ -43,6 +43,9 @@ enum Command {
     Files,
     /// Download a stored file and verify its SHA-256.
     Download(cli::upload::DownloadArgs),
+    /// Chat in a room: lines typed (or piped) are sent, messages received
+    /// are shown; survives server restarts without loss or repeats.
+    Chat(cli::chat::ChatArgs),
     /// A short tour of every streaming pattern against a running server.
     Demo(cli::demo::DemoArgs),
     /// Run a benchmark scenario and write its results as JSON.
@@ -79,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Upload(args) => cli::upload::upload(&ctx, args).await,
         Command::Files => cli::upload::files(&ctx).await,
         Command::Download(args) => cli::upload::download(&ctx, args).await,
+        Command::Chat(args) => cli::chat::run(&ctx, args).await,
         Command::Demo(args) => cli::demo::run(&ctx, args).await,
         Command::Bench(args) => cli::bench::run(&ctx.server, *args).await,
     }

@@ -8,7 +8,10 @@
 //! new calls are refused and every open stream delivers what it accepted
 //! and ends with UNAVAILABLE; tonic stops accepting connections and waits
 //! for them to close; if that takes longer than the drain timeout, whatever
-//! is left is dropped and `run` returns anyway.
+//! is left is dropped and `run` returns anyway. Chat rooms, on the token,
+//! store and deliver every message already submitted, tell each member the
+//! server is shutting down, and end its call with UNAVAILABLE; the chat
+//! storage is closed last.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -26,6 +29,11 @@ use tonic_health::{
 };
 
 use crate::{
+    chat::{
+        ChatError, MessageLimits,
+        room::{LocalHub, RoomHub},
+        service::ChatService,
+    },
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
@@ -54,13 +62,20 @@ pub enum ServerError {
     /// The upload store could not be opened.
     #[error("cannot open the upload store: {0}")]
     Upload(#[from] upload::UploadError),
+    /// The chat storage could not be opened.
+    #[error("cannot open chat storage: {0}")]
+    Chat(#[from] ChatError),
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
 }
 
 /// Names of the gRPC services served, as health knows them.
-pub const SERVICE_NAMES: &[&str] = &["telemetry.TelemetryService", "fileupload.FileUploadService"];
+pub const SERVICE_NAMES: &[&str] = &[
+    "telemetry.TelemetryService",
+    "fileupload.FileUploadService",
+    "chat.ChatService",
+];
 
 /// Runs a server on `listener` until `signal` completes, then shuts down
 /// gracefully within `config.drain_timeout`.
@@ -82,6 +97,15 @@ where
     ));
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
     shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
+
+    let chat = Arc::new(LocalHub::open(
+        &config.data_dir.join("chat"),
+        config.chat.clone(),
+        shutdown.clone(),
+    )?);
+    let chat_limits = MessageLimits {
+        max_text_bytes: config.chat.max_text_bytes,
+    };
 
     let health = HealthReporter::new();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -132,6 +156,14 @@ where
         .add_service(
             UploadService::new(uploads, shutdown.clone(), limits.max_message_size)
                 .into_server(limits.max_message_size),
+        )
+        .add_service(
+            ChatService::new(
+                Arc::clone(&chat) as Arc<dyn RoomHub>,
+                chat_limits,
+                shutdown.clone(),
+            )
+            .into_server(limits.max_message_size),
         );
 
     // serve_with_incoming ignores the builder's TCP options: set them here.
@@ -170,6 +202,9 @@ where
     {
         tracing::warn!("drain timeout passed: abandoning background tasks");
     }
+    // Every room actor has stored what it accepted (or been abandoned):
+    // let the storage writer finish and release the database.
+    chat.close();
     tracing::info!("shut down");
     Ok(())
 }

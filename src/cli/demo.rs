@@ -7,11 +7,18 @@ use tokio_stream::StreamExt;
 
 use super::{
     Context,
+    chat::print_message,
     telemetry::{print_alert, print_sample, simulated, status_error},
 };
-use crate::proto::{
-    fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
-    telemetry::{MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient},
+use crate::{
+    chat::service::{MEMBER_KEY, ROOM_KEY},
+    proto::{
+        chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
+        fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
+        telemetry::{
+            MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+        },
+    },
 };
 
 /// Arguments of `streamhub demo`.
@@ -32,6 +39,9 @@ pub struct DemoArgs {
     /// Size of the generated file uploaded in the client-streaming step.
     #[arg(long, default_value_t = 1_000_000)]
     pub upload_bytes: usize,
+    /// Messages each of the two members sends in the chat step.
+    #[arg(long, default_value_t = 3)]
+    pub chat_lines: usize,
 }
 
 /// The seed's chunk size.
@@ -144,7 +154,8 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
             DEMO_CHUNK / 1024
         ),
     );
-    upload_step(ctx, channel, args.upload_bytes).await
+    upload_step(ctx, channel.clone(), args.upload_bytes).await?;
+    chat_step(ctx, channel, args.chat_lines).await
 }
 
 /// The seed's upload: the whole file in chunks, the server acks at the end
@@ -216,4 +227,87 @@ async fn upload_step(
         },
     );
     Ok(())
+}
+
+/// The chat seed: two members talking at once over one bidirectional call
+/// each, both seeing one order.
+async fn chat_step(
+    ctx: &Context,
+    channel: tonic::transport::Channel,
+    lines: usize,
+) -> anyhow::Result<()> {
+    let room = format!("demo-{}", std::process::id());
+    step(
+        ctx,
+        &format!("5. Bidirectional: chat in room {room}, two members talking at once"),
+    );
+    let (ann, bob) = tokio::join!(
+        chat_member(channel.clone(), &room, "ann", lines, 2 * lines),
+        chat_member(channel, &room, "bob", lines, 2 * lines),
+    );
+    let (ann, bob) = (ann?, bob?);
+    for message in &ann {
+        print_message(ctx, &room, message);
+    }
+    let same = ann == bob;
+    ctx.note(
+        "done",
+        &format!(
+            "\nBoth members received the same {} messages in the same order: {same}.",
+            ann.len()
+        ),
+    );
+    anyhow::ensure!(same, "the two members saw different orders");
+    Ok(())
+}
+
+/// One demo chat member: sends `lines` messages while reading, until it has
+/// received `expect` members' messages (its own included).
+async fn chat_member(
+    channel: tonic::transport::Channel,
+    room: &str,
+    name: &str,
+    lines: usize,
+    expect: usize,
+) -> anyhow::Result<Vec<ChatMessage>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(ROOM_KEY, room.parse()?);
+    request.metadata_mut().insert(MEMBER_KEY, name.parse()?);
+    let mut inbound = ChatServiceClient::new(channel)
+        .chat(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let sender = name.to_owned();
+    let talk = tokio::spawn(async move {
+        for i in 1..=lines {
+            let message = ChatMessage {
+                sender: sender.clone(),
+                message: format!("hello #{i} from {sender}"),
+                idempotency_key: format!("{sender}-{i}"),
+                ..ChatMessage::default()
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Keep the sending side open until the reading side is done.
+        tx.closed().await;
+    });
+    let mut received = Vec::new();
+    while received.len() < expect {
+        match inbound.next().await {
+            Some(Ok(message)) if message.kind == i32::from(MessageKind::KindMember) => {
+                received.push(message);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(status)) => return Err(status_error(status)),
+            None => anyhow::bail!("the server ended the chat early"),
+        }
+    }
+    drop(inbound);
+    talk.abort();
+    Ok(received)
 }

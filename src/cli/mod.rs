@@ -5,6 +5,7 @@
 //! object per line with `--json`.
 
 pub mod bench;
+pub mod chat;
 pub mod demo;
 pub mod serve;
 pub mod telemetry;

@@ -1,0 +1,805 @@
+//! The room hub: ordered, durable fan-out of a room's messages to its
+//! members.
+//!
+//! One actor task per open room owns the room's sequence. It takes every
+//! submission waiting in its channel as one batch, gives each message the
+//! next seq, has the batch committed by the store (one fsync for many
+//! messages, and for many rooms), and only then hands each message, as one
+//! shared `Arc`, to every member's bounded queue. So every member sees one
+//! order, and nothing is delivered that is not durable.
+//!
+//! Joining registers the member's queue and reads the room's last seq under
+//! the same lock the actor broadcasts under: the member gets, live, exactly
+//! the messages after that seq, and replays the ones before it from the
+//! store. No gap, no duplicate.
+//!
+//! A member whose queue is full is cut off (its queue is dropped and its
+//! [`EndSignal`] says why); nobody else waits for it.
+//!
+//! [`RoomHub`] is what the gRPC service depends on; [`LocalHub`] is the
+//! single-server implementation. A clustered hub (e.g. NATS JetStream, whose
+//! stream sequence would be the seq) can implement the same trait. No tonic
+//! or protobuf types appear here.
+
+use std::{
+    collections::{HashMap, VecDeque, hash_map::Entry},
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+};
+
+use futures::future::BoxFuture;
+use tokio::sync::{OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ChatError, Draft, Kind, Message, RoomName, Start, now_ms,
+    store::{Append, Store},
+};
+use crate::{config::ChatConfig, shutdown::Shutdown};
+
+/// A room service: join rooms, read their history.
+pub trait RoomHub: Send + Sync + 'static {
+    /// Joins a room (opening it if needed).
+    fn join(&self, request: JoinRequest) -> BoxFuture<'_, Result<Membership, ChatError>>;
+
+    /// Stored messages of `room` (whose epoch is `epoch`) with seq in
+    /// `from..=to`, at most `limit`, in order.
+    fn history(
+        &self,
+        room: RoomName,
+        epoch: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ChatError>>;
+}
+
+/// What a member asks for when joining.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    /// The room.
+    pub room: RoomName,
+    /// Where delivery starts.
+    pub start: Start,
+    /// A name to announce the join and leave under, if any.
+    pub member: Option<String>,
+}
+
+/// Why a member's delivery ended.
+#[derive(Debug)]
+pub enum EndReason {
+    /// The server is shutting down; everything accepted was delivered.
+    Shutdown,
+    /// The member's queue of `queue` messages was full.
+    TooSlow {
+        /// The queue's capacity.
+        queue: usize,
+    },
+    /// The member sent something unacceptable.
+    Invalid(ChatError),
+    /// Storage failed; the messages of the failed batch were not stored.
+    StorageFailed(String),
+}
+
+/// Tells a member's stream that its delivery has ended, and why. The queue
+/// is closed before, so whatever was queued can still be delivered.
+#[derive(Debug, Default)]
+pub struct EndSignal {
+    token: CancellationToken,
+    reason: OnceLock<EndReason>,
+}
+
+impl EndSignal {
+    /// Ends delivery for `reason`; the first reason wins.
+    pub fn end(&self, reason: EndReason) {
+        if self.reason.set(reason).is_ok() {
+            self.token.cancel();
+        }
+    }
+
+    /// Completes once delivery has ended.
+    pub async fn ended(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Why delivery ended, if it has.
+    pub fn reason(&self) -> Option<&EndReason> {
+        self.reason.get()
+    }
+}
+
+/// A message submitted to a room actor.
+#[derive(Debug)]
+pub struct Submission {
+    /// The submitting member (to send a duplicate's acknowledgment to), or
+    /// `None` for the server's own announcements.
+    pub member: Option<u64>,
+    /// The message.
+    pub draft: Draft,
+}
+
+/// Sends a member's messages to its room.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    member: u64,
+    tx: mpsc::Sender<Submission>,
+}
+
+impl Outbox {
+    /// An outbox for `member` feeding `tx` (for other [`RoomHub`]s).
+    pub fn new(member: u64, tx: mpsc::Sender<Submission>) -> Self {
+        Self { member, tx }
+    }
+
+    /// Submits `draft`; waits while the room's inbox is full. The message
+    /// is acknowledged later, by its copy arriving in the member's queue.
+    pub async fn submit(&self, draft: Draft) -> Result<(), ChatError> {
+        self.tx
+            .send(Submission {
+                member: Some(self.member),
+                draft,
+            })
+            .await
+            .map_err(|_| ChatError::ShuttingDown)
+    }
+}
+
+/// A member of a room. Dropping it leaves the room.
+pub struct Membership {
+    /// The room.
+    pub room: RoomName,
+    /// The room's epoch.
+    pub epoch: u64,
+    /// Oldest stored seq when joining.
+    pub oldest: u64,
+    /// Last seq when joining: the queue delivers messages after it.
+    pub last: u64,
+    /// First seq to replay from storage (nothing to replay when above
+    /// `last`).
+    pub replay_from: u64,
+    /// Live messages, in order; duplicate acknowledgments may carry an
+    /// older seq.
+    pub live: mpsc::Receiver<Arc<Message>>,
+    /// Where this member's messages go.
+    pub outbox: Outbox,
+    /// Signals the end of delivery.
+    pub end: Arc<EndSignal>,
+    _leave: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("room", &self.room)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+type RoomCell = Arc<OnceCell<Arc<Room>>>;
+
+/// The single-server room hub over the embedded store.
+pub struct LocalHub {
+    store: Arc<Store>,
+    config: ChatConfig,
+    shutdown: Shutdown,
+    rooms: Mutex<HashMap<RoomName, RoomCell>>,
+}
+
+impl std::fmt::Debug for LocalHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalHub").finish_non_exhaustive()
+    }
+}
+
+impl LocalHub {
+    /// Opens the store in `dir`; room actors run until `shutdown`.
+    pub fn open(dir: &Path, config: ChatConfig, shutdown: Shutdown) -> Result<Self, ChatError> {
+        let store = Arc::new(Store::open(dir, config.max_batch)?);
+        Ok(Self {
+            store,
+            config,
+            shutdown,
+            rooms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Closes the store once the room actors are done (call after the
+    /// shutdown's tasks have finished).
+    pub fn close(&self) {
+        self.store.close();
+    }
+
+    fn cell(&self, room: &RoomName) -> Result<RoomCell, ChatError> {
+        let mut rooms = lock(&self.rooms);
+        let open = rooms.len();
+        match rooms.entry(room.clone()) {
+            Entry::Occupied(entry) => Ok(Arc::clone(entry.get())),
+            Entry::Vacant(entry) => {
+                if open >= self.config.max_rooms {
+                    return Err(ChatError::TooManyRooms {
+                        limit: self.config.max_rooms,
+                    });
+                }
+                Ok(Arc::clone(entry.insert(Arc::default())))
+            }
+        }
+    }
+
+    async fn open_room(&self, name: &RoomName) -> Result<Arc<Room>, ChatError> {
+        let state = self
+            .store
+            .load_room(name.as_str(), self.config.idempotency_window)
+            .await?;
+        let (tx, rx) = mpsc::channel(self.config.max_batch.max(64));
+        let room = Arc::new(Room {
+            name: name.clone(),
+            tx,
+            queue: self.config.member_queue,
+            announce: self.config.announce_members,
+            shared: Mutex::new(Shared {
+                epoch: state.epoch,
+                oldest: state.oldest,
+                last: state.last,
+                members: HashMap::new(),
+                next_id: 1,
+                closed: None,
+            }),
+        });
+        let mut keys = Keys::new(self.config.idempotency_window);
+        for message in &state.recent_keys {
+            keys.insert(message.sender.clone(), message.key.clone(), message);
+        }
+        let actor = Actor {
+            room: Arc::clone(&room),
+            store: Arc::clone(&self.store),
+            rx,
+            keys,
+            epoch: state.epoch,
+            oldest: state.oldest,
+            last: state.last,
+            history: self.config.history,
+            max_batch: self.config.max_batch,
+        };
+        tracing::debug!(room = %name, epoch = state.epoch, last = state.last, "room opened");
+        self.shutdown.spawn(actor.run(self.shutdown.token()));
+        Ok(room)
+    }
+
+    async fn join_once(&self, request: &JoinRequest) -> Result<Membership, ChatError> {
+        if self.shutdown.is_triggered() {
+            return Err(ChatError::ShuttingDown);
+        }
+        let cell = self.cell(&request.room)?;
+        let room = cell
+            .get_or_try_init(|| self.open_room(&request.room))
+            .await?;
+        room.join(request.start, request.member.clone())
+    }
+}
+
+impl RoomHub for LocalHub {
+    fn join(&self, request: JoinRequest) -> BoxFuture<'_, Result<Membership, ChatError>> {
+        Box::pin(async move {
+            match self.join_once(&request).await {
+                Err(ChatError::Store(err)) => {
+                    // The room's storage failed: reopen it from what the
+                    // store really holds, once.
+                    tracing::warn!(room = %request.room, %err, "reopening room after a storage failure");
+                    lock(&self.rooms).remove(&request.room);
+                    self.join_once(&request).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn history(
+        &self,
+        room: RoomName,
+        epoch: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ChatError>> {
+        Box::pin(async move {
+            Ok(self
+                .store
+                .read(room.as_str(), epoch, from, to, limit)
+                .await?)
+        })
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state consistent (single inserts,
+    // removals, sends), so a panic elsewhere does not poison the meaning.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Slot {
+    tx: mpsc::Sender<Arc<Message>>,
+    end: Arc<EndSignal>,
+}
+
+/// Why a room no longer takes members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    Shutdown,
+    StorageFailed,
+}
+
+struct Shared {
+    epoch: u64,
+    oldest: u64,
+    last: u64,
+    members: HashMap<u64, Slot>,
+    next_id: u64,
+    closed: Option<Closed>,
+}
+
+struct Room {
+    name: RoomName,
+    tx: mpsc::Sender<Submission>,
+    queue: usize,
+    announce: bool,
+    shared: Mutex<Shared>,
+}
+
+impl Room {
+    fn join(
+        self: &Arc<Self>,
+        start: Start,
+        member: Option<String>,
+    ) -> Result<Membership, ChatError> {
+        let mut shared = lock(&self.shared);
+        match shared.closed {
+            Some(Closed::Shutdown) => return Err(ChatError::ShuttingDown),
+            Some(Closed::StorageFailed) => {
+                return Err(ChatError::Store(super::StoreError::Closed));
+            }
+            None => {}
+        }
+        let (epoch, oldest, last) = (shared.epoch, shared.oldest, shared.last);
+        let replay_from = match start {
+            Start::Live => last + 1,
+            Start::Last(n) => (last + 1).saturating_sub(n).max(oldest),
+            Start::After { seq, epoch: given } => {
+                if let Some(given) = given
+                    && given != epoch
+                {
+                    return Err(ChatError::EpochChanged {
+                        room: self.name.to_string(),
+                        given,
+                        epoch,
+                        oldest,
+                        last,
+                    });
+                }
+                if seq > last || seq + 1 < oldest {
+                    return Err(ChatError::HistoryGap {
+                        room: self.name.to_string(),
+                        after: seq,
+                        oldest,
+                        last,
+                        epoch,
+                    });
+                }
+                seq + 1
+            }
+        };
+        let id = shared.next_id;
+        shared.next_id += 1;
+        let (tx, live) = mpsc::channel(self.queue);
+        let end = Arc::new(EndSignal::default());
+        shared.members.insert(
+            id,
+            Slot {
+                tx,
+                end: Arc::clone(&end),
+            },
+        );
+        drop(shared);
+        let name = member.filter(|_| self.announce);
+        if let Some(name) = &name {
+            self.announce(Kind::Joined, name);
+        }
+        Ok(Membership {
+            room: self.name.clone(),
+            epoch,
+            oldest,
+            last,
+            replay_from,
+            live,
+            outbox: Outbox::new(id, self.tx.clone()),
+            end,
+            _leave: Box::new(Leave {
+                room: Arc::clone(self),
+                id,
+                name,
+            }),
+        })
+    }
+
+    fn announce(&self, kind: Kind, name: &str) {
+        let submission = Submission {
+            member: None,
+            draft: Draft::announcement(kind, name),
+        };
+        // Announcements never wait: under a full inbox one is skipped
+        // rather than holding up a join or a leave.
+        if self.tx.try_send(submission).is_err() {
+            tracing::debug!(room = %self.name, member = name, "announcement skipped: room busy or closed");
+        }
+    }
+}
+
+/// Leaves the room when a membership is dropped.
+struct Leave {
+    room: Arc<Room>,
+    id: u64,
+    name: Option<String>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let open = {
+            let mut shared = lock(&self.room.shared);
+            shared.members.remove(&self.id);
+            shared.closed.is_none()
+        };
+        if open && let Some(name) = &self.name {
+            self.room.announce(Kind::Left, name);
+        }
+    }
+}
+
+/// Idempotency keys of a room's recent messages, per sender.
+struct Keys {
+    window: usize,
+    map: HashMap<(String, String), (u64, i64)>,
+    order: VecDeque<(String, String)>,
+}
+
+impl Keys {
+    fn new(window: usize) -> Self {
+        Self {
+            window,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, sender: &str, key: &str) -> Option<(u64, i64)> {
+        // Allocation-free lookups would need a borrowed pair type; keys are
+        // short and this runs once per keyed message.
+        self.map.get(&(sender.to_owned(), key.to_owned())).copied()
+    }
+
+    fn insert(&mut self, sender: String, key: String, message: &Message) {
+        if self.window == 0 {
+            return;
+        }
+        let pair = (sender, key);
+        if self
+            .map
+            .insert(pair.clone(), (message.seq, message.timestamp_ms))
+            .is_none()
+        {
+            self.order.push_back(pair);
+        }
+        while self.order.len() > self.window {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+struct Actor {
+    room: Arc<Room>,
+    store: Arc<Store>,
+    rx: mpsc::Receiver<Submission>,
+    keys: Keys,
+    epoch: u64,
+    oldest: u64,
+    last: u64,
+    history: u64,
+    max_batch: usize,
+}
+
+impl Actor {
+    async fn run(mut self, token: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = token.cancelled() => break,
+                next = self.rx.recv() => match next {
+                    Some(submission) => submission,
+                    None => break,
+                },
+            };
+            let batch = self.take_batch(first);
+            if !self.process(batch).await {
+                return;
+            }
+        }
+        // Shutdown: accept nothing new, but store and deliver what was
+        // already submitted, then end every member.
+        self.rx.close();
+        while let Some(first) = self.rx.recv().await {
+            let batch = self.take_batch(first);
+            if !self.process(batch).await {
+                return;
+            }
+        }
+        let mut shared = lock(&self.room.shared);
+        shared.closed = Some(Closed::Shutdown);
+        for (_, slot) in shared.members.drain() {
+            slot.end.end(EndReason::Shutdown);
+        }
+        tracing::debug!(room = %self.room.name, last = self.last, "room closed for shutdown");
+    }
+
+    fn take_batch(&mut self, first: Submission) -> Vec<Submission> {
+        let mut batch = vec![first];
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Stores and delivers one batch; false if storage failed and the room
+    /// is closed.
+    async fn process(&mut self, batch: Vec<Submission>) -> bool {
+        let now = now_ms();
+        let mut stored: Vec<Arc<Message>> = Vec::with_capacity(batch.len());
+        let mut acks: Vec<(u64, Arc<Message>)> = Vec::new();
+        let mut batch_keys: HashMap<(String, String), (u64, i64)> = HashMap::new();
+        let mut next = self.last + 1;
+        for Submission { member, draft } in batch {
+            if !draft.key.is_empty() {
+                let pair = (draft.sender.clone(), draft.key.clone());
+                let known = self
+                    .keys
+                    .get(&draft.sender, &draft.key)
+                    .or_else(|| batch_keys.get(&pair).copied());
+                if let Some((seq, timestamp_ms)) = known {
+                    if let Some(member) = member {
+                        acks.push((
+                            member,
+                            Arc::new(Message {
+                                seq,
+                                epoch: self.epoch,
+                                kind: draft.kind,
+                                sender: draft.sender,
+                                text: draft.text,
+                                key: draft.key,
+                                timestamp_ms,
+                            }),
+                        ));
+                    }
+                    continue;
+                }
+                batch_keys.insert(pair, (next, now));
+            }
+            stored.push(Arc::new(Message {
+                seq: next,
+                epoch: self.epoch,
+                kind: draft.kind,
+                sender: draft.sender,
+                text: draft.text,
+                key: draft.key,
+                timestamp_ms: now,
+            }));
+            next += 1;
+        }
+
+        if !stored.is_empty() {
+            let last = next - 1;
+            let oldest = self.oldest.max((last + 1).saturating_sub(self.history));
+            let append = Append {
+                room: Arc::from(self.room.name.as_str()),
+                messages: stored.clone(),
+                oldest,
+                last,
+                epoch: self.epoch,
+            };
+            if let Err(err) = self.store.append(append).await {
+                tracing::error!(room = %self.room.name, %err, "storing messages failed; closing the room");
+                let mut shared = lock(&self.room.shared);
+                shared.closed = Some(Closed::StorageFailed);
+                for (_, slot) in shared.members.drain() {
+                    slot.end.end(EndReason::StorageFailed(err.to_string()));
+                }
+                return false;
+            }
+            for message in &stored {
+                if !message.key.is_empty() {
+                    self.keys
+                        .insert(message.sender.clone(), message.key.clone(), message);
+                }
+            }
+            self.last = last;
+            self.oldest = oldest;
+        }
+
+        let mut shared = lock(&self.room.shared);
+        for message in &stored {
+            let queue = self.room.queue;
+            shared
+                .members
+                .retain(|_, slot| match slot.tx.try_send(Arc::clone(message)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        slot.end.end(EndReason::TooSlow { queue });
+                        false
+                    }
+                    // The member's stream is gone; its Leave is on the way.
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                });
+        }
+        shared.last = self.last;
+        shared.oldest = self.oldest;
+        for (member, ack) in acks {
+            if let Some(slot) = shared.members.get(&member)
+                && let Err(mpsc::error::TrySendError::Full(_)) = slot.tx.try_send(ack)
+            {
+                slot.end.end(EndReason::TooSlow {
+                    queue: self.room.queue,
+                });
+                shared.members.remove(&member);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(dir: &Path, config: ChatConfig) -> (LocalHub, Shutdown) {
+        let shutdown = Shutdown::new();
+        let hub = LocalHub::open(dir, config, shutdown.clone()).expect("opens");
+        (hub, shutdown)
+    }
+
+    fn request(room: &str, start: Start) -> JoinRequest {
+        JoinRequest {
+            room: RoomName::parse(room).expect("valid"),
+            start,
+            member: None,
+        }
+    }
+
+    fn draft(text: &str, key: &str) -> Draft {
+        Draft {
+            kind: Kind::Member,
+            sender: "ann".into(),
+            text: text.into(),
+            key: key.into(),
+        }
+    }
+
+    async fn recv(m: &mut Membership) -> Arc<Message> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), m.live.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    #[tokio::test]
+    async fn order_dedupe_resume_and_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (hub, shutdown) = hub(dir.path(), ChatConfig::default());
+        let mut a = hub.join(request("r", Start::Live)).await.expect("joins");
+        let mut b = hub.join(request("r", Start::Live)).await.expect("joins");
+        a.outbox.submit(draft("one", "k1")).await.expect("submits");
+        b.outbox.submit(draft("two", "")).await.expect("submits");
+        for m in [&mut a, &mut b] {
+            assert_eq!(recv(m).await.seq, 1);
+            assert_eq!(recv(m).await.seq, 2);
+        }
+        // The duplicate is acknowledged to its sender only, with the
+        // original's seq.
+        a.outbox.submit(draft("one", "k1")).await.expect("submits");
+        b.outbox.submit(draft("three", "")).await.expect("submits");
+        let ack = recv(&mut a).await;
+        let third = if ack.seq == 1 {
+            recv(&mut a).await
+        } else {
+            assert_eq!(recv(&mut a).await.seq, 1);
+            ack
+        };
+        assert_eq!(third.seq, 3);
+        assert_eq!(recv(&mut b).await.seq, 3);
+
+        let late = hub
+            .join(request(
+                "r",
+                Start::After {
+                    seq: 1,
+                    epoch: Some(a.epoch),
+                },
+            ))
+            .await
+            .expect("resumes");
+        assert_eq!((late.replay_from, late.last), (2, 3));
+        let replay = hub
+            .history(late.room.clone(), late.epoch, 2, 3, 10)
+            .await
+            .expect("reads");
+        assert_eq!(replay.len(), 2);
+        let wrong_epoch = hub
+            .join(request(
+                "r",
+                Start::After {
+                    seq: 1,
+                    epoch: Some(a.epoch + 1),
+                },
+            ))
+            .await;
+        assert!(matches!(wrong_epoch, Err(ChatError::EpochChanged { .. })));
+        let future = hub
+            .join(request(
+                "r",
+                Start::After {
+                    seq: 9,
+                    epoch: None,
+                },
+            ))
+            .await;
+        assert!(matches!(future, Err(ChatError::HistoryGap { .. })));
+
+        shutdown.trigger();
+        shutdown.wait_tasks().await;
+        assert!(matches!(a.end.reason(), Some(EndReason::Shutdown)));
+        assert!(a.live.recv().await.is_none());
+        hub.close();
+    }
+
+    #[tokio::test]
+    async fn slow_member_is_cut_off_and_history_is_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ChatConfig {
+            member_queue: 2,
+            history: 3,
+            ..ChatConfig::default()
+        };
+        let (hub, _shutdown) = hub(dir.path(), config);
+        let mut fast = hub.join(request("r", Start::Live)).await.expect("joins");
+        let slow = hub.join(request("r", Start::Live)).await.expect("joins");
+        for i in 0..5 {
+            fast.outbox
+                .submit(draft(&format!("m{i}"), ""))
+                .await
+                .expect("submits");
+            assert_eq!(recv(&mut fast).await.seq, i + 1);
+        }
+        assert!(matches!(
+            slow.end.reason(),
+            Some(EndReason::TooSlow { queue: 2 })
+        ));
+        let gap = hub
+            .join(request(
+                "r",
+                Start::After {
+                    seq: 1,
+                    epoch: None,
+                },
+            ))
+            .await;
+        assert!(matches!(gap, Err(ChatError::HistoryGap { oldest: 3, .. })));
+        let recent = hub
+            .join(request("r", Start::Last(10)))
+            .await
+            .expect("joins");
+        assert_eq!((recent.replay_from, recent.last), (3, 5));
+    }
+}

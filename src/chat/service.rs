@@ -1,0 +1,468 @@
+//! The gRPC face of the chat rooms: reads the request metadata, converts
+//! between protobuf and domain types, maps errors to statuses, and runs the
+//! two halves of each call independently.
+//!
+//! Each call has a reader task (inbound messages, validated and submitted
+//! to the room) and a response stream (replay from storage, then the
+//! member's live queue). The reader never waits for the stream and the
+//! stream never waits for the reader, so a member may send without reading
+//! and read without sending; a half-closed call keeps receiving.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::{MetadataMap, MetadataValue},
+};
+
+use super::{
+    ChatError, DEFAULT_ROOM, Draft, Kind, Message, MessageLimits, RoomName, Start,
+    room::{EndReason, EndSignal, JoinRequest, Outbox, RoomHub},
+    validate_name,
+};
+use crate::{
+    proto::chat::{self as pb, chat_service_server},
+    rpc::{StreamLog, shutting_down},
+    shutdown::{SHUTTING_DOWN, Shutdown},
+};
+
+/// Request metadata: the room to join.
+pub const ROOM_KEY: &str = "chat-room";
+/// Request metadata: replay stored messages after this seq first.
+pub const AFTER_SEQ_KEY: &str = "chat-after-seq";
+/// Request and response metadata: the room's history epoch.
+pub const EPOCH_KEY: &str = "chat-epoch";
+/// Request metadata: replay the last N stored messages first.
+pub const HISTORY_KEY: &str = "chat-history";
+/// Request metadata: announce the join and leave under this name.
+pub const MEMBER_KEY: &str = "chat-member";
+/// Response and trailing metadata: the last seq (at joining, or sent).
+pub const LAST_SEQ_KEY: &str = "chat-last-seq";
+/// Response and trailing metadata: the oldest seq stored.
+pub const OLDEST_SEQ_KEY: &str = "chat-oldest-seq";
+
+/// Messages read from storage per step of a replay.
+const REPLAY_CHUNK: usize = 256;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `chat.ChatService` implementation.
+#[derive(Clone)]
+pub struct ChatService {
+    hub: Arc<dyn RoomHub>,
+    limits: MessageLimits,
+    shutdown: Shutdown,
+}
+
+impl std::fmt::Debug for ChatService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatService").finish_non_exhaustive()
+    }
+}
+
+impl ChatService {
+    /// A service over `hub`, whose calls end when `shutdown` triggers.
+    pub fn new(hub: Arc<dyn RoomHub>, limits: MessageLimits, shutdown: Shutdown) -> Self {
+        Self {
+            hub,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// The tonic server wrapping this service, with message size limits.
+    pub fn into_server(
+        self,
+        max_message_size: usize,
+    ) -> chat_service_server::ChatServiceServer<Self> {
+        chat_service_server::ChatServiceServer::new(self)
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size)
+    }
+}
+
+fn insert(map: &mut MetadataMap, key: &'static str, value: u64) {
+    map.insert(key, MetadataValue::from(value));
+}
+
+/// A refused resume: the status carries the room's oldest and last seq and
+/// its epoch in trailers, besides naming them in the message.
+fn resume_refused(
+    code: tonic::Code,
+    err: &ChatError,
+    oldest: u64,
+    last: u64,
+    epoch: u64,
+) -> Status {
+    let mut map = MetadataMap::new();
+    insert(&mut map, OLDEST_SEQ_KEY, oldest);
+    insert(&mut map, LAST_SEQ_KEY, last);
+    insert(&mut map, EPOCH_KEY, epoch);
+    Status::with_metadata(code, err.to_string(), map)
+}
+
+/// Maps a chat error to the status a client sees.
+pub fn status(err: &ChatError) -> Status {
+    match err {
+        ChatError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+        ChatError::HistoryGap {
+            oldest,
+            last,
+            epoch,
+            ..
+        } => resume_refused(tonic::Code::OutOfRange, err, *oldest, *last, *epoch),
+        ChatError::EpochChanged {
+            oldest,
+            last,
+            epoch,
+            ..
+        } => resume_refused(tonic::Code::FailedPrecondition, err, *oldest, *last, *epoch),
+        ChatError::TooManyRooms { .. } => Status::resource_exhausted(err.to_string()),
+        ChatError::ShuttingDown => shutting_down(),
+        ChatError::Store(_) => Status::unavailable(err.to_string()),
+    }
+}
+
+fn kind_to_pb(kind: Kind) -> pb::MessageKind {
+    match kind {
+        Kind::Member => pb::MessageKind::KindMember,
+        Kind::Joined => pb::MessageKind::KindJoined,
+        Kind::Left => pb::MessageKind::KindLeft,
+        Kind::Shutdown => pb::MessageKind::KindShutdown,
+    }
+}
+
+impl From<&Message> for pb::ChatMessage {
+    fn from(m: &Message) -> Self {
+        Self {
+            sender: m.sender.clone(),
+            message: m.text.clone(),
+            timestamp: m.timestamp_ms.div_euclid(1000),
+            seq: m.seq,
+            idempotency_key: m.key.clone(),
+            kind: kind_to_pb(m.kind).into(),
+            epoch: m.epoch,
+            timestamp_ms: m.timestamp_ms,
+        }
+    }
+}
+
+fn text<'a>(map: &'a MetadataMap, key: &'static str) -> Result<Option<&'a str>, ChatError> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .map(Some)
+            .map_err(|_| ChatError::invalid(key, "is not printable ASCII")),
+    }
+}
+
+fn number(map: &MetadataMap, key: &'static str) -> Result<Option<u64>, ChatError> {
+    text(map, key)?
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| ChatError::invalid(key, format!("is {v:?}, not a whole number")))
+        })
+        .transpose()
+}
+
+/// Reads a Chat call's request metadata.
+pub fn join_request(map: &MetadataMap) -> Result<JoinRequest, ChatError> {
+    let room = RoomName::parse(text(map, ROOM_KEY)?.unwrap_or(DEFAULT_ROOM))?;
+    let after = number(map, AFTER_SEQ_KEY)?;
+    let epoch = number(map, EPOCH_KEY)?;
+    let history = number(map, HISTORY_KEY)?;
+    let start = match (after, history) {
+        (Some(seq), _) => Start::After { seq, epoch },
+        (None, Some(n)) if n > 0 => Start::Last(n),
+        (None, _) => Start::Live,
+    };
+    let member = text(map, MEMBER_KEY)?
+        .map(|name| {
+            validate_name(MEMBER_KEY, name)?;
+            Ok::<_, ChatError>(name.to_owned())
+        })
+        .transpose()?;
+    Ok(JoinRequest {
+        room,
+        start,
+        member,
+    })
+}
+
+fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatError> {
+    if message.kind != i32::from(pb::MessageKind::KindMember) {
+        return Err(ChatError::invalid(
+            "kind",
+            "must be KIND_MEMBER (0): only the server writes other kinds",
+        ));
+    }
+    Draft::member(
+        message.sender,
+        message.message,
+        message.idempotency_key,
+        limits,
+    )
+}
+
+/// Reads a member's messages and submits them to the room until the
+/// client half-closes or leaves, the member's delivery ends, or the server
+/// shuts down (after which nothing new is accepted).
+async fn read_inbound(
+    mut inbound: Streaming<pb::ChatMessage>,
+    outbox: Outbox,
+    end: Arc<EndSignal>,
+    limits: MessageLimits,
+    shutdown: Shutdown,
+    room: RoomName,
+) {
+    let mut received = 0u64;
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            () = end.ended() => return,
+            next = inbound.message() => next,
+        };
+        let message = match next {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                tracing::debug!(room = %room, received, "member half-closed; still receiving");
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(room = %room, received, %err, "member's inbound stream ended");
+                return;
+            }
+        };
+        received += 1;
+        match draft(message, limits) {
+            Ok(draft) => {
+                if outbox.submit(draft).await.is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                end.end(EndReason::Invalid(err));
+                return;
+            }
+        }
+    }
+}
+
+fn notice() -> pb::ChatMessage {
+    pb::ChatMessage::from(&Message {
+        seq: 0,
+        epoch: 0,
+        kind: Kind::Shutdown,
+        sender: String::new(),
+        text: SHUTTING_DOWN.to_owned(),
+        key: String::new(),
+        timestamp_ms: super::now_ms(),
+    })
+}
+
+fn with_last_seq(status: Status, last: u64) -> Status {
+    let mut map = MetadataMap::new();
+    insert(&mut map, LAST_SEQ_KEY, last);
+    Status::with_metadata(status.code(), status.message().to_owned(), map)
+}
+
+/// The status a member's call ends with, given why delivery ended and the
+/// last seq it was sent.
+fn end_status(reason: Option<&EndReason>, last_sent: u64) -> Status {
+    let status = match reason {
+        Some(EndReason::Shutdown) | None => shutting_down(),
+        Some(EndReason::TooSlow { queue }) => Status::resource_exhausted(format!(
+            "member too slow: its queue of {queue} messages was full; last seq sent \
+             {last_sent}; reconnect with chat-after-seq: {last_sent} to miss nothing"
+        )),
+        Some(EndReason::Invalid(err)) => status(err),
+        Some(EndReason::StorageFailed(err)) => Status::unavailable(format!(
+            "storage failed ({err}); last seq sent {last_sent}; reconnect with \
+             chat-after-seq: {last_sent} and resend what was not acknowledged"
+        )),
+    };
+    with_last_seq(status, last_sent)
+}
+
+#[tonic::async_trait]
+impl chat_service_server::ChatService for ChatService {
+    type ChatStream = BoxStream<pb::ChatMessage>;
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<pb::ChatMessage>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let mut log = StreamLog::open(&request, "Chat", "");
+        let join = join_request(request.metadata()).map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        log.set_subject(join.room.as_str());
+        let membership = self.hub.join(join).await.map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        let room = membership.room.clone();
+        tracing::debug!(
+            room = %room,
+            epoch = membership.epoch,
+            last = membership.last,
+            replay_from = membership.replay_from,
+            "member joined"
+        );
+
+        self.shutdown.spawn(read_inbound(
+            request.into_inner(),
+            membership.outbox.clone(),
+            Arc::clone(&membership.end),
+            self.limits,
+            self.shutdown.clone(),
+            room.clone(),
+        ));
+
+        let mut headers = MetadataMap::new();
+        if let Ok(value) = MetadataValue::try_from(room.as_str()) {
+            headers.insert(ROOM_KEY, value);
+        }
+        insert(&mut headers, EPOCH_KEY, membership.epoch);
+        insert(&mut headers, LAST_SEQ_KEY, membership.last);
+        insert(&mut headers, OLDEST_SEQ_KEY, membership.oldest);
+
+        let hub = Arc::clone(&self.hub);
+        let shutdown = self.shutdown.clone();
+        let stream = async_stream::stream! {
+            let mut membership = membership;
+            let mut last_sent = membership.replay_from.saturating_sub(1);
+            // Replay, in chunks, what was stored before joining.
+            let mut next = membership.replay_from;
+            while next <= membership.last {
+                if shutdown.is_triggered() {
+                    log.end("server shutting down during replay");
+                    yield Ok(notice());
+                    yield Err(with_last_seq(shutting_down(), last_sent));
+                    return;
+                }
+                let chunk = hub
+                    .history(room.clone(), membership.epoch, next, membership.last, REPLAY_CHUNK)
+                    .await;
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(err) => {
+                        log.end(format!("replay failed: {err}"));
+                        yield Err(with_last_seq(status(&err), last_sent));
+                        return;
+                    }
+                };
+                // History trimmed under the replay: never hand back a gap.
+                if chunk.first().map(|m| m.seq) != Some(next) {
+                    let err = ChatError::HistoryGap {
+                        room: room.to_string(),
+                        after: next - 1,
+                        oldest: chunk.first().map_or(membership.last + 1, |m| m.seq),
+                        last: membership.last,
+                        epoch: membership.epoch,
+                    };
+                    log.end(format!("replay failed: {err}"));
+                    yield Err(status(&err));
+                    return;
+                }
+                for message in &chunk {
+                    next = message.seq + 1;
+                    last_sent = message.seq;
+                    yield Ok(pb::ChatMessage::from(&**message));
+                }
+            }
+            // Live.
+            loop {
+                let message = tokio::select! {
+                    biased;
+                    () = membership.end.ended() => None,
+                    message = membership.live.recv() => message,
+                };
+                match message {
+                    Some(message) => {
+                        last_sent = last_sent.max(message.seq);
+                        yield Ok(pb::ChatMessage::from(&*message));
+                    }
+                    None => break,
+                }
+            }
+            // Delivery ended: deliver what was queued before it did.
+            while let Ok(message) = membership.live.try_recv() {
+                last_sent = last_sent.max(message.seq);
+                yield Ok(pb::ChatMessage::from(&*message));
+            }
+            let reason = membership.end.reason();
+            match reason {
+                Some(EndReason::Shutdown) | None => {
+                    log.end(format!("server shutting down; last seq sent {last_sent}"));
+                    yield Ok(notice());
+                }
+                Some(other) => log.end(format!("{other:?}; last seq sent {last_sent}")),
+            }
+            yield Err(end_status(reason, last_sent));
+        };
+        let mut response = Response::new(Box::pin(stream) as Self::ChatStream);
+        *response.metadata_mut() = headers;
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, v.parse().expect("ascii"));
+        }
+        map
+    }
+
+    #[test]
+    fn metadata_is_read_and_checked() {
+        let plain = join_request(&MetadataMap::new()).expect("defaults");
+        assert_eq!(plain.room.as_str(), DEFAULT_ROOM);
+        assert_eq!(plain.start, Start::Live);
+        let resume = join_request(&map(&[
+            (ROOM_KEY, "dev"),
+            (AFTER_SEQ_KEY, "12"),
+            (EPOCH_KEY, "7"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            resume.start,
+            Start::After {
+                seq: 12,
+                epoch: Some(7)
+            }
+        );
+        let recent = join_request(&map(&[(HISTORY_KEY, "5")])).expect("valid");
+        assert_eq!(recent.start, Start::Last(5));
+        let bad = join_request(&map(&[(AFTER_SEQ_KEY, "x")])).expect_err("bad");
+        assert!(bad.to_string().contains(AFTER_SEQ_KEY), "{bad}");
+        let long = "r".repeat(65);
+        let bad = join_request(&map(&[(ROOM_KEY, long.as_str())])).expect_err("bad");
+        assert_eq!(status(&bad).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn clients_cannot_send_server_kinds() {
+        let limits = MessageLimits {
+            max_text_bytes: 100,
+        };
+        let forged = pb::ChatMessage {
+            sender: "server".into(),
+            message: "joined".into(),
+            kind: pb::MessageKind::KindJoined.into(),
+            ..pb::ChatMessage::default()
+        };
+        let err = draft(forged, limits).expect_err("refused");
+        assert!(err.to_string().starts_with("kind"), "{err}");
+    }
+}

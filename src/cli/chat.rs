@@ -1,0 +1,319 @@
+//! `streamhub chat`: a terminal chat client that survives server restarts.
+//!
+//! Lines read from standard input are sent, each with an idempotency key;
+//! a line counts as delivered once the server's copy of it (its
+//! acknowledgment) comes back. When the call fails for a reason worth
+//! retrying, the client reconnects with `chat-after-seq` and the room's
+//! epoch, so it gets exactly what it missed, and resends every line not yet
+//! acknowledged under the same key, so nothing appears twice.
+//!
+//! With piped input the client exits once standard input has ended and
+//! every line is acknowledged.
+
+use std::{collections::VecDeque, time::Duration};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, metadata::MetadataValue};
+
+use super::{Context, format_ms, is_transient, telemetry::status_error};
+use crate::{
+    chat::service::{AFTER_SEQ_KEY, EPOCH_KEY, HISTORY_KEY, MEMBER_KEY, ROOM_KEY},
+    proto::chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
+};
+
+/// Arguments of `streamhub chat`.
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    /// Your name in the room.
+    #[arg(long, env = "STREAMHUB_CHAT_NAME")]
+    pub name: String,
+    /// The room to join.
+    #[arg(long, env = "STREAMHUB_CHAT_ROOM", default_value = "lobby")]
+    pub room: String,
+    /// How many recent messages to show on joining.
+    #[arg(long, default_value_t = 20)]
+    pub history: u64,
+    /// Do not announce your join and leave to the room.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A received message as printed.
+#[derive(Debug, Serialize)]
+struct MessageView<'a> {
+    room: &'a str,
+    seq: u64,
+    epoch: u64,
+    kind: &'static str,
+    sender: &'a str,
+    message: &'a str,
+    timestamp: i64,
+    timestamp_ms: i64,
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match MessageKind::try_from(kind) {
+        Ok(MessageKind::KindMember) => "member",
+        Ok(MessageKind::KindJoined) => "joined",
+        Ok(MessageKind::KindLeft) => "left",
+        Ok(MessageKind::KindShutdown) => "shutdown",
+        Err(_) => "unknown",
+    }
+}
+
+/// Prints one message: `[HH:MM:SS] sender: text`, or one JSON object.
+pub fn print_message(ctx: &Context, room: &str, m: &ChatMessage) {
+    let view = MessageView {
+        room,
+        seq: m.seq,
+        epoch: m.epoch,
+        kind: kind_name(m.kind),
+        sender: &m.sender,
+        message: &m.message,
+        timestamp: m.timestamp,
+        timestamp_ms: m.timestamp_ms,
+    };
+    ctx.emit(&view, || {
+        let ms = u64::try_from(m.timestamp_ms)
+            .ok()
+            .filter(|ms| *ms > 0)
+            .unwrap_or_else(|| u64::try_from(m.timestamp).unwrap_or(0) * 1000);
+        let stamp = format_ms(ms);
+        // RFC 3339 "YYYY-MM-DDTHH:MM:SS.mmmZ": keep the time of day.
+        let time = stamp.get(11..19).unwrap_or(&stamp);
+        match view.kind {
+            "member" => format!("[{time}] {}: {}", m.sender, m.message),
+            _ => format!("[{time}] * {}", m.message),
+        }
+    });
+}
+
+/// A line waiting for its acknowledgment.
+#[derive(Debug, Clone)]
+struct Pending {
+    key: String,
+    text: String,
+}
+
+/// What the client keeps across reconnects.
+#[derive(Debug, Default)]
+struct Session {
+    /// Last seq shown (0: none yet).
+    last_seq: u64,
+    /// The room's epoch, once known.
+    epoch: Option<u64>,
+    /// Sent lines not acknowledged yet, oldest first.
+    pending: VecDeque<Pending>,
+    /// Lines taken from standard input so far (for keys).
+    lines: u64,
+    /// Standard input has ended.
+    input_done: bool,
+}
+
+enum Outcome {
+    Finished,
+    Retry(String),
+    Restart(String),
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// `streamhub chat`.
+pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
+    crate::chat::RoomName::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: {e}"))?;
+    crate::chat::validate_name("--name", &args.name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (lines_tx, mut lines) = mpsc::channel::<String>(64);
+    tokio::spawn(read_stdin(lines_tx));
+    // Keys unique to this run of the client.
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        crate::chat::now_ms().rem_euclid(1_000_000_000)
+    );
+    let mut session = Session::default();
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let outcome = tokio::select! {
+            outcome = talk(ctx, &args, &run_id, &mut session, &mut lines, &mut backoff) => outcome?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        match outcome {
+            Outcome::Finished => return Ok(()),
+            Outcome::Retry(why) => {
+                ctx.note(
+                    "reconnecting",
+                    &format!(
+                        "connection lost ({why}); reconnecting in {:.1}s",
+                        backoff.as_secs_f64()
+                    ),
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Outcome::Restart(why) => {
+                ctx.note(
+                    "history-reset",
+                    &format!("cannot resume ({why}); rejoining with recent history"),
+                );
+                session.last_seq = 0;
+                session.epoch = None;
+            }
+        }
+    }
+}
+
+async fn read_stdin(tx: mpsc::Sender<String>) {
+    let mut input = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = input.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if tx.send(line).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn metadata(
+    request: &mut tonic::Request<ReceiverStream<ChatMessage>>,
+    key: &'static str,
+    value: &str,
+) -> anyhow::Result<()> {
+    let value = MetadataValue::try_from(value)
+        .with_context(|| format!("{value:?} cannot be sent as {key} metadata"))?;
+    request.metadata_mut().insert(key, value);
+    Ok(())
+}
+
+/// One call: from connecting to the call's end.
+async fn talk(
+    ctx: &Context,
+    args: &ChatArgs,
+    run_id: &str,
+    session: &mut Session,
+    lines: &mut mpsc::Receiver<String>,
+    backoff: &mut Duration,
+) -> anyhow::Result<Outcome> {
+    let channel = match ctx.connect().await {
+        Ok(channel) => channel,
+        Err(err) => return Ok(Outcome::Retry(format!("{err:#}"))),
+    };
+    let (tx, rx) = mpsc::channel::<ChatMessage>(64);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    metadata(&mut request, ROOM_KEY, &args.room)?;
+    if !args.quiet {
+        metadata(&mut request, MEMBER_KEY, &args.name)?;
+    }
+    match session.epoch {
+        Some(epoch) => {
+            metadata(&mut request, AFTER_SEQ_KEY, &session.last_seq.to_string())?;
+            metadata(&mut request, EPOCH_KEY, &epoch.to_string())?;
+        }
+        None => metadata(&mut request, HISTORY_KEY, &args.history.to_string())?,
+    }
+    let response = match ChatServiceClient::new(channel).chat(request).await {
+        Ok(response) => response,
+        Err(status) if is_transient(&status) => return Ok(Outcome::Retry(status_text(&status))),
+        Err(status)
+            if matches!(status.code(), Code::OutOfRange | Code::FailedPrecondition)
+                && session.epoch.is_some() =>
+        {
+            return Ok(Outcome::Restart(status.message().to_owned()));
+        }
+        Err(status) => return Err(status_error(status)),
+    };
+    if let Some(epoch) = response
+        .metadata()
+        .get(EPOCH_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        session.epoch = Some(epoch);
+    }
+    let mut inbound = response.into_inner();
+    if session.last_seq > 0 {
+        ctx.note(
+            "resumed",
+            &format!("reconnected; resuming after seq {}", session.last_seq),
+        );
+    }
+    // Resend what was not acknowledged, under the same keys.
+    for pending in &session.pending {
+        let message = outgoing(&args.name, pending);
+        if tx.send(message).await.is_err() {
+            return Ok(Outcome::Retry("call closed while resending".into()));
+        }
+    }
+    let mut outbound = Some(tx);
+    loop {
+        if session.input_done && session.pending.is_empty() {
+            return Ok(Outcome::Finished);
+        }
+        tokio::select! {
+            line = lines.recv(), if !session.input_done => match line {
+                Some(text) => {
+                    session.lines += 1;
+                    let pending = Pending {
+                        key: format!("{run_id}-{}", session.lines),
+                        text,
+                    };
+                    let message = outgoing(&args.name, &pending);
+                    session.pending.push_back(pending);
+                    if let Some(tx) = &outbound
+                        && tx.send(message).await.is_err()
+                    {
+                        outbound = None;
+                    }
+                }
+                None => session.input_done = true,
+            },
+            message = inbound.message() => match message {
+                Ok(Some(message)) => {
+                    *backoff = Duration::from_millis(250);
+                    receive(ctx, args, session, &message);
+                }
+                Ok(None) => return Ok(Outcome::Retry("the server ended the call".into())),
+                Err(status) if is_transient(&status)
+                    || status.code() == Code::ResourceExhausted =>
+                {
+                    return Ok(Outcome::Retry(status_text(&status)));
+                }
+                Err(status) => return Err(status_error(status)),
+            },
+        }
+    }
+}
+
+fn outgoing(name: &str, pending: &Pending) -> ChatMessage {
+    ChatMessage {
+        sender: name.to_owned(),
+        message: pending.text.clone(),
+        idempotency_key: pending.key.clone(),
+        ..ChatMessage::default()
+    }
+}
+
+fn receive(ctx: &Context, args: &ChatArgs, session: &mut Session, message: &ChatMessage) {
+    if message.kind == i32::from(MessageKind::KindShutdown) {
+        ctx.note("server-shutdown", "* the server is shutting down");
+        return;
+    }
+    if message.sender == args.name && !message.idempotency_key.is_empty() {
+        session.pending.retain(|p| p.key != message.idempotency_key);
+    }
+    // Older seqs are acknowledgments of resent lines already shown.
+    if message.seq > session.last_seq {
+        session.last_seq = message.seq;
+        print_message(ctx, &args.room, message);
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
