@@ -194,6 +194,39 @@ fn upload_next_to_iperf3_and_dd() {
 }
 
 #[test]
+fn chat_room_at_two_rates() {
+    let report = bench(
+        "chat",
+        &[
+            "--members",
+            "6",
+            "--senders",
+            "2",
+            "--chat-per-connection",
+            "4",
+            "--chat-rates",
+            "10,20",
+            "--step-seconds",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "chat");
+    assert_eq!(targets(rows), ["streamhub", "python", "node"]);
+    assert_eq!(rows.len(), 3 * 3, "a summary and two rates per target");
+    for row in rows {
+        if row["config"]["rate"] == "summary" {
+            assert!(row["error"].is_null(), "{row}");
+            continue;
+        }
+        measured(
+            row,
+            &["latency_p50_us", "latency_p99_us", "members_cut_off"],
+            &["sent", "acked_per_s", "deliveries_per_s", "latency_count"],
+        );
+    }
+}
+
+#[test]
 fn latency_floor_next_to_tcp() {
     let report = bench("latency", &["--samples", "10", "--max-seconds", "2"]);
     let rows = rows(&report, "latency");

@@ -14,14 +14,16 @@
 //! - [`latency`]: scenario 5, publish-to-receipt latency next to a TCP
 //!   ping-pong.
 //! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
+//! - [`chat`]: scenario 4, a 1,000-member room at increasing send rates.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
 //!
-//! Scenario 4 (chat) slots in as a new [`Scenario`] variant once the chat
-//! service exists.
+//! A new scenario is a module with a `run(options, pinning)` returning its
+//! settings, rows and checks, and a variant of [`Scenario`].
 //!
 //! Every load loop is bounded in count and time, and every connection goes
 //! to 127.0.0.1.
 
+pub mod chat;
 pub mod fanout;
 pub mod harness;
 pub mod latency;
@@ -91,6 +93,8 @@ pub enum Scenario {
     /// 3: upload throughput per chunk size, on disk and tmpfs, next to
     /// iperf3 and dd; peak memory of a multi-GiB upload.
     Upload,
+    /// 4: a chat room of many members, senders at increasing rates.
+    Chat,
     /// 5: publish-to-receipt latency next to a TCP ping-pong.
     Latency,
     /// Internal: the TCP echo server of the latency scenario.
@@ -105,6 +109,7 @@ impl Scenario {
             Self::Polling => "polling",
             Self::Fanout => "fanout",
             Self::Upload => "upload",
+            Self::Chat => "chat",
             Self::Latency => "latency",
             Self::TcpEcho => "tcp-echo",
         }
@@ -236,6 +241,21 @@ pub struct Options {
     /// Upload: seconds of each iperf3 measurement.
     #[arg(long, default_value_t = 3.0)]
     pub iperf_seconds: f64,
+    /// Chat: members of the room.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Chat: members that send (the first ones).
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Chat: aggregate send rates to step through, in messages per second.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100,200,400,800")]
+    pub chat_rates: Vec<u64>,
+    /// Chat: seconds of sending at each rate.
+    #[arg(long, default_value_t = 3.0)]
+    pub step_seconds: f64,
+    /// Chat: members per connection.
+    #[arg(long, default_value_t = 100)]
+    pub chat_per_connection: usize,
     /// Latency: samples timed per target.
     #[arg(long, default_value_t = 500)]
     pub samples: u64,
@@ -291,6 +311,7 @@ pub async fn run(scenario: Scenario, options: &Options) -> Result<Report, BenchE
         Scenario::Polling => polling::run(options, &pinning).await?,
         Scenario::Fanout => fanout::run(options, &pinning).await?,
         Scenario::Upload => upload::run(options, &pinning).await?,
+        Scenario::Chat => chat::run(options, &pinning).await?,
         Scenario::Latency => latency::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
@@ -327,6 +348,14 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "mem_per_sub_bytes",
         ],
         Scenario::Upload => &["mib_per_s", "server_cpu_pct", "server_hwm_kib"],
+        Scenario::Chat => &[
+            "acked_per_s",
+            "deliveries_per_s",
+            "latency_p50_us",
+            "latency_p99_us",
+            "best_deliveries_per_s_p99_under_50ms",
+            "knee_rate_msgs_per_s",
+        ],
         Scenario::Latency => &["latency_p50_us", "latency_p99_us", "latency_max_us"],
         Scenario::TcpEcho => &[],
     }
