@@ -13,7 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).parent
-COLORS = {"streamhub": "#d95f02", "python": "#1b9e77", "node": "#7570b3", "nats": "#666666", "tcp": "#999999"}
+COLORS = {
+    "streamhub": "#d95f02",
+    "python": "#1b9e77",
+    "node": "#7570b3",
+    "nats": "#666666",
+    "tcp": "#999999",
+    "iperf3": "#999999",
+    "dd": "#bbbbbb",
+}
 
 
 def ok_rows(report):
@@ -74,6 +82,58 @@ def plot_latency(report, ax_list):
     ax.set_title("publish-to-receipt latency vs TCP ping-pong round trip (solid p50, light p99)")
 
 
+def plot_upload(report, ax_list):
+    rows = ok_rows(report)
+    ax = ax_list[0]
+    limits = {(r["target"], r["config"]["storage"]): r["median"].get("mib_per_s") for r in rows
+              if r["target"] in ("iperf3", "dd")}
+    for storage, style in (("disk", "-"), ("tmpfs", "--")):
+        for t in ("streamhub", "python", "node"):
+            pts = [(r["config"]["chunk"], r["median"].get("mib_per_s")) for r in rows
+                   if r["target"] == t and r["config"].get("storage") == storage and "file" not in r["config"]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" + style, color=COLORS.get(t),
+                        label=f"{t} ({storage})")
+    for (t, storage), v in limits.items():
+        if v:
+            ax.axhline(v, color="#999", linestyle=":" if t == "dd" else "-.", linewidth=1)
+            ax.annotate(f"{t} {storage}: {v:.0f}", (0, v), fontsize=7, color="#555")
+    ax.set_ylabel("MiB/s")
+    ax.set_xlabel("chunk size")
+    ax.set_title("single-stream upload, SHA-256 + fsync (lines: iperf3 loopback, dd conv=fsync)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = ax_list[1]
+    big = [r for r in rows if "file" in r["config"]]
+    ax.bar(range(len(big)), [r["median"].get("server_hwm_kib", 0) / 1024 for r in big],
+           color=[COLORS.get(r["target"], "#333") for r in big])
+    ax.set_xticks(range(len(big)), [r["target"] for r in big])
+    ax.axhline(64, color="red", linestyle="--", linewidth=1)
+    ax.set_ylabel("MiB")
+    ax.set_title("server peak RSS over a " + (big[0]["config"]["file"] if big else "") + " upload (red: 64 MiB target)",
+                 fontsize=9)
+
+
+def plot_chat(report, ax_list):
+    rows = [r for r in ok_rows(report) if r["config"].get("rate") != "summary"]
+    targets = sorted({r["target"] for r in rows}, key=list(COLORS).index)
+    for ax, (metric, title, scale) in zip(ax_list, [
+        ("deliveries_per_s", "deliveries per second", 1),
+        ("latency_p99_us", "send-to-receipt p99 (ms; red: 50 ms)", 1e-3),
+    ]):
+        for t in targets:
+            pts = sorted((float(r["config"]["rate"]), r["median"].get(metric)) for r in rows if r["target"] == t)
+            pts = [(x, y * scale) for x, y in pts if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=t, color=COLORS.get(t))
+        if metric == "latency_p99_us":
+            ax.axhline(50, color="red", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("messages sent per second (all senders)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+
+
 def plot_generic(report, ax_list):
     rows = ok_rows(report)
     ax = ax_list[0]
@@ -85,7 +145,13 @@ def plot_generic(report, ax_list):
         ax.set_title(key)
 
 
-PLOTS = {"polling": (plot_polling, 2), "fanout": (plot_fanout, 3), "latency": (plot_latency, 1)}
+PLOTS = {
+    "polling": (plot_polling, 2),
+    "fanout": (plot_fanout, 3),
+    "upload": (plot_upload, 2),
+    "chat": (plot_chat, 2),
+    "latency": (plot_latency, 1),
+}
 
 
 def main():

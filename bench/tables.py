@@ -30,6 +30,23 @@ COLUMNS = {
         ("mem_per_sub_bytes", "bytes / subscription", 1),
         ("server_hwm_kib", "server peak RSS (MiB)", 1 / 1024),
     ],
+    "upload": [
+        ("mib_per_s", "MiB/s", 1),
+        ("seconds", "seconds", 1),
+        ("server_cpu_pct", "server CPU %", 1),
+        ("server_hwm_kib", "server peak RSS (MiB)", 1 / 1024),
+    ],
+    "chat": [
+        ("acked_per_s", "acked msgs/s", 1),
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("delivered_fraction", "delivered", 1),
+        ("latency_p50_us", "p50 (ms)", 1e-3),
+        ("latency_p99_us", "p99 (ms)", 1e-3),
+        ("members_cut_off", "cut off", 1),
+        ("server_cpu_pct", "server CPU %", 1),
+        ("best_deliveries_per_s_p99_under_50ms", "best deliveries/s, p99 < 50 ms", 1),
+        ("knee_rate_msgs_per_s", "rate where p99 > 50 ms", 1),
+    ],
     "latency": [
         ("latency_p50_us", "p50 (µs)", 1),
         ("latency_p99_us", "p99 (µs)", 1),

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs the whole benchmark suite with a release build, side by side against
+# the reference peers and nats-server, writes bench/results/*.json, and
+# regenerates bench/plots/*.png and bench/results/tables.md.
+#
+#   bench/run-all.sh                 # the full suite (about 40 minutes)
+#   bench/run-all.sh polling latency # only these scenarios
+#   QUICK=1 bench/run-all.sh         # every scenario at a small scale (a few minutes)
+#
+# Environment: CARGO_TARGET_DIR (where cargo builds), REPS (repetitions,
+# default 3), EXTRA (arguments added to every `streamhub bench`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+if ((${#missing[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+bench/peers/setup.sh
+cargo build --release
+bin="${CARGO_TARGET_DIR:-target}/release/streamhub"
+
+reps="${REPS:-3}"
+# The polling scenario holds 1,000 connections per side, fan-out 100,000
+# streams: raise the open-files limit as far as allowed.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+scenarios=("$@")
+((${#scenarios[@]})) || scenarios=(polling fanout upload chat latency)
+read -r -a extra <<<"${EXTRA:-}"
+
+for scenario in "${scenarios[@]}"; do
+  args=(--repetitions "$reps")
+  if [[ "${QUICK:-0}" == 1 ]]; then
+    case "$scenario" in
+      polling) args+=(--clients 200 --duration 4 --quiet-duration 10 --warmup 1) ;;
+      fanout) args+=(--subscribers 1000,10000 --rounds 3 --saturation 2) ;;
+      upload) args+=(--upload-mib 128 --big-upload-mib 1024 --chunk-sizes 16KiB,64KiB,1MiB) ;;
+      chat) args+=(--chat-rates 25,100,400 --step-seconds 2) ;;
+      latency) args+=(--samples 200) ;;
+    esac
+  else
+    case "$scenario" in
+      polling) args+=(--duration 10 --quiet-duration 20) ;;
+      fanout) args+=(--subscribers 1000,10000,100000 --rounds 5 --saturation 5) ;;
+    esac
+  fi
+  echo "== streamhub bench $scenario ${args[*]} ${extra[*]}"
+  "$bin" bench "$scenario" "${args[@]}" "${extra[@]}" --out "bench/results/$scenario.json"
+done
+
+bench/plot.sh
+python3 bench/tables.py > bench/results/tables.md
+echo "tables: bench/results/tables.md; plots: bench/plots/"
