@@ -35,7 +35,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("streamhub_descriptor.bin"),
         fds.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Telemetry uses a codec with small per-call buffers (src/codec.rs):
+    // tonic's 8 KiB per call dominate the memory of idle Subscribe streams.
+    let (telemetry, others): (Vec<_>, Vec<_>) = fds
+        .file
+        .iter()
+        .cloned()
+        .partition(|f| f.package() == "telemetry");
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBufferCodec")
+        .compile_fds(prost_types::FileDescriptorSet { file: telemetry })?;
+    tonic_prost_build::configure().compile_fds(prost_types::FileDescriptorSet { file: others })?;
 
     let contract_dir = out_dir.join("contract");
     fs::create_dir_all(&contract_dir)?;

@@ -15,6 +15,7 @@
 //! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`chat`]: chat rooms: durable storage, the room hub, service.
 //! - [`proto`]: generated protobuf code.
+//! - [`codec`]: the telemetry service's codec (small per-call buffers).
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 //! - [`bench`]: the benchmark suite behind `streamhub bench`.
 
@@ -22,6 +23,7 @@ pub mod bench;
 pub mod broker;
 pub mod chat;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod proto;
 pub mod rpc;
