@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole benchmark suite with a release build, side by side against
 # the reference peers and nats-server, writes bench/results/*.json, and
-# regenerates bench/plots/*.png and bench/results/tables.md.
+# regenerates bench/plots/*.png, bench/results/tables.md and the tables in
+# BENCHMARKS.md.
 #
 #   bench/run-all.sh                 # the full suite (about 40 minutes)
 #   bench/run-all.sh polling latency # only these scenarios
@@ -56,4 +57,5 @@ done
 
 bench/plot.sh
 python3 bench/tables.py > bench/results/tables.md
-echo "tables: bench/results/tables.md; plots: bench/plots/"
+python3 bench/tables.py --splice BENCHMARKS.md
+echo "tables: bench/results/tables.md (and spliced into BENCHMARKS.md); plots: bench/plots/"

@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Prints the markdown tables of BENCHMARKS.md from bench/results/*.json.
 
-Usage: bench/tables.py [RESULTS_DIR]   (standard library only)
+Usage:
+  bench/tables.py [RESULTS_DIR]                     print every table
+  bench/tables.py --splice BENCHMARKS.md [RESULTS_DIR]
+      replace what stands between `<!-- tables:SCENARIO:begin -->` and
+      `<!-- tables:SCENARIO:end -->` in the file with SCENARIO's tables
+
+Standard library only.
 """
 import json
 import math
@@ -99,21 +105,41 @@ def table(report):
     return "\n".join(out)
 
 
+def section(path, report):
+    m = report["machine"]
+    return (
+        f"_From `bench/results/{path.name}`: run {report['started_at']}, {report['elapsed_s']:.0f} s; "
+        f"{m['nproc']} × {m['cpu_model']}, load average at start {m['loadavg'].split()[0]}; "
+        f"server on CPU {report['pinning']['server']}, load generator on CPU {report['pinning']['load']}; "
+        f"medians of the runs; settings `{json.dumps(report['settings'], ensure_ascii=False)}`._\n\n"
+        + table(report)
+    )
+
+
 def main():
-    results = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    args = sys.argv[1:]
+    splice = None
+    if args[:1] == ["--splice"]:
+        splice = Path(args[1])
+        args = args[2:]
+    results = Path(args[0]) if args else Path(__file__).parent / "results"
     order = ["polling", "fanout", "upload", "chat", "latency"]
     files = sorted(results.glob("*.json"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
-    for path in files:
-        report = json.loads(path.read_text())
-        m = report["machine"]
+    reports = [(path, json.loads(path.read_text())) for path in files]
+    if splice:
+        text = splice.read_text()
+        for path, report in reports:
+            begin = f"<!-- tables:{report['scenario']}:begin -->"
+            end = f"<!-- tables:{report['scenario']}:end -->"
+            if begin in text and end in text:
+                head, rest = text.split(begin, 1)
+                _, tail = rest.split(end, 1)
+                text = head + begin + "\n" + section(path, report) + end + tail
+        splice.write_text(text)
+        return
+    for path, report in reports:
         print(f"### {report['scenario']}\n")
-        print(
-            f"_{path.name}: {report['started_at']}, {report['elapsed_s']:.0f} s; "
-            f"{m['nproc']} × {m['cpu_model']}, load average at start {m['loadavg'].split()[0]}; "
-            f"server on CPUs {report['pinning']['server']}, load on {report['pinning']['load']}; "
-            f"settings {json.dumps(report['settings'], ensure_ascii=False)}_\n"
-        )
-        print(table(report))
+        print(section(path, report))
 
 
 if __name__ == "__main__":
