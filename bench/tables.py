@@ -116,6 +116,15 @@ def section(path, report):
     )
 
 
+def summary(reports):
+    out = ["| scenario | target from the issue | goal | measured | met |", "|---|---|---|---|---|"]
+    for _, report in reports:
+        for c in report.get("checks", []):
+            met = "yes" if c["met"] else ("**no**" if c["value"] is not None else "not measured")
+            out.append(f"| {report['scenario']} | {c['name']} | {c['goal']} | {fmt(c['value'])} | {met} |")
+    return "\n".join(out) + "\n\n"
+
+
 def main():
     args = sys.argv[1:]
     splice = None
@@ -128,6 +137,11 @@ def main():
     reports = [(path, json.loads(path.read_text())) for path in files]
     if splice:
         text = splice.read_text()
+        begin, end = "<!-- tables:summary:begin -->", "<!-- tables:summary:end -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
+            text = head + begin + "\n" + summary(reports) + end + tail
         for path, report in reports:
             begin = f"<!-- tables:{report['scenario']}:begin -->"
             end = f"<!-- tables:{report['scenario']}:end -->"

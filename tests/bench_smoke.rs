@@ -133,6 +133,8 @@ fn fan_out_with_peers_and_nats() {
             "5",
             "--per-connection",
             "3",
+            "--python-per-connection",
+            "3",
             "--rounds",
             "2",
             "--saturation",

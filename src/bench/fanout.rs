@@ -100,6 +100,7 @@ pub async fn run(
     let settings = serde_json::json!({
         "subscribers": options.subscribers,
         "per_connection": options.per_connection,
+        "python_per_connection": options.python_per_connection,
         "rounds": options.rounds,
         "saturation_s": options.saturation,
         "pipeline": options.pipeline,
@@ -362,7 +363,13 @@ async fn measure(
     let before = read(&proc)?;
 
     let setup_started = Instant::now();
-    let per = options.per_connection.max(1);
+    // grpcio cancels Subscribe calls beyond some hundreds per connection
+    // (CANCELLED while opening); the Python peer gets narrower connections.
+    let per = match target {
+        Target::Python => options.python_per_connection,
+        _ => options.per_connection,
+    }
+    .max(1);
     let sizes: Vec<usize> = (0..n.div_ceil(per)).map(|i| per.min(n - i * per)).collect();
     let connections = sizes.len();
     let stop = CancellationToken::new();

@@ -209,6 +209,10 @@ pub struct Options {
     /// concurrent streams per connection by default).
     #[arg(long, default_value_t = 4000)]
     pub per_connection: usize,
+    /// Fan-out: most subscriptions per connection to the Python peer
+    /// (grpcio cancels calls while opening 1,000 or more on one connection).
+    #[arg(long, default_value_t = 100)]
+    pub python_per_connection: usize,
     /// Fan-out: samples sent one at a time to time their reach.
     #[arg(long, default_value_t = 5)]
     pub rounds: u64,
@@ -248,7 +252,11 @@ pub struct Options {
     #[arg(long, default_value_t = 10)]
     pub senders: usize,
     /// Chat: aggregate send rates to step through, in messages per second.
-    #[arg(long, value_delimiter = ',', default_value = "25,50,100,200,400,800")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25,50,100,200,400,800,1600,3200"
+    )]
     pub chat_rates: Vec<u64>,
     /// Chat: seconds of sending at each rate.
     #[arg(long, default_value_t = 3.0)]
