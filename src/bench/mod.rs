@@ -125,7 +125,7 @@ pub enum Target {
     Python,
     /// The Node grpc-js peer in `bench/peers/node`.
     Node,
-    /// nats-server (fan-out only; added by `--nats`).
+    /// nats-server (fan-out only; included there unless `--no-nats`).
     Nats,
 }
 
