@@ -16,8 +16,9 @@
 //! thread and released only once that thread has closed the file, so a
 //! resume never races with bytes still being written.
 //!
-//! Memory stays flat: chunks go through a bounded queue ([`WRITE_QUEUE`]
-//! chunks) to one blocking writer thread per upload, which hashes and
+//! Memory stays flat: chunks go in batches ([`WRITE_BATCH`]) through a
+//! bounded queue ([`WRITE_QUEUE`] batches) to one blocking writer thread
+//! per upload, which hashes and
 //! writes them. Nothing is fsynced until the upload completes; after a
 //! process crash the partial file's length is still exactly what was
 //! written, so it is a correct resume point.
