@@ -96,6 +96,9 @@ pub struct Limits {
     pub initial_stream_window_size: u32,
     /// HTTP/2 initial connection flow-control window, in bytes.
     pub initial_connection_window_size: u32,
+    /// Largest HTTP/2 frame payload the server accepts, in bytes (16 KiB
+    /// to 16 MiB - 1).
+    pub max_frame_size: u32,
 }
 
 impl Default for Limits {
@@ -112,6 +115,10 @@ impl Default for Limits {
             max_connection_age_grace: None,
             initial_stream_window_size: 1024 * 1024,
             initial_connection_window_size: 4 * 1024 * 1024,
+            // Lets a client send a whole upload chunk in one DATA frame
+            // instead of 16 KiB pieces: +21 % upload throughput at 1 MiB
+            // chunks (BENCHMARKS.md, Tuning).
+            max_frame_size: 1024 * 1024,
         }
     }
 }
@@ -325,6 +332,11 @@ impl Config {
                     rule.name
                 )));
             }
+        }
+        if !(16_384..=16_777_215).contains(&self.limits.max_frame_size) {
+            return Err(ConfigError::Inconsistent(
+                "limits.max_frame_size must be 16384 to 16777215 bytes".into(),
+            ));
         }
         let u = &self.upload;
         if u.max_file_size == 0 {

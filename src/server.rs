@@ -136,7 +136,8 @@ where
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
         .initial_stream_window_size(limits.initial_stream_window_size)
-        .initial_connection_window_size(limits.initial_connection_window_size);
+        .initial_connection_window_size(limits.initial_connection_window_size)
+        .max_frame_size(limits.max_frame_size);
     if let Some(age) = limits.max_connection_age {
         builder = builder.max_connection_age(age);
     }

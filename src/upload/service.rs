@@ -2,7 +2,7 @@
 //! maps [`UploadError`]s to statuses, and decides what happens to the bytes
 //! of a call that does not complete (kept for a resume, or discarded).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -161,7 +161,18 @@ async fn receive(
         if chunk.is_last {
             break;
         }
-        chunk = match next(stream, shutdown).await {
+        // Batch chunks for the writer only while more are already here.
+        let mut following = std::pin::pin!(next(stream, shutdown));
+        let ready = match futures::poll!(following.as_mut()) {
+            Poll::Ready(ready) => ready,
+            Poll::Pending => {
+                if let Err(err) = upload.flush().await {
+                    return Outcome::Storage(err);
+                }
+                following.await
+            }
+        };
+        chunk = match ready {
             Next::Chunk(chunk) => chunk,
             Next::End => return Outcome::Ended,
             Next::Failed(status) => return Outcome::Failed(status),

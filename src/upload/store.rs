@@ -16,8 +16,9 @@
 //! thread and released only once that thread has closed the file, so a
 //! resume never races with bytes still being written.
 //!
-//! Memory stays flat: chunks go through a bounded queue ([`WRITE_QUEUE`]
-//! chunks) to one blocking writer thread per upload, which hashes and
+//! Memory stays flat: chunks go in batches ([`WRITE_BATCH`]) through a
+//! bounded queue ([`WRITE_QUEUE`] batches) to one blocking writer thread
+//! per upload, which hashes and
 //! writes them. Nothing is fsynced until the upload completes; after a
 //! process crash the partial file's length is still exactly what was
 //! written, so it is a correct resume point.
@@ -41,9 +42,14 @@ use tokio_util::sync::CancellationToken;
 use super::{Digest, RESERVED_NAME, UploadError, validate_name};
 use crate::config::UploadConfig;
 
-/// Chunks queued between the receiving task and the writer thread of one
-/// upload: bounds the memory an upload holds to a few chunks.
+/// Batches queued between the receiving task and the writer thread of one
+/// upload: bounds the memory an upload holds to a few batches.
 pub const WRITE_QUEUE: usize = 4;
+
+/// Chunks are handed to the writer thread in batches of about this many
+/// bytes: one wake-up of the writer per batch instead of per chunk (both
+/// share one core under load).
+pub const WRITE_BATCH: usize = 1024 * 1024;
 
 const READ_BUF: usize = 1024 * 1024;
 
@@ -277,6 +283,8 @@ impl Store {
             chunk: 0,
             peer: String::new(),
             tx: Some(tx),
+            pending: Vec::new(),
+            pending_len: 0,
             writer: Some(writer),
             ended: None,
             settled: false,
@@ -647,16 +655,18 @@ fn write_loop(
     mut hasher: Sha256,
     mut written: u64,
     lease: Lease,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Vec<Vec<u8>>>,
 ) -> WriterEnd {
     let mut error = None;
-    while let Some(data) = rx.blocking_recv() {
-        if let Err(err) = file.write_all(&data) {
-            error = Some(err);
-            break;
+    'batches: while let Some(batch) = rx.blocking_recv() {
+        for data in batch {
+            if let Err(err) = file.write_all(&data) {
+                error = Some(err);
+                break 'batches;
+            }
+            hasher.update(&data);
+            written += data.len() as u64;
         }
-        hasher.update(&data);
-        written += data.len() as u64;
     }
     if error.is_some() {
         // A failed write may have left part of a chunk: the file's length
@@ -685,7 +695,10 @@ pub struct Upload {
     position: u64,
     chunk: u32,
     peer: String,
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    tx: Option<mpsc::Sender<Vec<Vec<u8>>>>,
+    /// Accepted chunks not yet handed to the writer, and their bytes.
+    pending: Vec<Vec<u8>>,
+    pending_len: usize,
     writer: Option<tokio::task::JoinHandle<WriterEnd>>,
     ended: Option<WriterEnd>,
     settled: bool,
@@ -716,9 +729,10 @@ impl Upload {
         self.position
     }
 
-    /// Appends chunk `index`'s bytes. Waits when the writer is a few
-    /// chunks behind, which pushes back on the client through HTTP/2 flow
-    /// control.
+    /// Appends chunk `index`'s bytes. They are handed to the writer in
+    /// batches of [`WRITE_BATCH`] bytes, or by [`Upload::flush`]. Waits
+    /// when the writer is a few batches behind, which pushes back on the
+    /// client through HTTP/2 flow control.
     pub async fn write(&mut self, index: u32, data: Vec<u8>) -> Result<(), UploadError> {
         // Until it is accepted, this chunk is the one in flight.
         self.chunk = index;
@@ -734,20 +748,61 @@ impl Upload {
         if len == 0 {
             return Ok(());
         }
-        self.store.reserve(&self.name, index, len)?;
-        let sent = match &self.tx {
-            Some(tx) => tx.send(data).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            let end = self.stop_writer().await?;
-            let err = self.write_error(end.error.as_ref());
-            self.ended = Some(end);
-            return Err(err);
+        if self.tx.is_none() {
+            return Err(self.writer_stopped().await);
         }
+        self.store.reserve(&self.name, index, len)?;
+        self.pending_len += data.len();
+        self.pending.push(data);
         self.position += len;
         self.chunk = index.saturating_add(1);
+        if self.pending_len >= WRITE_BATCH && !self.send_pending().await {
+            return Err(self.writer_stopped().await);
+        }
         Ok(())
+    }
+
+    /// Hands the accepted chunks to the writer now. The receiving side
+    /// calls it whenever no further chunk is ready, so bytes are batched
+    /// only while more are already arriving and held bytes never lag an
+    /// idle stream.
+    pub async fn flush(&mut self) -> Result<(), UploadError> {
+        if self.send_pending().await {
+            Ok(())
+        } else {
+            Err(self.writer_stopped().await)
+        }
+    }
+
+    /// Hands the pending chunks to the writer; false if it has stopped.
+    /// Cancel-safe: until a queue slot is granted the chunks stay pending
+    /// (and [`Drop`] hands them over).
+    async fn send_pending(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        match tx.reserve().await {
+            Ok(permit) => {
+                permit.send(std::mem::take(&mut self.pending));
+                self.pending_len = 0;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn writer_stopped(&mut self) -> UploadError {
+        match self.stop_writer().await {
+            Ok(end) => {
+                let err = self.write_error(end.error.as_ref());
+                self.ended = Some(end);
+                err
+            }
+            Err(err) => err,
+        }
     }
 
     /// Names the peer in the log line written if the call is dropped.
@@ -773,6 +828,7 @@ impl Upload {
         if let Some(end) = self.ended.take() {
             return Ok(end);
         }
+        self.send_pending().await;
         self.tx = None;
         let writer = self
             .writer
@@ -857,6 +913,20 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        if let Some(tx) = self.tx.take()
+            && !self.pending.is_empty()
+        {
+            // Chunks accepted but not yet handed over: they belong to the
+            // bytes held for a resume.
+            let batch = std::mem::take(&mut self.pending);
+            if let Err(mpsc::error::TrySendError::Full(batch)) = tx.try_send(batch)
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(async move {
+                    let _ = tx.send(batch).await;
+                });
+            }
+        }
         if !self.settled {
             // tonic dropped the call mid-await: its client went away. The
             // writer thread drains its queue, closes the file and frees the
