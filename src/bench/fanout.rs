@@ -391,11 +391,26 @@ async fn measure(
         tokio::time::timeout(limit, setup)
             .await
             .map_err(|_| BenchError::Timeout(format!("opening {n} subscriptions")))??;
-        if target == Target::Nats {
-            publisher.publish(&shared, 1).await?;
-        }
         let all = u64::try_from(n).unwrap_or(u64::MAX);
-        if !wait_progress(&shared, all, limit).await {
+        let primed = if target == Target::Nats {
+            // nats-server keeps no last value, and a SUB can reach it after
+            // the first publish (the subscriber's flush does not wait for
+            // the server): repeat sample 1 until every subscriber has it.
+            // Progress counts the highest sample seen, so repeats add none.
+            let deadline = Instant::now() + limit;
+            loop {
+                publisher.publish(&shared, 1).await?;
+                if wait_progress(&shared, all, Duration::from_millis(100)).await {
+                    break true;
+                }
+                if Instant::now() >= deadline {
+                    break false;
+                }
+            }
+        } else {
+            wait_progress(&shared, all, limit).await
+        };
+        if !primed {
             return Err(BenchError::Timeout(format!(
                 "only {} of {n} subscribers received the first sample",
                 shared.progress()
