@@ -647,9 +647,13 @@ impl Peer {
             let pending: Vec<usize> = (0..l.sent_upto).filter(|i| !l.acked.contains(i)).collect();
             (l.last_seq, l.epoch, pending, l.sent_upto)
         };
-        let mut meta = vec![("chat-room", "crash".to_owned())];
+        // Always replay from what this member has seen (0 at first), so a
+        // member that joins after the other started sending misses nothing.
+        let mut meta = vec![
+            ("chat-room", "crash".to_owned()),
+            ("chat-after-seq", resume.to_string()),
+        ];
         if epoch != 0 {
-            meta.push(("chat-after-seq", resume.to_string()));
             meta.push(("chat-epoch", epoch.to_string()));
         }
         let mut member = match open(channel, &meta).await {
