@@ -21,7 +21,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, metadata::MetadataValue};
 
-use super::{Context, format_ms, is_transient, telemetry::status_error};
+use super::{Backoff, Context, format_ms, is_transient, status_error, status_text};
 use crate::{
     chat::service::{AFTER_SEQ_KEY, EPOCH_KEY, HISTORY_KEY, MEMBER_KEY, ROOM_KEY},
     proto::chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
@@ -122,8 +122,6 @@ enum Outcome {
     Restart(String),
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
 /// `streamhub chat`.
 pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     crate::chat::RoomName::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: {e}"))?;
@@ -137,7 +135,7 @@ pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         crate::chat::now_ms().rem_euclid(1_000_000_000)
     );
     let mut session = Session::default();
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         let outcome = tokio::select! {
             outcome = talk(ctx, &args, &run_id, &mut session, &mut lines, &mut backoff) => outcome?,
@@ -150,11 +148,10 @@ pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
                     "reconnecting",
                     &format!(
                         "connection lost ({why}); reconnecting in {:.1}s",
-                        backoff.as_secs_f64()
+                        backoff.delay().as_secs_f64()
                     ),
                 );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff.wait().await;
             }
             Outcome::Restart(why) => {
                 ctx.note(
@@ -198,7 +195,7 @@ async fn talk(
     run_id: &str,
     session: &mut Session,
     lines: &mut mpsc::Receiver<String>,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<Outcome> {
     let channel = match ctx.connect().await {
         Ok(channel) => channel,
@@ -275,7 +272,7 @@ async fn talk(
             },
             message = inbound.message() => match message {
                 Ok(Some(message)) => {
-                    *backoff = Duration::from_millis(250);
+                    backoff.reset();
                     receive(ctx, args, session, &message);
                 }
                 Ok(None) => return Ok(Outcome::Retry("the server ended the call".into())),
@@ -312,8 +309,4 @@ fn receive(ctx: &Context, args: &ChatArgs, session: &mut Session, message: &Chat
         session.last_seq = message.seq;
         print_message(ctx, &args.room, message);
     }
-}
-
-fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }

@@ -8,7 +8,8 @@ use tokio_stream::StreamExt;
 use super::{
     Context,
     chat::print_message,
-    telemetry::{print_alert, print_sample, simulated, status_error},
+    status_error,
+    telemetry::{print_alert, print_sample, simulated},
 };
 use crate::{
     chat::service::{MEMBER_KEY, ROOM_KEY},

@@ -79,3 +79,49 @@ pub fn is_transient(status: &tonic::Status) -> bool {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     )
 }
+
+/// A call's failure as text: its code and the server's message.
+pub fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Turns a failed call into an error that says what the server said.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server answered {}", status_text(&status))
+}
+
+/// Exponential backoff between reconnect attempts: 250 ms, doubling up to
+/// a cap, back to 250 ms after a success.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+
+    /// A backoff whose delay never exceeds `max`.
+    pub fn new(max: Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            max,
+        }
+    }
+
+    /// The delay the next [`Backoff::wait`] will sleep.
+    pub fn delay(&self) -> Duration {
+        self.next
+    }
+
+    /// Sleeps the current delay, then doubles it for the next attempt.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    /// Back to the first delay, after a success.
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}

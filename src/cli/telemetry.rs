@@ -6,7 +6,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use super::{Context, format_ms, is_transient};
+use super::{Backoff, Context, format_ms, is_transient, status_error, status_text};
 use crate::{
     proto::telemetry::{
         AlertResponse, ListServicesRequest, MetricsPayload, MetricsRequest, MetricsResponse,
@@ -137,8 +137,6 @@ pub struct SubscribeArgs {
     pub duration: Option<Duration>,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
 /// `streamhub subscribe NAME`: prints samples until Ctrl-C, reconnecting
 /// with backoff when the server goes away.
 pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()> {
@@ -158,7 +156,7 @@ pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()>
 
 async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<()> {
     let mut received = 0u64;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         let lost = match subscribe_once(ctx, args, &mut received, &mut backoff).await {
             Ok(()) => return Ok(()),
@@ -170,11 +168,10 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
             &format!(
                 "connection to {} lost ({lost}); reconnecting in {:.1}s",
                 ctx.server,
-                backoff.as_secs_f64()
+                backoff.delay().as_secs_f64()
             ),
         );
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff.wait().await;
     }
 }
 
@@ -187,7 +184,7 @@ async fn subscribe_once(
     ctx: &Context,
     args: &SubscribeArgs,
     received: &mut u64,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Result<(), Lost> {
     let channel = ctx
         .connect()
@@ -209,7 +206,7 @@ async fn subscribe_once(
     loop {
         match stream.next().await {
             Some(Ok(sample)) => {
-                *backoff = Duration::from_millis(250);
+                backoff.reset();
                 print_sample(ctx, &sample);
                 *received += 1;
                 if args.count.is_some_and(|n| *received >= n) {
@@ -316,13 +313,4 @@ async fn produce(service: String, args: FeedArgs, tx: mpsc::Sender<MetricsPayloa
         }
     }
     // Dropping the sender half-closes the call; the server then ends it.
-}
-
-fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
-}
-
-/// Turns a failed call into an error that says what the server said.
-pub fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("server answered {}", status_text(&status))
 }

@@ -15,7 +15,7 @@ use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Code, Status, transport::Channel};
 
-use super::{Context, format_ms, telemetry::status_error};
+use super::{Backoff, Context, format_ms, status_error};
 use crate::proto::fileupload::{
     DownloadRequest, FileChunk, ListFilesRequest, QueryUploadRequest, UploadResponse,
     file_upload_service_client::FileUploadServiceClient,
@@ -123,7 +123,7 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
     let bar = progress_bar(ctx, size);
     let mut restart = args.restart;
     let mut attempt = 0u32;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_secs(5));
     loop {
         let result = upload_once(ctx, &args, &name, size, restart, &bar).await;
         let (failure, resumed) = match result {
@@ -205,12 +205,11 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                     "upload of {name} interrupted ({}: {}); resuming in {:.1}s",
                     code_name(failure.code()),
                     failure.message(),
-                    backoff.as_secs_f64()
+                    backoff.delay().as_secs_f64()
                 ),
             );
         });
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
         restart = false;
     }
 }
