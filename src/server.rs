@@ -13,7 +13,7 @@
 //! server is shutting down, and end its call with UNAVAILABLE; the chat
 //! storage is closed last.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -208,17 +208,6 @@ where
     chat.close();
     tracing::info!("shut down");
     Ok(())
-}
-
-/// Binds `addr` and runs the server there until `signal` completes.
-pub async fn bind_and_run<F>(config: Config, signal: F) -> Result<SocketAddr, ServerError>
-where
-    F: Future<Output = ()> + Send,
-{
-    let listener = TcpListener::bind(config.listen).await?;
-    let addr = listener.local_addr()?;
-    run(listener, config, signal).await?;
-    Ok(addr)
 }
 
 /// The standard health service, with Watch streams that end on shutdown

@@ -11,10 +11,7 @@ pub mod host;
 pub mod service;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -159,11 +156,6 @@ impl Hub {
     /// self-service's `request_count`.
     pub fn rpc_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.rpc_count)
-    }
-
-    /// RPCs handled so far.
-    pub fn rpc_count(&self) -> u64 {
-        self.rpc_count.load(Ordering::Relaxed)
     }
 
     /// Validates a report and makes it the service's latest sample.

@@ -220,9 +220,8 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                         }
                     }
                     Err(err) => {
-                        let mut bad = status(&err);
-                        bad = Status::new(
-                            bad.code(),
+                        let bad = Status::new(
+                            status(&err).code(),
                             format!("payload {position} (service {name:?}): {err}"),
                         );
                         log.end(bad.message().to_owned());
