@@ -13,9 +13,7 @@ use std::{
 
 use common::{ServerProcess, TestServer, WAIT, test_config, within};
 use serde_json::Value;
-use streamhub::proto::telemetry::{
-    MetricsPayload, telemetry_service_client::TelemetryServiceClient,
-};
+use streamhub::proto::telemetry::MetricsPayload;
 use tokio::process::Command;
 
 async fn streamhub(server: &str, args: &[&str]) -> std::process::Output {
@@ -40,28 +38,14 @@ fn json_lines(output: &std::process::Output) -> Vec<Value> {
         .collect()
 }
 
+/// Publishes one sample (request count 3) and waits until it is accepted.
 async fn publish(url: String, service: &str, cpu: f64) {
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = TelemetryServiceClient::new(channel);
-    let payload = MetricsPayload {
-        service_name: service.into(),
-        cpu_usage: cpu,
-        memory_mb: 512.0,
-        timestamp_ms: 0,
+    let sample = MetricsPayload {
         request_count: 3,
+        ..common::payload(service, cpu, 512.0, 0)
     };
-    let mut alerts = client
-        .live_feed(futures::stream::iter([payload]))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(alert) = alerts.message().await.unwrap() {
-        drop(alert);
-    }
+    let (_, status) = common::live_feed(common::connect(url).await, vec![sample]).await;
+    assert!(status.is_none(), "{status:?}");
 }
 
 #[tokio::test]

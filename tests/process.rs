@@ -7,30 +7,17 @@ mod common;
 
 use std::{process::Stdio, time::Duration};
 
-use common::{ServerProcess, within};
+use common::{ServerProcess, payload, within};
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
     MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, transport::Endpoint};
-
-fn payload(service: &str, cpu: f64) -> MetricsPayload {
-    MetricsPayload {
-        service_name: service.into(),
-        cpu_usage: cpu,
-        memory_mb: 1.0,
-        timestamp_ms: 0,
-        request_count: 0,
-    }
-}
+use tonic::Code;
 
 async fn client(url: String) -> TelemetryServiceClient<tonic::transport::Channel> {
-    let channel = within("connect", Endpoint::from_shared(url).unwrap().connect())
-        .await
-        .unwrap();
-    TelemetryServiceClient::new(channel)
+    TelemetryServiceClient::new(common::connect(url).await)
 }
 
 #[tokio::test]
@@ -45,7 +32,7 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_within_the_drain_t
         .await
         .unwrap()
         .into_inner();
-    tx.send(payload("edge", 99.0)).await.unwrap();
+    tx.send(payload("edge", 99.0, 1.0, 0)).await.unwrap();
     assert_eq!(
         within("alert", alerts.next())
             .await
@@ -112,7 +99,7 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
         .await
         .unwrap()
         .into_inner();
-    tx.send(payload("flood", 1.0)).await.unwrap();
+    tx.send(payload("flood", 1.0, 1.0, 0)).await.unwrap();
     // A subscriber that never reads: its HTTP/2 window fills up, so the
     // server cannot deliver its closing status.
     let mut stalled = client

@@ -8,15 +8,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, test_config, within};
+use common::{TestServer, live_feed, payload, publish, request, test_config, within};
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
-    AlertResponse, ListServicesRequest, MetricsPayload, MetricsRequest,
-    telemetry_service_client::TelemetryServiceClient,
+    ListServicesRequest, MetricsPayload, telemetry_service_client::TelemetryServiceClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 /// The contract files, unchanged, generated as a client by build.rs.
 mod contract {
@@ -24,53 +23,6 @@ mod contract {
         #![allow(clippy::all, missing_docs)]
         include!(concat!(env!("OUT_DIR"), "/contract/telemetry.rs"));
     }
-}
-
-fn payload(service: &str, cpu: f64, memory: f64, timestamp_ms: u64) -> MetricsPayload {
-    MetricsPayload {
-        service_name: service.into(),
-        cpu_usage: cpu,
-        memory_mb: memory,
-        timestamp_ms,
-        request_count: 0,
-    }
-}
-
-fn request(service: &str, interval_ms: u32) -> MetricsRequest {
-    MetricsRequest {
-        service_name: service.into(),
-        interval_ms,
-    }
-}
-
-/// Sends `payloads` on one LiveFeed call, half-closes, and returns every
-/// alert and the final status (None for a clean end).
-async fn live_feed(
-    channel: Channel,
-    payloads: Vec<MetricsPayload>,
-) -> (Vec<AlertResponse>, Option<tonic::Status>) {
-    let mut client = TelemetryServiceClient::new(channel);
-    let mut alerts = within(
-        "live feed",
-        client.live_feed(futures::stream::iter(payloads)),
-    )
-    .await
-    .unwrap()
-    .into_inner();
-    let mut got = Vec::new();
-    loop {
-        match within("alert", alerts.next()).await {
-            Some(Ok(alert)) => got.push(alert),
-            Some(Err(status)) => return (got, Some(status)),
-            None => return (got, None),
-        }
-    }
-}
-
-/// Publishes one sample and waits until the server has accepted it.
-async fn publish(channel: Channel, service: &str, cpu: f64) {
-    let (_, status) = live_feed(channel, vec![payload(service, cpu, 100.0, 0)]).await;
-    assert!(status.is_none(), "{status:?}");
 }
 
 #[tokio::test]

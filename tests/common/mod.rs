@@ -11,7 +11,11 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use streamhub::config::Config;
+use streamhub::proto::telemetry::{
+    AlertResponse, MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 
@@ -180,4 +184,60 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Opens a channel to `url` (a server started by the test).
+pub async fn connect(url: String) -> Channel {
+    within("connect", Endpoint::from_shared(url).unwrap().connect())
+        .await
+        .unwrap()
+}
+
+/// A LiveFeed payload (`request_count` 0).
+pub fn payload(service: &str, cpu: f64, memory: f64, timestamp_ms: u64) -> MetricsPayload {
+    MetricsPayload {
+        service_name: service.into(),
+        cpu_usage: cpu,
+        memory_mb: memory,
+        timestamp_ms,
+        request_count: 0,
+    }
+}
+
+/// A GetSnapshot / Subscribe request.
+pub fn request(service: &str, interval_ms: u32) -> MetricsRequest {
+    MetricsRequest {
+        service_name: service.into(),
+        interval_ms,
+    }
+}
+
+/// Sends `payloads` on one LiveFeed call, half-closes, and returns every
+/// alert and the final status (None for a clean end).
+pub async fn live_feed(
+    channel: Channel,
+    payloads: Vec<MetricsPayload>,
+) -> (Vec<AlertResponse>, Option<tonic::Status>) {
+    let mut client = TelemetryServiceClient::new(channel);
+    let mut alerts = within(
+        "live feed",
+        client.live_feed(futures::stream::iter(payloads)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut got = Vec::new();
+    loop {
+        match within("alert", alerts.next()).await {
+            Some(Ok(alert)) => got.push(alert),
+            Some(Err(status)) => return (got, Some(status)),
+            None => return (got, None),
+        }
+    }
+}
+
+/// Publishes one sample and waits until the server has accepted it.
+pub async fn publish(channel: Channel, service: &str, cpu: f64) {
+    let (_, status) = live_feed(channel, vec![payload(service, cpu, 100.0, 0)]).await;
+    assert!(status.is_none(), "{status:?}");
 }
