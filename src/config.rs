@@ -46,6 +46,8 @@ pub struct Config {
     pub upload: UploadConfig,
     /// Chat service settings.
     pub chat: ChatConfig,
+    /// How the server's async runtime is built.
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -58,8 +60,35 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             upload: UploadConfig::default(),
             chat: ChatConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
+}
+
+/// How the server's tokio runtime is built (see [`crate::runtime`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// `auto` (one thread when the process may run on one CPU, else one
+    /// worker per CPU), `current-thread` or `multi-thread`.
+    pub flavor: RuntimeFlavor,
+    /// Worker threads of the multi-thread runtime; 0 means one per CPU the
+    /// process may run on.
+    pub worker_threads: usize,
+}
+
+/// The tokio scheduler the server runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeFlavor {
+    /// `current-thread` when one CPU is available (or `worker_threads` is
+    /// 1), else `multi-thread`.
+    #[default]
+    Auto,
+    /// Every task on one thread.
+    CurrentThread,
+    /// A pool of worker threads with work stealing.
+    MultiThread,
 }
 
 /// Limits tonic leaves off or at library defaults, set explicitly here.

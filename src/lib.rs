@@ -8,6 +8,7 @@
 //!
 //! - [`server`]: wiring of services, health, reflection, limits, shutdown.
 //! - [`config`]: settings from defaults, file, environment and flags.
+//! - [`runtime`]: the server's tokio runtime (flavour, workers).
 //! - [`shutdown`]: the cancellation token every stream watches.
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod proto;
 pub mod rpc;
+pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

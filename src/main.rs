@@ -52,8 +52,7 @@ enum Command {
     Bench(Box<cli::bench::BenchArgs>),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
@@ -74,16 +73,22 @@ async fn main() -> anyhow::Result<()> {
         json: cli.json,
     };
     match cli.command {
-        Command::Serve(args) => cli::serve::run(args).await,
-        Command::Snapshot(args) => cli::telemetry::snapshot(&ctx, args).await,
-        Command::Services => cli::telemetry::services(&ctx).await,
-        Command::Subscribe(args) => cli::telemetry::subscribe(&ctx, args).await,
-        Command::Feed(args) => cli::telemetry::feed(&ctx, args).await,
-        Command::Upload(args) => cli::upload::upload(&ctx, args).await,
-        Command::Files => cli::upload::files(&ctx).await,
-        Command::Download(args) => cli::upload::download(&ctx, args).await,
-        Command::Chat(args) => cli::chat::run(&ctx, args).await,
-        Command::Demo(args) => cli::demo::run(&ctx, args).await,
-        Command::Bench(args) => cli::bench::run(&ctx.server, *args).await,
+        // The server builds the runtime its configuration asks for.
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Snapshot(args) => block_on(cli::telemetry::snapshot(&ctx, args)),
+        Command::Services => block_on(cli::telemetry::services(&ctx)),
+        Command::Subscribe(args) => block_on(cli::telemetry::subscribe(&ctx, args)),
+        Command::Feed(args) => block_on(cli::telemetry::feed(&ctx, args)),
+        Command::Upload(args) => block_on(cli::upload::upload(&ctx, args)),
+        Command::Files => block_on(cli::upload::files(&ctx)),
+        Command::Download(args) => block_on(cli::upload::download(&ctx, args)),
+        Command::Chat(args) => block_on(cli::chat::run(&ctx, args)),
+        Command::Demo(args) => block_on(cli::demo::run(&ctx, args)),
+        Command::Bench(args) => block_on(cli::bench::run(&ctx.server, *args)),
     }
+}
+
+/// Runs a client subcommand on tokio's default multi-thread runtime.
+fn block_on(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(command)
 }

@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::{Config, Sources},
-    server, shutdown,
+    runtime, server, shutdown,
 };
 
 /// Arguments of `streamhub serve`.
@@ -58,13 +58,21 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until a signal, then drains and returns.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs the server until a signal, then drains and returns. Builds its own
+/// runtime from the configuration, so it must not be called from one.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     if args.print_config {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
+    let (flavor, workers) = runtime::resolve(&config.runtime);
+    let rt = runtime::build(&config.runtime).context("cannot start the async runtime")?;
+    tracing::info!(?flavor, workers, "runtime");
+    rt.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
