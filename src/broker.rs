@@ -179,6 +179,16 @@ impl<T: Clone> Subscription<T> {
         }
     }
 
+    /// The newest value published since this subscription last returned
+    /// one, without waiting; `None` if there is none.
+    pub fn newest(&mut self) -> Option<T> {
+        if self.rx.has_changed().unwrap_or(false) {
+            self.rx.borrow_and_update().clone()
+        } else {
+            None
+        }
+    }
+
     /// The topic this subscription watches.
     pub fn topic(&self) -> &str {
         &self.topic

@@ -198,6 +198,7 @@ async fn subscribe_interval_coalesces_to_the_newest_sample() {
             .cpu_usage,
         1.0
     );
+    let first_at = std::time::Instant::now();
     let payloads = (2..=11)
         .map(|i| payload("busy", f64::from(i), 1.0, 0))
         .collect();
@@ -205,6 +206,9 @@ async fn subscribe_interval_coalesces_to_the_newest_sample() {
     assert!(status.is_none());
     let next = within("coalesced", updates.next()).await.unwrap().unwrap();
     assert_eq!(next.cpu_usage, 11.0);
+    // Paced: never sooner than three quarters of the interval after the
+    // previous message (a lower bound, which no slowness can break).
+    assert!(first_at.elapsed() >= Duration::from_millis(750));
 }
 
 #[tokio::test]

@@ -4,10 +4,12 @@
 //!   sample in a [`LatestBroker`], and hands out subscriptions.
 //! - [`alerts`] turns a stream of samples into edge-triggered alerts.
 //! - [`host`] samples this machine's CPU and memory.
+//! - [`pacer`] spaces one subscriber's messages at its interval.
 //! - [`service`] is the gRPC layer: the only part that knows protobuf.
 
 pub mod alerts;
 pub mod host;
+pub mod pacer;
 pub mod service;
 
 use std::{

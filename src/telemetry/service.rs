@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     Hub, Report, Sample, TelemetryError,
     alerts::{Alert, AlertEngine},
+    pacer::Pacer,
 };
 use crate::{
     config::AlertRuleConfig,
@@ -130,7 +131,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
             log.end(format!("refused: {e}"));
             status(&e)
         })?;
-        let interval = self.hub.effective_interval(interval_ms);
+        let mut pacer = Pacer::new(self.hub.effective_interval(interval_ms));
         let shutdown = self.shutdown.clone();
         // No task per subscriber: tonic polls this stream, and the broker
         // wakes it when a new sample arrives.
@@ -141,7 +142,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                     () = shutdown.cancelled() => Wake::Shutdown,
                     sample = subscription.next() => Wake::Next(sample),
                 };
-                let sample = match woke {
+                let mut sample = match woke {
                     Wake::Shutdown => {
                         log.end("server shutting down");
                         yield Err(shutting_down());
@@ -153,19 +154,24 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                     }
                     Wake::Next(Some(sample)) => sample,
                 };
-                yield Ok(MetricsResponse::from(sample));
-                // At most one message per interval: whatever arrives
-                // meanwhile is coalesced into the newest sample.
-                let resume = Instant::now() + interval;
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => {
-                        log.end("server shutting down");
-                        yield Err(shutting_down());
-                        break;
+                // One message per interval: a sample that comes too soon
+                // waits, and whatever arrives meanwhile replaces it.
+                if let Some(until) = pacer.hold_until(Instant::now()) {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            log.end("server shutting down");
+                            yield Err(shutting_down());
+                            break;
+                        }
+                        () = tokio::time::sleep_until(until) => {}
                     }
-                    () = tokio::time::sleep_until(resume) => {}
+                    if let Some(newer) = subscription.newest() {
+                        sample = newer;
+                    }
                 }
+                pacer.sent(Instant::now());
+                yield Ok(MetricsResponse::from(sample));
             }
         };
         Ok(Response::new(Box::pin(stream)))
