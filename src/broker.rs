@@ -15,7 +15,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use tokio::sync::watch;
@@ -29,6 +32,9 @@ pub enum BrokerError {
         /// The configured limit.
         limit: usize,
     },
+    /// The broker was closed (the server is shutting down).
+    #[error("the broker is closed")]
+    Closed,
 }
 
 /// A latest-value pub/sub broker.
@@ -46,6 +52,11 @@ pub trait LatestBroker<T>: Send + Sync + 'static {
 
     /// Every topic with its newest value, sorted by name.
     fn topics(&self) -> Vec<(String, Option<T>)>;
+
+    /// Closes the broker: every subscription's `next` returns `None`, and
+    /// later publishes and subscribes fail with [`BrokerError::Closed`].
+    /// Subscribers need not watch a shutdown signal of their own.
+    fn close(&self);
 }
 
 type Topics<T> = HashMap<Arc<str>, watch::Sender<Option<T>>>;
@@ -54,6 +65,8 @@ type Topics<T> = HashMap<Arc<str>, watch::Sender<Option<T>>>;
 pub struct MemoryBroker<T> {
     topics: Arc<Mutex<Topics<T>>>,
     max_topics: usize,
+    /// Set, and read, with `topics` locked.
+    closed: AtomicBool,
 }
 
 impl<T> std::fmt::Debug for MemoryBroker<T> {
@@ -70,6 +83,7 @@ impl<T: Clone + Send + Sync + 'static> MemoryBroker<T> {
         Self {
             topics: Arc::new(Mutex::new(HashMap::new())),
             max_topics,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -86,6 +100,9 @@ impl<T: Clone + Send + Sync + 'static> MemoryBroker<T> {
         topics: &'a mut Topics<T>,
         name: &str,
     ) -> Result<&'a watch::Sender<Option<T>>, BrokerError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(BrokerError::Closed);
+        }
         if !topics.contains_key(name) {
             if topics.len() >= self.max_topics {
                 return Err(BrokerError::TooManyTopics {
@@ -134,6 +151,13 @@ impl<T: Clone + Send + Sync + 'static> LatestBroker<T> for MemoryBroker<T> {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    fn close(&self) {
+        let mut topics = lock(&self.topics);
+        self.closed.store(true, Ordering::Relaxed);
+        // Dropping the senders ends every receiver's `changed`.
+        topics.clear();
     }
 }
 
@@ -269,5 +293,19 @@ mod tests {
         let a = broker.subscribe("a").expect("subscribe");
         drop(a);
         assert_eq!(broker.latest("a"), Some(1));
+    }
+
+    #[tokio::test]
+    async fn close_ends_subscriptions_and_refuses_new_ones() {
+        let broker = MemoryBroker::new(10);
+        broker.publish("a", 1).expect("publish");
+        let mut waiting = broker.subscribe("b").expect("subscribe");
+        let mut seen = broker.subscribe("a").expect("subscribe");
+        assert_eq!(next_soon(&mut seen).await, Some(1));
+        broker.close();
+        assert_eq!(next_soon(&mut waiting).await, None);
+        assert_eq!(next_soon(&mut seen).await, None);
+        assert_eq!(broker.publish("a", 2), Err(BrokerError::Closed));
+        assert!(matches!(broker.subscribe("a"), Err(BrokerError::Closed)));
     }
 }

@@ -84,7 +84,8 @@ fn main() -> anyhow::Result<()> {
         Command::Download(args) => block_on(cli::upload::download(&ctx, args)),
         Command::Chat(args) => block_on(cli::chat::run(&ctx, args)),
         Command::Demo(args) => block_on(cli::demo::run(&ctx, args)),
-        Command::Bench(args) => block_on(cli::bench::run(&ctx.server, *args)),
+        // The load generator pins itself, then builds its runtime.
+        Command::Bench(args) => cli::bench::run(&ctx.server, *args),
     }
 }
 

@@ -192,6 +192,8 @@ where
             .await;
     }
     shutdown.trigger();
+    // Subscribe streams wait on the broker alone: closing it ends them.
+    hub.close();
 
     match tokio::time::timeout_at(deadline, &mut serve).await {
         Ok(result) => result?,

@@ -93,24 +93,19 @@ pub struct Pinning {
 impl Pinning {
     /// Pins this process to the load cores and decides the server's cores,
     /// when `taskset` exists, the machine has two cores or more and
-    /// pinning is wanted.
-    pub async fn apply(options: &Options) -> Self {
+    /// pinning is wanted. Called before the load generator's runtime is
+    /// built, so the runtime sizes itself from the pinned affinity.
+    pub fn apply(options: &Options) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        if options.no_pin || cores < 2 || !taskset_available().await {
+        if options.no_pin || cores < 2 || !taskset(&["--version"]) {
             return Self {
                 server: None,
                 load: None,
             };
         }
         let pid = std::process::id().to_string();
-        // -a: every thread of this process, including the runtime's workers.
-        let pinned = Command::new("taskset")
-            .args(["-a", "-p", "-c", &options.load_cpus, &pid])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
+        // -a: every thread of this process.
+        let pinned = taskset(&["-a", "-p", "-c", &options.load_cpus, &pid]);
         Self {
             server: Some(options.server_cpus.clone()),
             load: pinned.then(|| options.load_cpus.clone()),
@@ -118,13 +113,13 @@ impl Pinning {
     }
 }
 
-async fn taskset_available() -> bool {
-    Command::new("taskset")
-        .arg("--version")
+/// Runs `taskset` with `args`; true if it succeeded.
+fn taskset(args: &[&str]) -> bool {
+    std::process::Command::new("taskset")
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .await
         .is_ok_and(|s| s.success())
 }
 

@@ -33,7 +33,8 @@ pub mod upload;
 
 use std::{path::PathBuf, time::Instant};
 
-use harness::{Machine, Pinning, Report};
+pub use harness::Pinning;
+use harness::{Machine, Report};
 
 /// What can stop a benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -309,12 +310,16 @@ fn parse_size(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size out of range: {text}"))
 }
 
-/// Runs `scenario` and returns its report.
-pub async fn run(scenario: Scenario, options: &Options) -> Result<Report, BenchError> {
+/// Runs `scenario` and returns its report. `pinning` is what
+/// [`Pinning::apply`] did before the runtime was built.
+pub async fn run(
+    scenario: Scenario,
+    options: &Options,
+    pinning: Pinning,
+) -> Result<Report, BenchError> {
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let machine = Machine::probe();
-    let pinning = Pinning::apply(options).await;
     let (settings, rows, checks) = match scenario {
         Scenario::Polling => polling::run(options, &pinning).await?,
         Scenario::Fanout => fanout::run(options, &pinning).await?,

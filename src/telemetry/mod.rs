@@ -78,6 +78,9 @@ pub enum TelemetryError {
     /// Nothing has been reported under that name.
     #[error("no metrics have been reported for service {0:?}")]
     UnknownService(String),
+    /// The hub was closed: the server is shutting down.
+    #[error("the server is shutting down")]
+    Closed,
     /// The table of services is full.
     #[error("the hub already tracks its limit of {limit} services")]
     TooManyServices {
@@ -90,6 +93,7 @@ impl From<BrokerError> for TelemetryError {
     fn from(err: BrokerError) -> Self {
         match err {
             BrokerError::TooManyTopics { limit } => TelemetryError::TooManyServices { limit },
+            BrokerError::Closed => TelemetryError::Closed,
         }
     }
 }
@@ -192,6 +196,12 @@ impl Hub {
     pub fn subscribe(&self, service: &str) -> Result<Subscription<Sample>, TelemetryError> {
         validate_name(service)?;
         Ok(self.broker.subscribe(service)?)
+    }
+
+    /// Closes the hub on shutdown: every subscription ends, and later
+    /// reports and subscriptions fail with [`TelemetryError::Closed`].
+    pub fn close(&self) {
+        self.broker.close();
     }
 
     /// The interval a subscriber gets when it asks for `requested_ms`.

@@ -61,6 +61,7 @@ fn status(err: &TelemetryError) -> Status {
         | TelemetryError::BadValue { .. } => Status::invalid_argument(err.to_string()),
         TelemetryError::UnknownService(_) => Status::not_found(err.to_string()),
         TelemetryError::TooManyServices { .. } => Status::resource_exhausted(err.to_string()),
+        TelemetryError::Closed => shutting_down(),
     }
 }
 
@@ -134,25 +135,19 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         let mut pacer = Pacer::new(self.hub.effective_interval(interval_ms));
         let shutdown = self.shutdown.clone();
         // No task per subscriber: tonic polls this stream, and the broker
-        // wakes it when a new sample arrives.
+        // wakes it when a new sample arrives. On shutdown the server closes
+        // the hub, which ends the subscription: waiting on the broker alone
+        // spares every delivery a poll of the shutdown token.
         let stream = async_stream::stream! {
             loop {
-                let woke = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => Wake::Shutdown,
-                    sample = subscription.next() => Wake::Next(sample),
-                };
-                let mut sample = match woke {
-                    Wake::Shutdown => {
+                let Some(mut sample) = subscription.next().await else {
+                    if shutdown.is_triggered() {
                         log.end("server shutting down");
                         yield Err(shutting_down());
-                        break;
-                    }
-                    Wake::Next(None) => {
+                    } else {
                         log.end("service removed");
-                        break;
                     }
-                    Wake::Next(Some(sample)) => sample,
+                    break;
                 };
                 // One message per interval: a sample that comes too soon
                 // waits, and whatever arrives meanwhile replaces it.
