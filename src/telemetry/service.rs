@@ -151,7 +151,8 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                 };
                 // One message per interval: a sample that comes too soon
                 // waits, and whatever arrives meanwhile replaces it.
-                if let Some(until) = pacer.hold_until(Instant::now()) {
+                let mut now = Instant::now();
+                if let Some(until) = pacer.hold_until(now) {
                     tokio::select! {
                         biased;
                         () = shutdown.cancelled() => {
@@ -164,8 +165,9 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                     if let Some(newer) = subscription.newest() {
                         sample = newer;
                     }
+                    now = Instant::now();
                 }
-                pacer.sent(Instant::now());
+                pacer.sent(now);
                 yield Ok(MetricsResponse::from(sample));
             }
         };
