@@ -59,6 +59,7 @@ pub async fn run(
         let mut runs = Vec::new();
         let mut failure = None;
         for _ in 0..options.repetitions {
+            settle().await;
             match dd(dir, options.upload_mib, pinning).await {
                 Ok(m) => runs.push(m),
                 Err(err) => {
@@ -91,6 +92,7 @@ pub async fn run(
                 let mut runs = Vec::new();
                 let mut failure = None;
                 for _ in 0..options.repetitions {
+                    settle().await;
                     match upload(server.addr, proc.as_ref(), size, chunk, &data).await {
                         Ok(m) => runs.push(m),
                         Err(err) => {
@@ -124,6 +126,7 @@ pub async fn run(
         let result = async {
             let server = start_in(target, options, pinning, &options.disk_dir).await?;
             let proc = server.proc().await;
+            settle().await;
             let result = upload(server.addr, proc.as_ref(), big, DEFAULT_CHUNK, &data).await;
             server.stop().await;
             result
@@ -307,6 +310,15 @@ async fn upload(
         m.insert("server_hwm_kib".into(), a.hwm_kib as f64);
     }
     Ok(m)
+}
+
+/// Flushes every dirty page of the machine (`sync`) before a measured
+/// write, so no run pays for the writeback of the one before it.
+async fn settle() {
+    let synced = Command::new("sync").status().await;
+    if !synced.is_ok_and(|s| s.success()) {
+        tracing::warn!("sync failed; the next write may pay for earlier writeback");
+    }
 }
 
 /// The disk's durable write rate: `dd` of `mib` MiB with `conv=fsync`,
