@@ -72,7 +72,16 @@ impl Machine {
         let loadavg = std::fs::read_to_string("/proc/loadavg")
             .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
         Self {
-            nproc: std::thread::available_parallelism().map_or(1, usize::from),
+            // The machine's CPUs, not this process's affinity (the load
+            // generator has pinned itself to one by now).
+            nproc: match cpuinfo
+                .lines()
+                .filter(|l| l.starts_with("processor"))
+                .count()
+            {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
             cpu_model,
             mem_total_mib,
             kernel,

@@ -58,7 +58,15 @@ pub async fn run(
         let place = [("storage", (*storage).to_owned())];
         let mut runs = Vec::new();
         let mut failure = None;
+        // Warm-up: the first write of a run is slow (the kernel finds and
+        // zeroes fresh pages), whoever makes it.
+        if let Err(err) = dd(dir, options.upload_mib, pinning).await {
+            failure = Some(err);
+        }
         for _ in 0..options.repetitions {
+            if failure.is_some() {
+                break;
+            }
             settle().await;
             match dd(dir, options.upload_mib, pinning).await {
                 Ok(m) => runs.push(m),
@@ -87,6 +95,10 @@ pub async fn run(
                 }
             };
             let proc = server.proc().await;
+            // Warm-up, as for dd: one unmeasured upload at the default chunk.
+            if let Err(err) = upload(server.addr, proc.as_ref(), size, DEFAULT_CHUNK, &data).await {
+                tracing::warn!(target = target.name(), %err, "warm-up upload failed");
+            }
             for &chunk in &options.chunk_sizes {
                 tracing::info!(target = target.name(), storage, chunk, "upload runs");
                 let mut runs = Vec::new();
