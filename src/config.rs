@@ -447,6 +447,31 @@ mod tests {
     }
 
     #[test]
+    fn runtime_flavor_is_chosen_by_name_and_unknown_names_are_refused() {
+        let load = |flavor: &str| {
+            Config::load(&Sources {
+                overrides: vec![
+                    format!("runtime.flavor={flavor}"),
+                    "runtime.worker_threads=3".into(),
+                ],
+                ..Sources::default()
+            })
+        };
+        let config = load("multi-thread").expect("loads");
+        assert_eq!(config.runtime.flavor, RuntimeFlavor::MultiThread);
+        assert_eq!(config.runtime.worker_threads, 3);
+        assert_eq!(
+            load("current-thread").expect("loads").runtime.flavor,
+            RuntimeFlavor::CurrentThread
+        );
+        let err = load("fastest").expect_err("unknown flavour").to_string();
+        assert!(
+            err.contains("fastest") && err.contains("current-thread"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn file_is_read_and_typos_are_rejected() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("streamhub.toml");
