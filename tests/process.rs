@@ -22,8 +22,19 @@ async fn client(url: String) -> TelemetryServiceClient<tonic::transport::Channel
 
 #[tokio::test]
 async fn sigterm_ends_open_streams_with_unavailable_and_exits_within_the_drain_timeout() {
+    sigterm_drains_on("multi-thread").await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_same_on_the_current_thread_runtime() {
+    // The runtime `auto` picks on one CPU (e.g. under taskset).
+    sigterm_drains_on("current-thread").await;
+}
+
+async fn sigterm_drains_on(flavor: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::spawn(dir.path(), &["--drain-timeout", "5s"]);
+    let flavor = format!("runtime.flavor={flavor}");
+    let mut server = ServerProcess::spawn(dir.path(), &["--drain-timeout", "5s", "--set", &flavor]);
     let mut client = client(server.url()).await;
 
     let (tx, rx) = mpsc::channel(4);
