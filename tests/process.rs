@@ -7,14 +7,11 @@ mod common;
 
 use std::{process::Stdio, time::Duration};
 
-use common::{ServerProcess, payload, within};
+use common::{ServerProcess, assert_shutting_down, open_live_feed, payload, request, within};
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
-    MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+    MetricsPayload, telemetry_service_client::TelemetryServiceClient,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
 
 async fn client(url: String) -> TelemetryServiceClient<tonic::transport::Channel> {
     TelemetryServiceClient::new(common::connect(url).await)
@@ -37,12 +34,7 @@ async fn sigterm_drains_on(flavor: &str) {
     let mut server = ServerProcess::spawn(dir.path(), &["--drain-timeout", "5s", "--set", &flavor]);
     let mut client = client(server.url()).await;
 
-    let (tx, rx) = mpsc::channel(4);
-    let mut alerts = client
-        .live_feed(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut alerts) = open_live_feed(&mut client, 4).await;
     tx.send(payload("edge", 99.0, 1.0, 0)).await.unwrap();
     assert_eq!(
         within("alert", alerts.next())
@@ -53,10 +45,7 @@ async fn sigterm_drains_on(flavor: &str) {
         "CPU_HIGH"
     );
     let mut updates = client
-        .subscribe(MetricsRequest {
-            service_name: "edge".into(),
-            interval_ms: 0,
-        })
+        .subscribe(request("edge", 0))
         .await
         .unwrap()
         .into_inner();
@@ -72,14 +61,8 @@ async fn sigterm_drains_on(flavor: &str) {
         .await
         .unwrap()
         .unwrap_err();
-    for (what, status) in [("subscribe", subscribe_end), ("live feed", feed_end)] {
-        assert_eq!(status.code(), Code::Unavailable, "{what}");
-        assert!(
-            status.message().contains("shutting down"),
-            "{what}: {}",
-            status.message()
-        );
-    }
+    assert_shutting_down("subscribe", &subscribe_end);
+    assert_shutting_down("live feed", &feed_end);
     let code = server.wait_exit(Duration::from_secs(5));
     assert_eq!(code, Some(0));
     // Every stream ended on its own: no need to wait for the deadline.
@@ -104,20 +87,12 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
         Stdio::from(log),
     );
     let mut client = client(server.url()).await;
-    let (tx, rx) = mpsc::channel(1);
-    let mut alerts = client
-        .live_feed(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut alerts) = open_live_feed(&mut client, 1).await;
     tx.send(payload("flood", 1.0, 1.0, 0)).await.unwrap();
     // A subscriber that never reads: its HTTP/2 window fills up, so the
     // server cannot deliver its closing status.
     let mut stalled = client
-        .subscribe(MetricsRequest {
-            service_name: "flood".into(),
-            interval_ms: 1,
-        })
+        .subscribe(request("flood", 1))
         .await
         .unwrap()
         .into_inner();
@@ -125,10 +100,7 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
     // A second subscriber on the same connection shows each payload has been
     // published before the next is sent.
     let mut probe = client
-        .subscribe(MetricsRequest {
-            service_name: "flood".into(),
-            interval_ms: 1,
-        })
+        .subscribe(request("flood", 1))
         .await
         .unwrap()
         .into_inner();

@@ -8,13 +8,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, live_feed, payload, publish, request, test_config, within};
+use common::{
+    TestServer, assert_shutting_down, live_feed, open_live_feed, payload, publish, request,
+    test_config, within,
+};
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
     ListServicesRequest, MetricsPayload, telemetry_service_client::TelemetryServiceClient,
 };
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 /// The contract files, unchanged, generated as a client by build.rs.
@@ -275,12 +276,7 @@ async fn a_subscriber_that_never_reads_does_not_delay_another() {
 
     // Far more than the HTTP/2 window of the stalled stream, one at a time:
     // the healthy subscriber sees every one of them.
-    let (tx, rx) = mpsc::channel(1);
-    let mut feed = TelemetryServiceClient::new(publisher)
-        .live_feed(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut feed) = open_live_feed(&mut TelemetryServiceClient::new(publisher), 1).await;
     for i in 1..=2_000u32 {
         tx.send(payload("hot", f64::from(i) / 100.0, 1.0, 0))
             .await
@@ -606,12 +602,7 @@ async fn shutdown_ends_streams_with_unavailable_and_health_watch_sees_not_servin
         .into_inner();
     within("first", updates.next()).await.unwrap().unwrap();
 
-    let (tx, rx) = mpsc::channel(4);
-    let mut alerts = client
-        .live_feed(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut alerts) = open_live_feed(&mut client, 4).await;
     tx.send(payload("svc", 99.0, 1.0, 0)).await.unwrap();
     assert_eq!(
         within("alert", alerts.next())
@@ -628,14 +619,12 @@ async fn shutdown_ends_streams_with_unavailable_and_health_watch_sees_not_servin
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(end.code(), Code::Unavailable);
-    assert!(end.message().contains("shutting down"), "{}", end.message());
+    assert_shutting_down("subscribe", &end);
     let end = within("live feed end", alerts.next())
         .await
         .unwrap()
         .unwrap_err();
-    assert_eq!(end.code(), Code::Unavailable);
-    assert!(end.message().contains("shutting down"));
+    assert_shutting_down("live feed", &end);
 
     // The watcher is told NOT_SERVING, then its stream ends.
     let mut saw_not_serving = false;

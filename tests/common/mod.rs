@@ -16,7 +16,12 @@ use streamhub::config::Config;
 use streamhub::proto::telemetry::{
     AlertResponse, MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 /// Generous bound for anything a test waits on; a hang fails instead of
@@ -234,6 +239,38 @@ pub async fn live_feed(
             None => return (got, None),
         }
     }
+}
+
+/// Opens a LiveFeed call that stays open: payloads sent on the returned
+/// sender go out in order, alerts come back on the returned stream.
+pub async fn open_live_feed(
+    client: &mut TelemetryServiceClient<Channel>,
+    buffer: usize,
+) -> (
+    mpsc::Sender<MetricsPayload>,
+    tonic::Streaming<AlertResponse>,
+) {
+    let (tx, rx) = mpsc::channel(buffer);
+    let alerts = within("live feed", client.live_feed(ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, alerts)
+}
+
+/// Asserts `status` is how a stream ends on shutdown: UNAVAILABLE saying
+/// the server is shutting down.
+pub fn assert_shutting_down(what: &str, status: &tonic::Status) {
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{what}: {status:?}"
+    );
+    assert!(
+        status.message().contains("shutting down"),
+        "{what}: {}",
+        status.message()
+    );
 }
 
 /// Publishes one sample and waits until the server has accepted it.
