@@ -749,6 +749,20 @@ pub fn latency_metrics(prefix: &str, h: &Histogram<u64>) -> Metrics {
 /// Named figures of one run.
 pub type Metrics = BTreeMap<String, f64>;
 
+/// Runs one measurement `times` times (`run` gets the repetition's index)
+/// and collects the metrics; the first error ends the repetitions.
+pub async fn repeat<F, Fut>(times: usize, mut run: F) -> Result<Vec<Metrics>, BenchError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Metrics, BenchError>>,
+{
+    let mut runs = Vec::with_capacity(times);
+    for rep in 0..times {
+        runs.push(run(rep).await?);
+    }
+    Ok(runs)
+}
+
 /// The median of each metric over the runs (metrics missing from some runs
 /// are the median of the runs that have them).
 pub fn medians(runs: &[Metrics]) -> Metrics {

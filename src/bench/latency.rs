@@ -20,7 +20,7 @@ use super::{
     BenchError, Options, Target,
     harness::{
         BENCH_SERVICE, Check, Metrics, Pinning, Publisher, Row, ServerUnderTest, WireCounter,
-        bench_dir, connect, histogram, latency_metrics, ratio, record,
+        bench_dir, connect, histogram, latency_metrics, ratio, record, repeat,
     },
 };
 use crate::proto::telemetry::{
@@ -43,19 +43,12 @@ pub async fn run(
     for &target in options.targets.iter().filter(|t| **t != Target::Nats) {
         let result = async {
             let server = ServerUnderTest::start(target, options, pinning).await?;
-            let mut runs = Vec::new();
-            let mut outcome = Ok(());
-            for _ in 0..options.repetitions {
-                match measure_grpc(server.addr, target, options).await {
-                    Ok(m) => runs.push(m),
-                    Err(err) => {
-                        outcome = Err(err);
-                        break;
-                    }
-                }
-            }
+            let runs = repeat(options.repetitions, |_| {
+                measure_grpc(server.addr, target, options)
+            })
+            .await;
             server.stop().await;
-            outcome.map(|()| runs)
+            runs
         }
         .await;
         rows.push(match result {
@@ -80,19 +73,9 @@ pub async fn run(
             false,
         )
         .await?;
-        let mut runs = Vec::new();
-        let mut outcome = Ok(());
-        for _ in 0..options.repetitions {
-            match measure_tcp(echo.addr, options).await {
-                Ok(m) => runs.push(m),
-                Err(err) => {
-                    outcome = Err(err);
-                    break;
-                }
-            }
-        }
+        let runs = repeat(options.repetitions, |_| measure_tcp(echo.addr, options)).await;
         echo.stop().await;
-        outcome.map(|()| runs)
+        runs
     }
     .await;
     rows.push(match result {

@@ -25,7 +25,7 @@ use super::{
     BenchError, Options, Target,
     harness::{
         BENCH_SERVICE, Check, Metrics, Pinning, ProcReader, Publisher, Row, ServerUnderTest,
-        WireCounter, connect, cpu_delta_us, ratio,
+        WireCounter, connect, cpu_delta_us, ratio, repeat,
     },
 };
 use crate::proto::telemetry::{MetricsRequest, telemetry_service_client::TelemetryServiceClient};
@@ -89,9 +89,7 @@ pub async fn run(
         let proc = server.proc().await;
         for variant in &variants {
             for mode in [Mode::Polling, Mode::Streaming] {
-                let mut runs = Vec::new();
-                let mut failure = None;
-                for rep in 0..options.repetitions {
+                let runs = repeat(options.repetitions, |rep| {
                     tracing::info!(
                         target = target.name(),
                         variant = variant.name,
@@ -99,17 +97,12 @@ pub async fn run(
                         rep,
                         "polling run"
                     );
-                    match run_once(server.addr, proc.as_ref(), mode, *variant, options).await {
-                        Ok(m) => runs.push(m),
-                        Err(err) => {
-                            failure = Some(err);
-                            break;
-                        }
-                    }
-                }
-                rows.push(match failure {
-                    Some(err) => Row::failed(target.name(), &config(variant, mode), &err),
-                    None => Row::new(target.name(), &config(variant, mode), runs),
+                    run_once(server.addr, proc.as_ref(), mode, *variant, options)
+                })
+                .await;
+                rows.push(match runs {
+                    Err(err) => Row::failed(target.name(), &config(variant, mode), &err),
+                    Ok(runs) => Row::new(target.name(), &config(variant, mode), runs),
                 });
             }
         }

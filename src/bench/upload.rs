@@ -25,7 +25,7 @@ use super::{
     BenchError, Options, Target,
     harness::{
         Check, Metrics, Pinning, ProcReader, Row, ServerUnderTest, WireCounter, bench_dir_in,
-        connect, cpu_delta_us, ratio,
+        connect, cpu_delta_us, ratio, repeat,
     },
 };
 use crate::proto::fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient};
@@ -56,29 +56,20 @@ pub async fn run(
     });
     for (storage, dir) in &places {
         let place = [("storage", (*storage).to_owned())];
-        let mut runs = Vec::new();
-        let mut failure = None;
-        // Warm-up: the first write of a run is slow (the kernel finds and
-        // zeroes fresh pages), whoever makes it.
-        if let Err(err) = dd(dir, options.upload_mib, pinning).await {
-            failure = Some(err);
+        let runs = async {
+            // Warm-up: the first write of a run is slow (the kernel finds and
+            // zeroes fresh pages), whoever makes it.
+            dd(dir, options.upload_mib, pinning).await?;
+            repeat(options.repetitions, |_| async {
+                settle().await;
+                dd(dir, options.upload_mib, pinning).await
+            })
+            .await
         }
-        for _ in 0..options.repetitions {
-            if failure.is_some() {
-                break;
-            }
-            settle().await;
-            match dd(dir, options.upload_mib, pinning).await {
-                Ok(m) => runs.push(m),
-                Err(err) => {
-                    failure = Some(err);
-                    break;
-                }
-            }
-        }
-        rows.push(match failure {
-            Some(err) => Row::failed("dd", &place, &err),
-            None => Row::new("dd", &place, runs),
+        .await;
+        rows.push(match runs {
+            Ok(runs) => Row::new("dd", &place, runs),
+            Err(err) => Row::failed("dd", &place, &err),
         });
     }
 
@@ -101,21 +92,14 @@ pub async fn run(
             }
             for &chunk in &options.chunk_sizes {
                 tracing::info!(target = target.name(), storage, chunk, "upload runs");
-                let mut runs = Vec::new();
-                let mut failure = None;
-                for _ in 0..options.repetitions {
+                let runs = repeat(options.repetitions, |_| async {
                     settle().await;
-                    match upload(server.addr, proc.as_ref(), size, chunk, &data).await {
-                        Ok(m) => runs.push(m),
-                        Err(err) => {
-                            failure = Some(err);
-                            break;
-                        }
-                    }
-                }
-                rows.push(match failure {
-                    Some(err) => Row::failed(target.name(), &config(storage, chunk), &err),
-                    None => Row::new(target.name(), &config(storage, chunk), runs),
+                    upload(server.addr, proc.as_ref(), size, chunk, &data).await
+                })
+                .await;
+                rows.push(match runs {
+                    Ok(runs) => Row::new(target.name(), &config(storage, chunk), runs),
+                    Err(err) => Row::failed(target.name(), &config(storage, chunk), &err),
                 });
             }
             server.stop().await;
@@ -397,19 +381,12 @@ async fn iperf3(options: &Options, pinning: &Pinning) -> Result<Vec<Metrics>, Be
             }
             _ => BenchError::Io(e),
         })?;
-    let mut runs = Vec::new();
-    let mut outcome = Ok(());
-    for _ in 0..options.repetitions {
-        match iperf3_client(port, options.iperf_seconds).await {
-            Ok(m) => runs.push(m),
-            Err(err) => {
-                outcome = Err(err);
-                break;
-            }
-        }
-    }
+    let runs = repeat(options.repetitions, |_| {
+        iperf3_client(port, options.iperf_seconds)
+    })
+    .await;
     let _ = server.kill().await;
-    outcome.map(|()| runs)
+    runs
 }
 
 async fn iperf3_client(port: u16, seconds: f64) -> Result<Metrics, BenchError> {
