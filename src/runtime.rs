@@ -30,15 +30,16 @@ pub fn resolve(config: &RuntimeConfig) -> (RuntimeFlavor, usize) {
     }
 }
 
-/// Builds the runtime `config` asks for (see [`resolve`]).
+/// Builds the runtime `config` asks for (see [`resolve`]) and logs which.
 pub fn build(config: &RuntimeConfig) -> io::Result<Runtime> {
-    let mut builder = match resolve(config) {
-        (RuntimeFlavor::MultiThread, workers) => {
-            let mut builder = Builder::new_multi_thread();
-            builder.worker_threads(workers);
-            builder
-        }
-        _ => Builder::new_current_thread(),
+    let (flavor, workers) = resolve(config);
+    tracing::info!(?flavor, workers, "runtime");
+    let mut builder = if flavor == RuntimeFlavor::MultiThread {
+        let mut builder = Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    } else {
+        Builder::new_current_thread()
     };
     builder.enable_all().thread_name("streamhub").build()
 }

@@ -66,9 +66,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&config)?);
         return Ok(());
     }
-    let (flavor, workers) = runtime::resolve(&config.runtime);
     let rt = runtime::build(&config.runtime).context("cannot start the async runtime")?;
-    tracing::info!(?flavor, workers, "runtime");
     rt.block_on(serve(config))
 }
 
