@@ -825,7 +825,7 @@ async fn sigterm_during_heavy_traffic_drains_within_deadline_then_resume_is_exac
             Ended::Done => panic!("the server stopped before all was sent"),
         }
     }
-    let code = server.wait_exit(Duration::from_secs(7));
+    let code = server.wait_exit(Duration::from_secs(7)).await;
     assert_eq!(code, Some(0));
     // Everything acknowledged reached every member before the end.
     {

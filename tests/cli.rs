@@ -238,7 +238,7 @@ async fn subscribe_reconnects_when_the_server_comes_back() {
 
     first.signal("TERM");
     let mut first = first;
-    assert_eq!(first.wait_exit(Duration::from_secs(5)), Some(0));
+    assert_eq!(first.wait_exit(Duration::from_secs(5)).await, Some(0));
     lines.wait_for("reconnecting note", |v| v["event"] == "reconnecting");
 
     // Same address, new process.

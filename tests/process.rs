@@ -63,7 +63,7 @@ async fn sigterm_drains_on(flavor: &str) {
         .unwrap_err();
     assert_shutting_down("subscribe", &subscribe_end);
     assert_shutting_down("live feed", &feed_end);
-    let code = server.wait_exit(Duration::from_secs(5));
+    let code = server.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(code, Some(0));
     // Every stream ended on its own: no need to wait for the deadline.
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -89,16 +89,26 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
     let mut client = client(server.url()).await;
     let (tx, mut alerts) = open_live_feed(&mut client, 1).await;
     tx.send(payload("flood", 1.0, 1.0, 0)).await.unwrap();
-    // A subscriber that never reads: its HTTP/2 window fills up, so the
-    // server cannot deliver its closing status.
-    let mut stalled = client
+    // A subscriber that never reads, on a connection whose HTTP/2 stream
+    // window holds two samples: the window fills up, so the server cannot
+    // deliver its closing status.
+    let tiny_window = within(
+        "connect",
+        tonic::transport::Endpoint::from_shared(server.url())
+            .unwrap()
+            .initial_stream_window_size(Some(100))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut stalled = TelemetryServiceClient::new(tiny_window)
         .subscribe(request("flood", 1))
         .await
         .unwrap()
         .into_inner();
     within("first", stalled.next()).await.unwrap().unwrap();
-    // A second subscriber on the same connection shows each payload has been
-    // published before the next is sent.
+    // A second subscriber shows each payload has been published before the
+    // next is sent.
     let mut probe = client
         .subscribe(request("flood", 1))
         .await
@@ -121,7 +131,7 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
     }
 
     server.signal("TERM");
-    let code = server.wait_exit(Duration::from_secs(4));
+    let code = server.wait_exit(Duration::from_secs(4)).await;
     assert_eq!(code, Some(0));
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("drain timeout passed"), "{log}");

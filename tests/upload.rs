@@ -628,7 +628,7 @@ async fn server_killed_mid_upload_then_restarted_resumes_to_an_identical_file() 
         feeder.feed(all[..12].to_vec()).await;
         wait_for(&mut c, "crash.bin", held, true).await;
         process.signal("KILL");
-        process.wait_exit(Duration::from_secs(10));
+        process.wait_exit(Duration::from_secs(10)).await;
         assert!(feeder.outcome().await.is_err());
     }
     let process = ServerProcess::spawn(dir.path(), &[]);

@@ -169,7 +169,12 @@ impl ServerProcess {
     }
 
     /// Waits for the process to exit, up to `limit`; returns its exit code.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+    ///
+    /// Async so the test's runtime keeps serving its client connections
+    /// meanwhile: a draining server waits for its clients (for instance for
+    /// the answer to the ping that follows its GOAWAY), and a test thread
+    /// blocked here would leave that unanswered until the drain deadline.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let start = std::time::Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -179,7 +184,7 @@ impl ServerProcess {
                 start.elapsed() < limit,
                 "server did not exit within {limit:?}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
