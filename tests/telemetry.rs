@@ -14,7 +14,8 @@ use common::{
 };
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
-    ListServicesRequest, MetricsPayload, telemetry_service_client::TelemetryServiceClient,
+    ListServicesRequest, MetricsPayload, MetricsRequest, MetricsResponse,
+    telemetry_service_client::TelemetryServiceClient,
 };
 use tonic::Code;
 
@@ -176,6 +177,61 @@ async fn subscribe_sends_each_new_sample_once_and_waits_for_unknown_services() {
     // No duplicate: nothing more arrives without a new sample.
     let extra = tokio::time::timeout(Duration::from_millis(200), updates.next()).await;
     assert!(extra.is_err(), "unexpected message {extra:?}");
+}
+
+#[tokio::test]
+async fn subscribe_requests_that_are_not_one_plain_message_are_refused_saying_why() {
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let path = http::uri::PathAndQuery::from_static("/telemetry.TelemetryService/Subscribe");
+
+    // No request message at all: a client-streaming call that sends none.
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let empty = futures::stream::empty::<MetricsRequest>();
+    let refused = grpc
+        .streaming::<_, _, MetricsResponse, _>(
+            tonic::Request::new(empty),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("no MetricsRequest"),
+        "{}",
+        refused.message()
+    );
+
+    let mut client = TelemetryServiceClient::new(channel);
+    // Compressed with an encoding the server does not accept.
+    let mut gzip = tonic::Request::new(request("edge", 0));
+    gzip.metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    let refused = client.subscribe(gzip).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(refused.message().contains("gzip"), "{}", refused.message());
+
+    // Larger than limits.max_message_size.
+    let huge = request(&"x".repeat(5 * 1024 * 1024), 0);
+    let refused = client.subscribe(huge).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange);
+    assert!(
+        refused.message().contains("too large"),
+        "{}",
+        refused.message()
+    );
+
+    // The connection still serves a good request.
+    publish(server.channel().await, "edge", 7.0).await;
+    let mut updates = client
+        .subscribe(request("edge", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let update = within("update", updates.next()).await.unwrap().unwrap();
+    assert_eq!(update.cpu_usage, 7.0);
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod alerts;
 pub mod host;
 pub mod pacer;
+pub mod route;
 pub mod service;
 
 use std::{

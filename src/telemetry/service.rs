@@ -11,6 +11,7 @@ use super::{
     Hub, Report, Sample, TelemetryError,
     alerts::{Alert, AlertEngine},
     pacer::Pacer,
+    route::TelemetryServer,
 };
 use crate::{
     config::AlertRuleConfig,
@@ -43,14 +44,74 @@ impl TelemetryService {
         }
     }
 
-    /// The tonic server wrapping this service, with message size limits.
-    pub fn into_server(
-        self,
-        max_message_size: usize,
-    ) -> telemetry_service_server::TelemetryServiceServer<Self> {
-        telemetry_service_server::TelemetryServiceServer::new(self)
+    /// The server of this service, with message size limits: tonic's
+    /// generated routes, and the server's own for Subscribe.
+    pub fn into_server(self, max_message_size: usize) -> TelemetryServer {
+        let generated = telemetry_service_server::TelemetryServiceServer::new(self.clone())
             .max_decoding_message_size(max_message_size)
-            .max_encoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size);
+        TelemetryServer::new(self, generated, max_message_size)
+    }
+
+    /// Opens a Subscribe stream: the subscription is made (or refused) now,
+    /// and the stream yields each sample the pacer lets through, made into
+    /// a message by `message`. tonic's generated route sends them as
+    /// `MetricsResponse`s; the server's own route (`super::route`) as
+    /// ready-made gRPC frames.
+    pub(super) fn updates<M: Send + 'static>(
+        &self,
+        request: Request<MetricsRequest>,
+        message: impl Fn(Sample) -> M + Send + 'static,
+    ) -> Result<BoxStream<M>, Status> {
+        let mut log = StreamLog::open(&request, "Subscribe", &request.get_ref().service_name);
+        let MetricsRequest {
+            service_name,
+            interval_ms,
+        } = request.into_inner();
+        let mut subscription = self.hub.subscribe(&service_name).map_err(|e| {
+            log.end(format!("refused: {e}"));
+            status(&e)
+        })?;
+        let mut pacer = Pacer::new(self.hub.effective_interval(interval_ms));
+        let shutdown = self.shutdown.clone();
+        // No task per subscriber: tonic polls this stream, and the broker
+        // wakes it when a new sample arrives. On shutdown the server closes
+        // the hub, which ends the subscription: waiting on the broker alone
+        // spares every delivery a poll of the shutdown token.
+        let stream = async_stream::stream! {
+            loop {
+                let Some(mut sample) = subscription.next().await else {
+                    if shutdown.is_triggered() {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                    } else {
+                        log.end("service removed");
+                    }
+                    break;
+                };
+                // One message per interval: a sample that comes too soon
+                // waits, and whatever arrives meanwhile replaces it.
+                let mut now = Instant::now();
+                if let Some(until) = pacer.hold_until(now) {
+                    tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            log.end("server shutting down");
+                            yield Err(shutting_down());
+                            break;
+                        }
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                    if let Some(newer) = subscription.newest() {
+                        sample = newer;
+                    }
+                    now = Instant::now();
+                }
+                pacer.sent(now);
+                yield Ok(message(sample));
+            }
+        };
+        Ok(Box::pin(stream))
     }
 }
 
@@ -123,55 +184,8 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         &self,
         request: Request<MetricsRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let mut log = StreamLog::open(&request, "Subscribe", &request.get_ref().service_name);
-        let MetricsRequest {
-            service_name,
-            interval_ms,
-        } = request.into_inner();
-        let mut subscription = self.hub.subscribe(&service_name).map_err(|e| {
-            log.end(format!("refused: {e}"));
-            status(&e)
-        })?;
-        let mut pacer = Pacer::new(self.hub.effective_interval(interval_ms));
-        let shutdown = self.shutdown.clone();
-        // No task per subscriber: tonic polls this stream, and the broker
-        // wakes it when a new sample arrives. On shutdown the server closes
-        // the hub, which ends the subscription: waiting on the broker alone
-        // spares every delivery a poll of the shutdown token.
-        let stream = async_stream::stream! {
-            loop {
-                let Some(mut sample) = subscription.next().await else {
-                    if shutdown.is_triggered() {
-                        log.end("server shutting down");
-                        yield Err(shutting_down());
-                    } else {
-                        log.end("service removed");
-                    }
-                    break;
-                };
-                // One message per interval: a sample that comes too soon
-                // waits, and whatever arrives meanwhile replaces it.
-                let mut now = Instant::now();
-                if let Some(until) = pacer.hold_until(now) {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => {
-                            log.end("server shutting down");
-                            yield Err(shutting_down());
-                            break;
-                        }
-                        () = tokio::time::sleep_until(until) => {}
-                    }
-                    if let Some(newer) = subscription.newest() {
-                        sample = newer;
-                    }
-                    now = Instant::now();
-                }
-                pacer.sent(now);
-                yield Ok(MetricsResponse::from(sample));
-            }
-        };
-        Ok(Response::new(Box::pin(stream)))
+        self.updates(request, MetricsResponse::from)
+            .map(Response::new)
     }
 
     type LiveFeedStream = BoxStream<AlertResponse>;
