@@ -7,7 +7,8 @@
 # seconds, records the newest server process the benchmark started (the
 # server under test; run one target and one repetition) with `perf record -g` for
 # SECONDS (at PERF_FREQ Hz, default 499), and writes the hottest entries
-# to bench/profiles/NAME.txt.
+# to bench/profiles/NAME.txt. With PROFILE=load it records the load
+# generator (the `streamhub bench` process itself) instead.
 # Needs perf (Debian: apt-get install -y linux-perf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,9 @@ for _ in $(seq 600); do
   server_pid=""
   sleep 0.1
 done
+if [[ "${PROFILE:-server}" == load ]]; then
+  server_pid=$bench_pid
+fi
 if [[ -z "$server_pid" ]]; then
   echo "profile.sh: no server process under the benchmark (pid $bench_pid)" >&2
   wait "$bench_pid" || true
@@ -40,7 +44,7 @@ freq="${PERF_FREQ:-499}"
 perf record -F "$freq" -g -p "$server_pid" -o "/tmp/perf-$name.data" -- sleep "$seconds" 2>/dev/null || true
 wait "$bench_pid" || true
 {
-  echo "# perf profile of the server under test: $name"
+  echo "# perf profile of the ${PROFILE:-server} process: $name"
   echo "# benchmark: streamhub bench $*"
   echo "# perf record -F $freq -g -p PID for ${seconds}s after ${delay}s; self time, top entries"
   perf report -i "/tmp/perf-$name.data" --stdio --no-children --percent-limit 0.7 \

@@ -2,12 +2,14 @@
 //! buffers.
 //!
 //! tonic allocates an encode buffer (and a decode buffer) of 8 KiB for every
-//! call, eagerly, and grows it in steps of that size. A Subscribe stream
-//! holds its buffers for its whole life while it sends ~60-byte samples, so
-//! at 100,000 subscribers the default costs far more memory than the
-//! subscription itself (see BENCHMARKS.md, fan-out). Telemetry messages are
-//! small; 1 KiB buffers fit them and still grow for a large ListServices
-//! answer. Upload and chat keep tonic's default codec.
+//! call, eagerly, and grows it in steps of that size. A long-lived telemetry
+//! stream holds its buffers for its whole life while it carries ~60-byte
+//! messages, so at 100,000 streams the default costs far more memory than
+//! the streams themselves (see BENCHMARKS.md, fan-out). Telemetry messages
+//! are small; 1 KiB buffers fit them and still grow for a large
+//! ListServices answer. (Subscribe's responses bypass the codec: see
+//! `telemetry::route`; its request is decoded with it.) Upload and chat keep
+//! tonic's default codec.
 
 use std::marker::PhantomData;
 

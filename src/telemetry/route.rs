@@ -5,10 +5,10 @@
 //! the message is encoded into the call's buffer, split off as a chunk, and
 //! passed through a chain of body wrappers, once per delivery. Subscribe is
 //! the fan-out path, where one sample becomes thousands of deliveries, so it
-//! is served here instead: each sample is encoded once per subscriber
-//! straight into its gRPC frame (the 5-byte length prefix and the
-//! `MetricsResponse`), and the response body hands that frame to HTTP/2 as
-//! it is. Everything else about the call is what tonic's generated route
+//! is served here instead: each sample is encoded once, straight into its
+//! gRPC frame (the 5-byte length prefix and the `MetricsResponse`), by the
+//! first subscriber that sends it; the others of that service share the
+//! bytes, and each response body hands them to HTTP/2 as they are. Everything else about the call is what tonic's generated route
 //! does: the request is decoded by tonic's `Streaming`, a refusal is a
 //! trailers-only status, and the stream ends with `grpc-status` trailers.
 //! Every other method goes to the generated server.
