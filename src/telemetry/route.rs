@@ -136,7 +136,8 @@ async fn subscribe(
 
 /// The newest frame of each service, shared by its subscribers: a sample
 /// is encoded once, by the first subscriber to send it, and the others send
-/// the same bytes.
+/// the same bytes. One entry per service that has had a sample sent, so it
+/// is bounded like the hub's own table (`telemetry.max_services`).
 #[derive(Debug, Default)]
 struct SharedFrames {
     newest: Mutex<HashMap<Arc<str>, (Sample, Bytes)>>,
