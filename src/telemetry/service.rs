@@ -267,3 +267,49 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         Ok(Response::new(ListServicesResponse { services }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::config::TelemetryConfig;
+
+    /// The server mounts `route::TelemetryServer`, whose own Subscribe route
+    /// the integration tests cover; the generated one, for whoever mounts
+    /// the generated server alone, sends the same samples as messages.
+    #[tokio::test]
+    async fn the_generated_subscribe_sends_the_samples_as_messages() {
+        let hub = Arc::new(Hub::new(TelemetryConfig::default()));
+        let service = TelemetryService::new(Arc::clone(&hub), Shutdown::new());
+        let report = Report {
+            service: "edge".into(),
+            cpu_usage: 1.5,
+            memory_mb: 2.0,
+            request_count: 3,
+            timestamp_ms: 4,
+        };
+        let sample = hub.ingest(report).unwrap();
+        let request = Request::new(MetricsRequest {
+            service_name: "edge".into(),
+            interval_ms: 0,
+        });
+        let mut updates = telemetry_service_server::TelemetryService::subscribe(&service, request)
+            .await
+            .unwrap()
+            .into_inner();
+        let first = updates.next().await.unwrap().unwrap();
+        assert_eq!(first, MetricsResponse::from(sample));
+
+        let refused = telemetry_service_server::TelemetryService::subscribe(
+            &service,
+            Request::new(MetricsRequest::default()),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    }
+}
