@@ -5,7 +5,9 @@
 //! - [`alerts`] turns a stream of samples into edge-triggered alerts.
 //! - [`host`] samples this machine's CPU and memory.
 //! - [`pacer`] spaces one subscriber's messages at its interval.
-//! - [`service`] is the gRPC layer: the only part that knows protobuf.
+//! - [`service`] is the gRPC layer: with [`route`], which mounts it and
+//!   serves Subscribe as ready-made frames, the only part that knows
+//!   protobuf.
 
 pub mod alerts;
 pub mod host;

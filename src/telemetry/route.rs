@@ -22,12 +22,15 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::{Stream, future::BoxFuture};
+use futures::future::BoxFuture;
 use http_body::Frame;
 use prost::Message;
 use tonic::{Request, Status, Streaming, codec::Codec, server::NamedService};
 
-use super::{Sample, service::TelemetryService};
+use super::{
+    Sample,
+    service::{BoxStream, TelemetryService},
+};
 use crate::{
     codec::SmallBufferCodec,
     proto::telemetry::{
@@ -177,7 +180,7 @@ fn frame(sample: Sample) -> Bytes {
 /// then the `grpc-status` trailers (OK, or the status the stream ended
 /// with).
 struct Frames {
-    updates: Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>,
+    updates: BoxStream<Bytes>,
     ended: bool,
 }
 

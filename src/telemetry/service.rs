@@ -23,7 +23,8 @@ use crate::{
     shutdown::Shutdown,
 };
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// A response stream as tonic's generated routes (and `super::route`) take it.
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The `telemetry.TelemetryService` implementation.
 #[derive(Debug, Clone)]
