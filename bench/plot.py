@@ -86,7 +86,7 @@ def plot_upload(report, ax_list):
     rows = ok_rows(report)
     ax = ax_list[0]
     limits = {(r["target"], r["config"]["storage"]): r["median"].get("mib_per_s") for r in rows
-              if r["target"] in ("iperf3", "dd")}
+              if r["target"] in ("iperf3", "dd", "sha256", "store")}
     for storage, style in (("disk", "-"), ("tmpfs", "--")):
         for t in ("streamhub", "python", "node"):
             pts = [(r["config"]["chunk"], r["median"].get("mib_per_s")) for r in rows
@@ -96,11 +96,13 @@ def plot_upload(report, ax_list):
                         label=f"{t} ({storage})")
     for (t, storage), v in limits.items():
         if v:
-            ax.axhline(v, color="#999", linestyle=":" if t == "dd" else "-.", linewidth=1)
+            style = {"dd": ":", "iperf3": "-.", "sha256": "--"}.get(t, (0, (1, 3)))
+            ax.axhline(v, color="#999", linestyle=style, linewidth=1)
             ax.annotate(f"{t} {storage}: {v:.0f}", (0, v), fontsize=7, color="#555")
     ax.set_ylabel("MiB/s")
     ax.set_xlabel("chunk size")
-    ax.set_title("single-stream upload, SHA-256 + fsync (lines: iperf3 loopback, dd conv=fsync)", fontsize=9)
+    ax.set_title("single-stream upload, SHA-256 + fsync (lines: iperf3 loopback, dd conv=fsync,\n"
+                 "SHA-256 alone, the store alone fed from memory)", fontsize=9)
     ax.legend(fontsize=7)
     ax = ax_list[1]
     big = [r for r in rows if "file" in r["config"]]

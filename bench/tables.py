@@ -32,6 +32,7 @@ COLUMNS = {
         ("deliveries_per_s", "deliveries/s", 1),
         ("samples_per_s", "samples/s", 1),
         ("server_cpu_pct", "server CPU %", 1),
+        ("load_cpu_pct", "load CPU %", 1),
         ("cpu_ns_per_delivery", "CPU ns / delivery", 1),
         ("mem_per_sub_bytes", "bytes / subscription", 1),
         ("server_hwm_kib", "server peak RSS (MiB)", 1 / 1024),

@@ -152,6 +152,7 @@ fn fan_out_with_peers_and_nats() {
                 "reach_max_us",
                 "mem_per_sub_bytes",
                 "server_cpu_pct",
+                "load_cpu_pct",
             ],
             &["held", "deliveries_per_s", "reach_count", "samples_per_s"],
         );
@@ -179,13 +180,22 @@ fn upload_next_to_iperf3_and_dd() {
     let rows = rows(&report, "upload");
     assert_eq!(
         targets(rows),
-        ["iperf3", "dd", "streamhub", "python", "node"]
+        [
+            "iperf3",
+            "dd",
+            "sha256",
+            "store",
+            "streamhub",
+            "python",
+            "node"
+        ]
     );
-    // iperf3, dd x 2, 3 targets x 2 storages x 2 chunk sizes, 3 big uploads.
-    assert_eq!(rows.len(), 1 + 2 + 12 + 3);
+    // iperf3, dd x 2, sha256, store x 2, 3 targets x 2 storages x 2 chunk
+    // sizes, 3 big uploads.
+    assert_eq!(rows.len(), 1 + 2 + 1 + 2 + 12 + 3);
     for row in rows {
         measured(row, &["mib_per_s"], &["mib_per_s"]);
-        if row["target"] != "iperf3" && row["target"] != "dd" {
+        if !["iperf3", "dd", "sha256", "store"].contains(&row["target"].as_str().unwrap()) {
             measured(
                 row,
                 &["server_hwm_kib", "seconds"],

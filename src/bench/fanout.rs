@@ -338,6 +338,8 @@ async fn measure(
 ) -> Result<Metrics, BenchError> {
     let proc = server.proc().await;
     let read = |p: &Option<ProcReader>| p.as_ref().map(ProcReader::read).transpose();
+    // This process, the load generator: is it the one at its limit?
+    let load = ProcReader::new(std::process::id()).await;
     let max_seq = 2 + options.rounds + MAX_SATURATION_SAMPLES;
     let shared = Arc::new(Shared {
         progress: AtomicU64::new(0),
@@ -436,6 +438,7 @@ async fn measure(
         // Saturation.
         let sat_before = (
             read(&proc)?,
+            load.read()?,
             shared.messages.load(Ordering::Relaxed),
             shared.progress(),
         );
@@ -458,6 +461,7 @@ async fn measure(
         let sat_s = sat_started.elapsed().as_secs_f64();
         let sat_after = (
             read(&proc)?,
+            load.read()?,
             shared.messages.load(Ordering::Relaxed),
             shared.progress(),
         );
@@ -505,11 +509,11 @@ async fn measure(
     if !round_ms.is_empty() {
         m.insert("round_all_ms".into(), super::harness::median(&mut round_ms));
     }
-    let messages = (sat_after.1 - sat_before.1) as f64;
+    let messages = (sat_after.2 - sat_before.2) as f64;
     m.insert("deliveries_per_s".into(), messages / sat_s);
     m.insert(
         "sample_deliveries_per_s".into(),
-        (sat_after.2 - sat_before.2) as f64 / sat_s,
+        (sat_after.3 - sat_before.3) as f64 / sat_s,
     );
     m.insert("samples_per_s".into(), published as f64 / sat_s);
     m.insert(
@@ -521,6 +525,10 @@ async fn measure(
         m.insert("mem_per_sub_bytes".into(), grown / n as f64);
         m.insert("server_rss_idle_kib".into(), i.rss_kib as f64);
     }
+    m.insert(
+        "load_cpu_pct".into(),
+        super::harness::cpu_delta_us(&sat_before.1, &sat_after.1) / 1e4 / sat_s,
+    );
     if let (Some(b), Some(a)) = (sat_before.0, sat_after.0) {
         let cpu_us = super::harness::cpu_delta_us(&b, &a);
         m.insert("server_cpu_pct".into(), cpu_us / 1e4 / sat_s);

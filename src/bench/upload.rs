@@ -6,6 +6,12 @@
 //! (`dd conv=fsync`); and the server's peak memory during one multi-GiB
 //! upload.
 //!
+//! Two more references show what one core allows of the server's own
+//! per-byte work without any network: SHA-256 alone over bytes in memory,
+//! and streamhub's upload store (hash, write, fsync) fed from memory. Both
+//! run in the load generator, so on its core: the same model as the
+//! server's, idle while they run.
+//!
 //! Every upload of a server reuses one file name, so the stored file is
 //! replaced each time and the data directory never holds more than one
 //! file and one partial upload.
@@ -21,6 +27,8 @@ use std::{
 use tokio::{process::Command, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use sha2::{Digest as _, Sha256};
+
 use super::{
     BenchError, Options, Target,
     harness::{
@@ -28,7 +36,11 @@ use super::{
         connect, cpu_delta_us, ratio, repeat,
     },
 };
-use crate::proto::fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient};
+use crate::{
+    config::UploadConfig,
+    proto::fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
+    upload::{Store, store::WRITE_BATCH},
+};
 
 /// The chunk size the CLI uses by default, where the targets are checked.
 pub const DEFAULT_CHUNK: usize = 64 * 1024;
@@ -70,6 +82,31 @@ pub async fn run(
         rows.push(match runs {
             Ok(runs) => Row::new("dd", &place, runs),
             Err(err) => Row::failed("dd", &place, &err),
+        });
+    }
+
+    // The server's per-byte work on one core, without the network.
+    let memory = [("storage", "memory".to_owned())];
+    rows.push(
+        match repeat(options.repetitions, |_| sha256_alone(size, &data)).await {
+            Ok(runs) => Row::new("sha256", &memory, runs),
+            Err(err) => Row::failed("sha256", &memory, &err),
+        },
+    );
+    for (storage, dir) in &places {
+        let runs = async {
+            store_alone(dir, size, DEFAULT_CHUNK, &data).await?;
+            repeat(options.repetitions, |_| async {
+                settle().await;
+                store_alone(dir, size, DEFAULT_CHUNK, &data).await
+            })
+            .await
+        }
+        .await;
+        let config = config(storage, DEFAULT_CHUNK);
+        rows.push(match runs {
+            Ok(runs) => Row::new("store", &config, runs),
+            Err(err) => Row::failed("store", &config, &err),
         });
     }
 
@@ -259,17 +296,14 @@ async fn upload(
     let (tx, rx) = mpsc::channel::<FileChunk>(16);
     let data = Arc::clone(data);
     let producer = tokio::spawn(async move {
-        let window = data.len() - chunk.min(data.len());
         for i in 0..chunks {
-            let start = usize::try_from(i).unwrap_or(0).wrapping_mul(7919) % window.max(1);
-            let len = usize::try_from((size - i * chunk as u64).min(chunk as u64)).unwrap_or(chunk);
             let message = FileChunk {
                 filename: if i == 0 {
                     "bench-upload.bin".to_owned()
                 } else {
                     String::new()
                 },
-                data: data[start..start + len.min(data.len() - start)].to_vec(),
+                data: piece(&data, size, chunk, i).to_vec(),
                 chunk_index: u32::try_from(i).unwrap_or(u32::MAX),
                 is_last: i + 1 == chunks,
                 offset: None,
@@ -306,6 +340,85 @@ async fn upload(
         m.insert("server_hwm_kib".into(), a.hwm_kib as f64);
     }
     Ok(m)
+}
+
+/// Chunk `i` of a `size`-byte file cut in `chunk`-byte chunks: bytes of
+/// `data` from a place that moves with `i`.
+fn piece(data: &[u8], size: u64, chunk: usize, i: u64) -> &[u8] {
+    let window = data.len() - chunk.min(data.len());
+    let start = usize::try_from(i).unwrap_or(0).wrapping_mul(7919) % window.max(1);
+    let len =
+        usize::try_from(size.saturating_sub(i * chunk as u64).min(chunk as u64)).unwrap_or(chunk);
+    &data[start..start + len.min(data.len() - start)]
+}
+
+/// SHA-256 over `size` bytes in memory, in slices of the store's write
+/// batch, on one thread of the load generator.
+async fn sha256_alone(size: u64, data: &Arc<Vec<u8>>) -> Result<Metrics, BenchError> {
+    let data = Arc::clone(data);
+    let seconds = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut hasher = Sha256::new();
+        let slice = WRITE_BATCH.min(data.len()) as u64;
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(slice);
+            hasher.update(&data[..usize::try_from(n).unwrap_or(0)]);
+            left -= n;
+        }
+        std::hint::black_box(hasher.finalize());
+        started.elapsed().as_secs_f64()
+    })
+    .await
+    .map_err(|e| BenchError::Setup(format!("the hashing thread failed: {e}")))?;
+    let mut m = Metrics::new();
+    m.insert("seconds".into(), seconds);
+    m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
+    Ok(m)
+}
+
+/// streamhub's upload store alone: `size` bytes in `chunk`-byte chunks,
+/// each copied into a fresh buffer as decoding a `FileChunk` does, hashed,
+/// written and fsynced by the store's writer thread, as an upload to the
+/// server would be, with no network in between.
+async fn store_alone(
+    dir: &Path,
+    size: u64,
+    chunk: usize,
+    data: &Arc<Vec<u8>>,
+) -> Result<Metrics, BenchError> {
+    let dir = bench_dir_in(dir, "store")?;
+    let failed = |e: crate::upload::UploadError| BenchError::Setup(format!("store: {e}"));
+    let result = async {
+        let store = Store::open(&dir, UploadConfig::default()).map_err(failed)?;
+        let chunk = chunk.max(1);
+        let chunks = size.div_ceil(chunk as u64).max(1);
+        let started = Instant::now();
+        let mut upload = store.begin("bench-upload.bin", 0).await.map_err(failed)?;
+        for i in 0..chunks {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            upload
+                .write(index, piece(data, size, chunk, i).to_vec())
+                .await
+                .map_err(failed)?;
+        }
+        let stored = upload.finish(None).await.map_err(failed)?;
+        let seconds = started.elapsed().as_secs_f64();
+        if stored.size != size {
+            return Err(BenchError::Setup(format!(
+                "store kept {} of {size} bytes",
+                stored.size
+            )));
+        }
+        let mut m = Metrics::new();
+        m.insert("bytes".into(), size as f64);
+        m.insert("seconds".into(), seconds);
+        m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
+        Ok(m)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Flushes every dirty page of the machine (`sync`) before a measured
