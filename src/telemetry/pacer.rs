@@ -7,12 +7,24 @@
 //! at most a quarter interval ahead of that schedule; the tolerance absorbs
 //! the jitter of a publisher reporting exactly once per interval, whose
 //! samples would otherwise each wait a moment for a timer and drift behind.
-//! Two sends are never closer than three quarters of an interval, and over
-//! any stretch of time the rate stays one per interval.
+//! Over any stretch of time the rate stays one per interval, and from
+//! 4 ms up two sends are never closer than three quarters of an interval.
+//!
+//! The tolerance is never below the timer's tick (1 ms): a held sample
+//! waits for a timer, which fires on a tick and may be late by another
+//! moment when the server is busy. With a tolerance finer than that, every
+//! held send would land after its place in the schedule and move the
+//! schedule on by the lateness, so a subscriber asking for 1 ms would get
+//! one message every 1.5 to 2 ms. With it, lateness of up to a tick is
+//! absorbed; short intervals (below 4 ms) pay with sends that may come
+//! closer together, never with more of them.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// The resolution of tokio's timer: the least tolerance worth having.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// Paces one subscriber. Pure arithmetic on the instants it is given.
 #[derive(Debug, Clone)]
@@ -27,7 +39,7 @@ impl Pacer {
     pub fn new(interval: Duration) -> Self {
         Self {
             interval,
-            tolerance: interval / 4,
+            tolerance: (interval / 4).max(TIMER_TICK.min(interval)),
             next: None,
         }
     }
@@ -108,6 +120,61 @@ mod tests {
             }
         }
         assert!((100..=101).contains(&sent), "{sent} sends in 100 s");
+    }
+
+    /// Sends in one second of a firehose paced at 1 ms, when every timer
+    /// fires on the next whole millisecond and the send comes `late`
+    /// after that.
+    fn sends_in_a_second_at_one_ms(late: Duration) -> u32 {
+        let start = Instant::now();
+        let tick = Duration::from_millis(1);
+        let mut pacer = Pacer::new(tick);
+        let mut sent = 0;
+        let mut now = start;
+        while now < start + SECOND {
+            match pacer.hold_until(now) {
+                None => {
+                    pacer.sent(now);
+                    sent += 1;
+                    now += Duration::from_micros(10);
+                }
+                Some(until) => {
+                    let ticks = (until - start).as_micros().div_ceil(1000);
+                    now = start + tick * u32::try_from(ticks).unwrap_or(u32::MAX) + late;
+                }
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn a_one_ms_interval_keeps_its_rate_on_a_one_ms_timer() {
+        // Timers on whole milliseconds, woken late by up to most of one:
+        // the schedule absorbs it, and the rate stays one per interval.
+        for late_us in [0, 300, 900] {
+            let sent = sends_in_a_second_at_one_ms(Duration::from_micros(late_us));
+            assert!(
+                (990..=1002).contains(&sent),
+                "{sent} sends in 1 s at 1 ms, woken {late_us} µs late"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tolerance_is_a_quarter_interval_from_four_ms_up() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(Duration::from_millis(4));
+        pacer.sent(start);
+        assert_eq!(
+            pacer.hold_until(start),
+            Some(start + Duration::from_millis(3))
+        );
+        let mut pacer = Pacer::new(Duration::from_millis(2));
+        pacer.sent(start);
+        assert_eq!(
+            pacer.hold_until(start),
+            Some(start + Duration::from_millis(1))
+        );
     }
 
     #[test]
