@@ -13,6 +13,12 @@
 //!    most `--pipeline` samples in flight, for `--saturation` seconds:
 //!    deliveries per second, and the server's CPU per delivery.
 //!
+//! The publisher runs on a thread of its own, with its own runtime, on the
+//! load generator's cores: in real use it is a client of its own, and in
+//! the subscribers' runtime each publish would wait until they had
+//! processed the previous sample, so the server would sit idle between
+//! samples.
+//!
 //! "Keeping up" is measured as progress: the sum over subscribers of the
 //! newest sequence number received. A streamhub subscriber that falls
 //! behind skips to the newest sample (the service's semantics), which
@@ -34,14 +40,17 @@ use futures::{
     stream::{self, BoxStream, SelectAll},
 };
 use hdrhistogram::Histogram;
-use tokio::{sync::Notify, task::JoinSet};
+use tokio::{
+    sync::{Notify, oneshot},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     BenchError, Options, Target,
     harness::{
-        BENCH_SERVICE, Check, Metrics, Pinning, ProcReader, Publisher, Row, ServerUnderTest,
-        WireCounter, connect, histogram, latency_metrics, ratio, record,
+        BENCH_SERVICE, Check, Metrics, Pinning, ProcReader, ProcStats, Publisher, Row,
+        ServerUnderTest, WireCounter, connect, histogram, latency_metrics, ratio, record,
     },
     nats,
 };
@@ -171,6 +180,10 @@ struct Shared {
     base: Instant,
     /// Samples below this number are timed into the rounds histogram.
     rounds_end: AtomicU64,
+    /// The progress the publisher waits for (`u64::MAX` while it waits
+    /// for none): subscribers wake it only once that is reached, not on
+    /// every message.
+    wanted: AtomicU64,
     notify: Notify,
 }
 
@@ -279,9 +292,12 @@ async fn drive(
         if let Some(prev) = last.get_mut(i)
             && seq > *prev
         {
-            shared.progress.fetch_add(seq - *prev, Ordering::AcqRel);
+            let step = seq - *prev;
             *prev = seq;
-            shared.notify.notify_one();
+            let progress = shared.progress.fetch_add(step, Ordering::SeqCst) + step;
+            if progress >= shared.wanted.load(Ordering::SeqCst) {
+                shared.notify.notify_one();
+            }
         }
         if seq >= 2
             && let Some(latency) = shared.since_published(seq)
@@ -299,16 +315,162 @@ async fn drive(
 /// Waits until progress reaches `goal` or `limit` passes; true if reached.
 async fn wait_progress(shared: &Shared, goal: u64, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
-    while shared.progress() < goal {
+    // Published before progress is read, and the subscribers add to
+    // progress before they read it (all sequentially consistent): either
+    // this sees their progress or they see the goal and notify, and a
+    // notification given before `notified()` is awaited is kept.
+    shared.wanted.store(goal, Ordering::SeqCst);
+    let reached = loop {
+        if shared.progress.load(Ordering::SeqCst) >= goal {
+            break true;
+        }
         if tokio::time::Instant::now() >= deadline {
-            return false;
+            break false;
         }
         tokio::select! {
             () = shared.notify.notified() => {}
-            () = tokio::time::sleep(Duration::from_millis(2)) => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    };
+    shared.wanted.store(u64::MAX, Ordering::SeqCst);
+    reached
+}
+
+/// What the publisher does after the subscriptions are open.
+struct Plan {
+    /// Subscribers.
+    all: u64,
+    rounds: u64,
+    /// Pause before each round's sample.
+    gap: Duration,
+    saturation: Duration,
+    /// Samples in flight at most during saturation.
+    pipeline: u64,
+    /// Highest sample number that may be published.
+    max_seq: u64,
+}
+
+/// CPU of the server (if readable) and of the load generator, messages
+/// received and progress, at one moment.
+type Reading = (Option<ProcStats>, ProcStats, u64, u64);
+
+/// What the publisher measured.
+struct Phases {
+    /// Time for each round's sample to reach every subscriber, in ms.
+    round_ms: Vec<f64>,
+    /// Length of the saturation phase, in seconds.
+    sat_s: f64,
+    sat_before: Reading,
+    sat_after: Reading,
+    /// Samples published during saturation.
+    published: u64,
+}
+
+/// Rounds (one sample at a time, each once every subscriber has the one
+/// before), then saturation (publishing as fast as the subscribers keep
+/// up, at most `pipeline` samples ahead).
+async fn phases(
+    publisher: Arc<FanPublisher>,
+    shared: Arc<Shared>,
+    plan: Plan,
+    proc: Option<ProcReader>,
+    load: ProcReader,
+) -> Result<Phases, BenchError> {
+    let reading = || -> Result<Reading, BenchError> {
+        Ok((
+            proc.as_ref().map(ProcReader::read).transpose()?,
+            load.read()?,
+            shared.messages.load(Ordering::Relaxed),
+            shared.progress(),
+        ))
+    };
+    let mut round_ms = Vec::new();
+    for seq in 2..2 + plan.rounds {
+        tokio::time::sleep(plan.gap).await;
+        let started = Instant::now();
+        publisher.publish(&shared, seq).await?;
+        if wait_progress(&shared, plan.all * seq, Duration::from_secs(30)).await {
+            round_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    true
+
+    let sat_before = reading()?;
+    let sat_started = Instant::now();
+    let sat_end = sat_started + plan.saturation;
+    let mut next = 2 + plan.rounds;
+    let first = next;
+    while Instant::now() < sat_end && next < plan.max_seq {
+        let goal = plan.all * next.saturating_sub(plan.pipeline);
+        if shared.progress() >= goal {
+            publisher.publish(&shared, next).await?;
+            next += 1;
+        } else {
+            let left = sat_end.saturating_duration_since(Instant::now());
+            wait_progress(&shared, goal, left).await;
+        }
+    }
+    let sat_s = sat_started.elapsed().as_secs_f64();
+    let sat_after = reading()?;
+    Ok(Phases {
+        round_ms,
+        sat_s,
+        sat_before,
+        sat_after,
+        published: next - first,
+    })
+}
+
+/// A thread with a runtime of its own for the publisher, on the load
+/// generator's cores (it inherits their affinity).
+struct PublisherThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PublisherThread {
+    fn start() -> Result<Self, BenchError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-publisher".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `work` on the publisher's thread and waits for it.
+    async fn run<F>(&self, work: F) -> Result<F::Output, BenchError>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle
+            .spawn(work)
+            .await
+            .map_err(|e| BenchError::Setup(format!("the publisher's task failed: {e}")))
+    }
+}
+
+impl Drop for PublisherThread {
+    fn drop(&mut self) {
+        // Ends the runtime's `block_on`; its remaining tasks are dropped
+        // with it.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 async fn run_once(
@@ -348,14 +510,23 @@ async fn measure(
         published: (0..max_seq).map(|_| AtomicU64::new(0)).collect(),
         base: Instant::now(),
         rounds_end: AtomicU64::new(2 + options.rounds),
+        wanted: AtomicU64::new(u64::MAX),
         notify: Notify::new(),
     });
-    let publisher = if target == Target::Nats {
-        FanPublisher::Nats(nats::connect(server.addr).await?)
-    } else {
-        let channel = connect(server.addr, &WireCounter::default()).await?;
-        FanPublisher::Grpc(Publisher::open(channel))
-    };
+    // The publisher's connection and tasks live on its own thread.
+    let side = PublisherThread::start()?;
+    let addr = server.addr;
+    let publisher = Arc::new(
+        side.run(async move {
+            Ok::<_, BenchError>(if target == Target::Nats {
+                FanPublisher::Nats(nats::connect(addr).await?)
+            } else {
+                let channel = connect(addr, &WireCounter::default()).await?;
+                FanPublisher::Grpc(Publisher::open(channel))
+            })
+        })
+        .await??,
+    );
     // gRPC subscribers get the latest sample on subscribing: publish it
     // first. nats-server keeps no latest value: publish once all listen.
     if target != Target::Nats {
@@ -423,57 +594,24 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = read(&proc)?;
 
-        // Rounds: one sample at a time.
-        let gap = Duration::from_millis(target.min_interval_ms() + 20);
-        let mut round_ms = Vec::new();
-        for seq in 2..2 + options.rounds {
-            tokio::time::sleep(gap).await;
-            let started = Instant::now();
-            publisher.publish(&shared, seq).await?;
-            if wait_progress(&shared, all * seq, Duration::from_secs(30)).await {
-                round_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-
-        // Saturation.
-        let sat_before = (
-            read(&proc)?,
-            load.read()?,
-            shared.messages.load(Ordering::Relaxed),
-            shared.progress(),
-        );
-        let sat_started = Instant::now();
-        let sat_end = sat_started + Duration::from_secs_f64(options.saturation);
-        let mut next = 2 + options.rounds;
-        let first = next;
-        while Instant::now() < sat_end && next < max_seq {
-            let goal = all * next.saturating_sub(options.pipeline.max(1));
-            if shared.progress() >= goal {
-                publisher.publish(&shared, next).await?;
-                next += 1;
-            } else {
-                tokio::select! {
-                    () = shared.notify.notified() => {}
-                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
-                }
-            }
-        }
-        let sat_s = sat_started.elapsed().as_secs_f64();
-        let sat_after = (
-            read(&proc)?,
-            load.read()?,
-            shared.messages.load(Ordering::Relaxed),
-            shared.progress(),
-        );
-        Ok((
-            setup_s,
-            idle,
-            round_ms,
-            sat_s,
-            sat_before,
-            sat_after,
-            next - first,
-        ))
+        let plan = Plan {
+            all,
+            rounds: options.rounds,
+            gap: Duration::from_millis(target.min_interval_ms() + 20),
+            saturation: Duration::from_secs_f64(options.saturation),
+            pipeline: options.pipeline.max(1),
+            max_seq,
+        };
+        let phases = side
+            .run(phases(
+                Arc::clone(&publisher),
+                Arc::clone(&shared),
+                plan,
+                proc.clone(),
+                load,
+            ))
+            .await??;
+        Ok((setup_s, idle, phases))
     }
     .await;
     stop.cancel();
@@ -494,10 +632,21 @@ async fn measure(
         tasks.abort_all();
     }
     drop(conns);
-    if let FanPublisher::Grpc(p) = publisher {
+    if let Some(FanPublisher::Grpc(p)) = Arc::into_inner(publisher) {
         p.close().await;
     }
-    let (setup_s, idle, mut round_ms, sat_s, sat_before, sat_after, published) = outcome?;
+    drop(side);
+    let (
+        setup_s,
+        idle,
+        Phases {
+            mut round_ms,
+            sat_s,
+            sat_before,
+            sat_after,
+            published,
+        },
+    ) = outcome?;
 
     let mut m = latency_metrics("reach", &rounds);
     m.extend(latency_metrics("saturated_latency", &saturated));

@@ -158,6 +158,7 @@ async fn clock_ticks() -> u64 {
 }
 
 /// Reads a process's CPU time and memory.
+#[derive(Clone)]
 pub struct ProcReader {
     pid: u32,
     ticks_per_s: u64,
