@@ -350,9 +350,17 @@ struct Plan {
     max_seq: u64,
 }
 
-/// CPU of the server (if readable) and of the load generator, messages
-/// received and progress, at one moment.
-type Reading = (Option<ProcStats>, ProcStats, u64, u64);
+/// What the saturation phase reads at its start and end.
+struct Reading {
+    /// The server's CPU and memory, if readable.
+    server: Option<ProcStats>,
+    /// This process's, the load generator's.
+    load: ProcStats,
+    /// Messages received.
+    messages: u64,
+    /// Subscribers' progress (see [`Shared::progress`]).
+    progress: u64,
+}
 
 /// What the publisher measured.
 struct Phases {
@@ -377,12 +385,12 @@ async fn phases(
     load: ProcReader,
 ) -> Result<Phases, BenchError> {
     let reading = || -> Result<Reading, BenchError> {
-        Ok((
-            proc.as_ref().map(ProcReader::read).transpose()?,
-            load.read()?,
-            shared.messages.load(Ordering::Relaxed),
-            shared.progress(),
-        ))
+        Ok(Reading {
+            server: proc.as_ref().map(ProcReader::read).transpose()?,
+            load: load.read()?,
+            messages: shared.messages.load(Ordering::Relaxed),
+            progress: shared.progress(),
+        })
     };
     let mut round_ms = Vec::new();
     for seq in 2..2 + plan.rounds {
@@ -658,11 +666,11 @@ async fn measure(
     if !round_ms.is_empty() {
         m.insert("round_all_ms".into(), super::harness::median(&mut round_ms));
     }
-    let messages = (sat_after.2 - sat_before.2) as f64;
+    let messages = (sat_after.messages - sat_before.messages) as f64;
     m.insert("deliveries_per_s".into(), messages / sat_s);
     m.insert(
         "sample_deliveries_per_s".into(),
-        (sat_after.3 - sat_before.3) as f64 / sat_s,
+        (sat_after.progress - sat_before.progress) as f64 / sat_s,
     );
     m.insert("samples_per_s".into(), published as f64 / sat_s);
     m.insert(
@@ -676,9 +684,9 @@ async fn measure(
     }
     m.insert(
         "load_cpu_pct".into(),
-        super::harness::cpu_delta_us(&sat_before.1, &sat_after.1) / 1e4 / sat_s,
+        super::harness::cpu_delta_us(&sat_before.load, &sat_after.load) / 1e4 / sat_s,
     );
-    if let (Some(b), Some(a)) = (sat_before.0, sat_after.0) {
+    if let (Some(b), Some(a)) = (sat_before.server, sat_after.server) {
         let cpu_us = super::harness::cpu_delta_us(&b, &a);
         m.insert("server_cpu_pct".into(), cpu_us / 1e4 / sat_s);
         if messages > 0.0 {
