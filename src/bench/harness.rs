@@ -831,6 +831,18 @@ impl Row {
         row
     }
 
+    /// A row from its repetitions, or from the error that stopped them.
+    pub fn of(
+        target: &str,
+        config: &[(&str, String)],
+        runs: Result<Vec<Metrics>, BenchError>,
+    ) -> Self {
+        match runs {
+            Ok(runs) => Self::new(target, config, runs),
+            Err(err) => Self::failed(target, config, &err),
+        }
+    }
+
     /// The median of `metric`, if measured.
     pub fn get(&self, metric: &str) -> Option<f64> {
         self.median.get(metric).copied().filter(|v| v.is_finite())

@@ -51,10 +51,7 @@ pub async fn run(
             runs
         }
         .await;
-        rows.push(match result {
-            Ok(runs) => Row::new(target.name(), &config, runs),
-            Err(err) => Row::failed(target.name(), &config, &err),
-        });
+        rows.push(Row::of(target.name(), &config, result));
     }
 
     let tcp_config = [("path", "TCP ping-pong".to_owned())];
@@ -78,10 +75,7 @@ pub async fn run(
         runs
     }
     .await;
-    rows.push(match result {
-        Ok(runs) => Row::new("tcp", &tcp_config, runs),
-        Err(err) => Row::failed("tcp", &tcp_config, &err),
-    });
+    rows.push(Row::of("tcp", &tcp_config, result));
 
     let p50 = |target: &str| {
         rows.iter()

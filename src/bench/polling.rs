@@ -100,10 +100,7 @@ pub async fn run(
                     run_once(server.addr, proc.as_ref(), mode, *variant, options)
                 })
                 .await;
-                rows.push(match runs {
-                    Err(err) => Row::failed(target.name(), &config(variant, mode), &err),
-                    Ok(runs) => Row::new(target.name(), &config(variant, mode), runs),
-                });
+                rows.push(Row::of(target.name(), &config(variant, mode), runs));
             }
         }
         server.stop().await;

@@ -62,52 +62,24 @@ pub async fn run(
 
     // The limits.
     let loopback = [("storage", "loopback".to_owned())];
-    rows.push(match iperf3(options, pinning).await {
-        Ok(runs) => Row::new("iperf3", &loopback, runs),
-        Err(err) => Row::failed("iperf3", &loopback, &err),
-    });
+    rows.push(Row::of("iperf3", &loopback, iperf3(options, pinning).await));
     for (storage, dir) in &places {
         let place = [("storage", (*storage).to_owned())];
-        let runs = async {
-            // Warm-up: the first write of a run is slow (the kernel finds and
-            // zeroes fresh pages), whoever makes it.
-            dd(dir, options.upload_mib, pinning).await?;
-            repeat(options.repetitions, |_| async {
-                settle().await;
-                dd(dir, options.upload_mib, pinning).await
-            })
-            .await
-        }
-        .await;
-        rows.push(match runs {
-            Ok(runs) => Row::new("dd", &place, runs),
-            Err(err) => Row::failed("dd", &place, &err),
-        });
+        let runs =
+            after_warm_up(options.repetitions, || dd(dir, options.upload_mib, pinning)).await;
+        rows.push(Row::of("dd", &place, runs));
     }
 
     // The server's per-byte work on one core, without the network.
     let memory = [("storage", "memory".to_owned())];
-    rows.push(
-        match repeat(options.repetitions, |_| sha256_alone(size, &data)).await {
-            Ok(runs) => Row::new("sha256", &memory, runs),
-            Err(err) => Row::failed("sha256", &memory, &err),
-        },
-    );
+    let runs = repeat(options.repetitions, |_| sha256_alone(size, &data)).await;
+    rows.push(Row::of("sha256", &memory, runs));
     for (storage, dir) in &places {
-        let runs = async {
-            store_alone(dir, size, DEFAULT_CHUNK, &data).await?;
-            repeat(options.repetitions, |_| async {
-                settle().await;
-                store_alone(dir, size, DEFAULT_CHUNK, &data).await
-            })
-            .await
-        }
+        let runs = after_warm_up(options.repetitions, || {
+            store_alone(dir, size, DEFAULT_CHUNK, &data)
+        })
         .await;
-        let config = config(storage, DEFAULT_CHUNK);
-        rows.push(match runs {
-            Ok(runs) => Row::new("store", &config, runs),
-            Err(err) => Row::failed("store", &config, &err),
-        });
+        rows.push(Row::of("store", &config(storage, DEFAULT_CHUNK), runs));
     }
 
     // Throughput per target, storage and chunk size.
@@ -134,10 +106,7 @@ pub async fn run(
                     upload(server.addr, proc.as_ref(), size, chunk, &data).await
                 })
                 .await;
-                rows.push(match runs {
-                    Ok(runs) => Row::new(target.name(), &config(storage, chunk), runs),
-                    Err(err) => Row::failed(target.name(), &config(storage, chunk), &err),
-                });
+                rows.push(Row::of(target.name(), &config(storage, chunk), runs));
             }
             server.stop().await;
         }
@@ -165,10 +134,7 @@ pub async fn run(
             result
         }
         .await;
-        rows.push(match result {
-            Ok(m) => Row::new(target.name(), &config, vec![m]),
-            Err(err) => Row::failed(target.name(), &config, &err),
-        });
+        rows.push(Row::of(target.name(), &config, result.map(|m| vec![m])));
     }
 
     let checks = checks(&rows, options);
@@ -327,11 +293,9 @@ async fn upload(
             response.message, response.total_bytes
         )));
     }
-    let mut m = Metrics::new();
+    let mut m = throughput(size, seconds);
     m.insert("bytes".into(), size as f64);
     m.insert("chunks".into(), chunks as f64);
-    m.insert("seconds".into(), seconds);
-    m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
     if let (Some(b), Some(a)) = (before, after) {
         m.insert(
             "server_cpu_pct".into(),
@@ -340,6 +304,14 @@ async fn upload(
         m.insert("server_hwm_kib".into(), a.hwm_kib as f64);
     }
     Ok(m)
+}
+
+/// `seconds` and `mib_per_s` of `bytes` moved in `seconds`.
+fn throughput(bytes: u64, seconds: f64) -> Metrics {
+    let mut m = Metrics::new();
+    m.insert("seconds".into(), seconds);
+    m.insert("mib_per_s".into(), bytes as f64 / MIB / seconds);
+    m
 }
 
 /// Chunk `i` of a `size`-byte file cut in `chunk`-byte chunks: bytes of
@@ -371,10 +343,7 @@ async fn sha256_alone(size: u64, data: &Arc<Vec<u8>>) -> Result<Metrics, BenchEr
     })
     .await
     .map_err(|e| BenchError::Setup(format!("the hashing thread failed: {e}")))?;
-    let mut m = Metrics::new();
-    m.insert("seconds".into(), seconds);
-    m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
-    Ok(m)
+    Ok(throughput(size, seconds))
 }
 
 /// streamhub's upload store alone: `size` bytes in `chunk`-byte chunks,
@@ -410,15 +379,32 @@ async fn store_alone(
                 stored.size
             )));
         }
-        let mut m = Metrics::new();
+        let mut m = throughput(size, seconds);
         m.insert("bytes".into(), size as f64);
-        m.insert("seconds".into(), seconds);
-        m.insert("mib_per_s".into(), size as f64 / MIB / seconds);
         Ok(m)
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Runs `measure` once unmeasured, then `times` times after [`settle`]:
+/// the first large write of a run is slow (the kernel finds and zeroes
+/// fresh pages), whoever makes it.
+async fn after_warm_up<F, Fut>(times: usize, mut measure: F) -> Result<Vec<Metrics>, BenchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Metrics, BenchError>>,
+{
+    measure().await?;
+    repeat(times, |_| {
+        let run = measure();
+        async {
+            settle().await;
+            run.await
+        }
+    })
+    .await
 }
 
 /// Flushes every dirty page of the machine (`sync`) before a measured
@@ -457,10 +443,7 @@ async fn dd(dir: &Path, mib: u64, pinning: &Pinning) -> Result<Metrics, BenchErr
             String::from_utf8_lossy(&output.stderr)
         )));
     }
-    let mut m = Metrics::new();
-    m.insert("seconds".into(), seconds);
-    m.insert("mib_per_s".into(), mib as f64 / seconds);
-    Ok(m)
+    Ok(throughput(mib * 1024 * 1024, seconds))
 }
 
 /// A command run on the server's cores when pinning.
