@@ -12,10 +12,11 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: [&str; 3] = [
+const PROTOS: [&str; 4] = [
     "proto/telemetry.proto",
     "proto/fileupload.proto",
     "proto/chat.proto",
+    "proto/server.proto",
 ];
 
 const CONTRACT: [&str; 3] = [

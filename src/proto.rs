@@ -23,3 +23,8 @@ pub mod chat {
 /// The encoded `FileDescriptorSet` of every streamhub proto, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/streamhub_descriptor.bin"));
+
+/// `streamhub` package: the server's own service (identity, server info).
+pub mod streamhub {
+    tonic::include_proto!("streamhub");
+}

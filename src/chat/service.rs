@@ -292,6 +292,22 @@ fn end_status(reason: Option<&EndReason>, last_sent: u64) -> Status {
 impl chat_service_server::ChatService for ChatService {
     type ChatStream = BoxStream<pb::ChatMessage>;
 
+    type WatchRoomStream = BoxStream<pb::ChatMessage>;
+
+    async fn watch_room(
+        &self,
+        _request: Request<pb::WatchRoomRequest>,
+    ) -> Result<Response<Self::WatchRoomStream>, Status> {
+        Err(Status::unimplemented("WatchRoom is not implemented yet"))
+    }
+
+    async fn send(
+        &self,
+        _request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::ChatMessage>, Status> {
+        Err(Status::unimplemented("Send is not implemented yet"))
+    }
+
     async fn chat(
         &self,
         request: Request<Streaming<pb::ChatMessage>>,

@@ -267,6 +267,22 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
             .collect();
         Ok(Response::new(ListServicesResponse { services }))
     }
+
+    type WatchStream = BoxStream<crate::proto::telemetry::WatchEvent>;
+
+    async fn watch(
+        &self,
+        _request: Request<crate::proto::telemetry::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("Watch is not implemented yet"))
+    }
+
+    async fn get_history(
+        &self,
+        _request: Request<crate::proto::telemetry::HistoryRequest>,
+    ) -> Result<Response<crate::proto::telemetry::HistoryResponse>, Status> {
+        Err(Status::unimplemented("GetHistory is not implemented yet"))
+    }
 }
 
 #[cfg(test)]

@@ -395,6 +395,13 @@ impl file_upload_service_server::FileUploadService for UploadService {
         }))
     }
 
+    async fn list_uploads(
+        &self,
+        _request: Request<crate::proto::fileupload::ListUploadsRequest>,
+    ) -> Result<Response<crate::proto::fileupload::ListUploadsResponse>, Status> {
+        Err(Status::unimplemented("ListUploads is not implemented yet"))
+    }
+
     type DownloadStream = BoxStream<DownloadChunk>;
 
     async fn download(
