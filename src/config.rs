@@ -48,6 +48,8 @@ pub struct Config {
     pub chat: ChatConfig,
     /// How the server's async runtime is built.
     pub runtime: RuntimeConfig,
+    /// TLS for every connection (off unless a certificate is given).
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -61,6 +63,36 @@ impl Default for Config {
             upload: UploadConfig::default(),
             chat: ChatConfig::default(),
             runtime: RuntimeConfig::default(),
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// Server TLS (see `transport::tls`): on when `cert` and `key` are set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate, optionally followed by its
+    /// chain (intermediates).
+    pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// PEM file with the CA certificates that sign client certificates;
+    /// when set, every client must present one (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes and reloaded (SIGHUP
+    /// reloads at once); zero checks only on SIGHUP.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            client_ca: None,
+            reload_interval: Duration::from_secs(5),
         }
     }
 }
@@ -128,6 +160,25 @@ pub struct Limits {
     /// Largest HTTP/2 frame payload the server accepts, in bytes (16 KiB
     /// to 16 MiB - 1).
     pub max_frame_size: u32,
+    /// Largest header block (request metadata, decoded) a client may send,
+    /// in bytes; bounds CONTINUATION floods and header bombs.
+    pub max_header_list_size: u32,
+    /// Time a new connection has to finish its TLS handshake and its HTTP/2
+    /// preface (or send its first HTTP/1.1 request); then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection without an open stream for this long is closed (GOAWAY).
+    /// Keepalive pings do not count as activity.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once; more are closed as soon as they are
+    /// accepted. Lowered at start to fit the file-descriptor limit.
+    pub max_connections: usize,
+    /// Bytes of gRPC messages one connection's calls may hold partly
+    /// received (each call counted at the largest message it has started,
+    /// for its whole life); a call that would pass it ends with
+    /// RESOURCE_EXHAUSTED. At least `max_message_size`.
+    pub connection_message_budget: usize,
 }
 
 impl Default for Limits {
@@ -148,6 +199,11 @@ impl Default for Limits {
             // instead of 16 KiB pieces: +21 % upload throughput at 1 MiB
             // chunks (BENCHMARKS.md, Tuning).
             max_frame_size: 1024 * 1024,
+            max_header_list_size: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_connections: 10_000,
+            connection_message_budget: 64 * 1024 * 1024,
         }
     }
 }
@@ -407,6 +463,38 @@ impl Config {
             return Err(ConfigError::Inconsistent(
                 "limits.max_message_size must be at least 1024 bytes".into(),
             ));
+        }
+        self.validate_transport()?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks the connection-layer settings (`limits.*` of the transport,
+    /// `tls.*`).
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.handshake_timeout.is_zero() || l.idle_timeout.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "limits.handshake_timeout and limits.idle_timeout must be above zero".into(),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(ConfigError::Inconsistent(
+                "limits.max_connections must be at least 1".into(),
+            ));
+        }
+        if l.max_header_list_size < 1024 {
+            return Err(ConfigError::Inconsistent(
+                "limits.max_header_list_size must be at least 1024 bytes".into(),
+            ));
+        }
+        if l.connection_message_budget < l.max_message_size {
+            return Err(ConfigError::Inconsistent(format!(
+                "limits.connection_message_budget ({}) must be at least \
+                 limits.max_message_size ({})",
+                l.connection_message_budget, l.max_message_size
+            )));
         }
         Ok(())
     }

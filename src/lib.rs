@@ -7,6 +7,8 @@
 //! # Layout
 //!
 //! - [`server`]: wiring of services, health, reflection, limits, shutdown.
+//! - [`transport`]: connections: accept loop, TLS, handshake and idle
+//!   timeouts, connection cap, graceful drain.
 //! - [`config`]: settings from defaults, file, environment and flags.
 //! - [`runtime`]: the server's tokio runtime (flavour, workers).
 //! - [`shutdown`]: the cancellation token every stream watches.
@@ -32,4 +34,5 @@ pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod transport;
 pub mod upload;

@@ -124,9 +124,10 @@ pub struct Gate<S> {
 
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
-impl<S, B> tower::Service<http::Request<B>> for Gate<S>
+impl<S, B, ResBody> tower::Service<http::Request<B>> for Gate<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    ResBody: Default,
 {
     type Response = S::Response;
     type Error = S::Error;

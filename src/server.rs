@@ -4,11 +4,17 @@
 //! [`run`] takes an already-bound listener and a shutdown future, so tests
 //! start a server on port 0 and stop it when they like.
 //!
+//! The gRPC services are one `tonic::service::Routes`, turned into an
+//! `axum::Router` (where plain HTTP routes and tower layers join them) and
+//! served by [`transport`](crate::transport): streamhub's own connection
+//! layer (TLS, handshake and idle timeouts, the connection cap).
+//!
 //! Shutdown, in order: health goes NOT_SERVING; the token is cancelled, so
 //! new calls are refused and every open stream delivers what it accepted
-//! and ends with UNAVAILABLE; tonic stops accepting connections and waits
-//! for them to close; if that takes longer than the drain timeout, whatever
-//! is left is dropped and `run` returns anyway. Chat rooms, on the token,
+//! and ends with UNAVAILABLE; the transport stops accepting connections,
+//! sends GOAWAY on each, closes those with no open stream, and waits for
+//! the rest to close; if that takes longer than the drain timeout, whatever
+//! is left is closed and `run` returns anyway. Chat rooms, on the token,
 //! store and deliver every message already submitted, tell each member the
 //! server is shutting down, and end its call with UNAVAILABLE; the chat
 //! storage is closed last.
@@ -16,7 +22,8 @@
 use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio_util::sync::CancellationToken;
+use tonic::service::{RecoverErrorLayer, Routes};
 use tonic::{Request, Response, Status};
 use tonic_health::{
     ServingStatus,
@@ -39,6 +46,7 @@ use crate::{
     rpc::{GateLayer, shutting_down},
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
+    transport::{Transport, TransportError, grpc_timeout::GrpcTimeoutLayer},
     upload::{self, service::UploadService},
 };
 
@@ -56,9 +64,9 @@ pub enum ServerError {
     /// Reflection could not be built from the descriptors.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The transport failed.
+    /// The transport could not start (e.g. the TLS files do not load).
     #[error("transport error: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Transport(#[from] TransportError),
     /// The upload store could not be opened.
     #[error("cannot open the upload store: {0}")]
     Upload(#[from] upload::UploadError),
@@ -77,17 +85,24 @@ pub const SERVICE_NAMES: &[&str] = &[
     "chat.ChatService",
 ];
 
+/// How long closing the connections left at the drain deadline may take.
+const FORCED_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs a server on `listener` until `signal` completes, then shuts down
 /// gracefully within `config.drain_timeout`.
 pub async fn run<F>(listener: TcpListener, config: Config, signal: F) -> Result<(), ServerError>
 where
     F: Future<Output = ()> + Send,
 {
-    let local_addr = listener.local_addr()?;
+    // First, so a bad TLS file stops the start before anything is opened.
+    let transport = Transport::new(listener, &config.limits, &config.tls)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
+    let local_addr = transport.local_addr();
+    // Open connections, for whoever reports them (e.g. a metrics route).
+    let _conn_stats = transport.stats();
 
     let shutdown = Shutdown::new();
     let hub = Arc::new(Hub::new(config.telemetry.clone()));
@@ -129,25 +144,8 @@ where
         .build_v1alpha()?;
 
     let limits = &config.limits;
-    let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_accept_reset_streams))
-        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
-        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
-        .initial_stream_window_size(limits.initial_stream_window_size)
-        .initial_connection_window_size(limits.initial_connection_window_size)
-        .max_frame_size(limits.max_frame_size);
-    if let Some(age) = limits.max_connection_age {
-        builder = builder.max_connection_age(age);
-    }
-    if let Some(grace) = limits.max_connection_age_grace {
-        builder = builder.max_connection_age_grace(grace);
-    }
-
-    let router = builder
-        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
-        .add_service(health_service)
+    let mut grpc = Routes::builder();
+    grpc.add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -166,18 +164,31 @@ where
             )
             .into_server(limits.max_message_size),
         );
+    let app = grpc
+        .routes()
+        .prepare()
+        .into_axum_router()
+        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()));
+    // Plain HTTP routes join here with `.merge(…)` (the gRPC routes answer
+    // any other path with UNIMPLEMENTED), and layers every request passes
+    // (authentication, gRPC-Web) with `.layer(…)` after it.
+    let app = tower::ServiceBuilder::new()
+        // What tonic's server did around the routes: a service error
+        // becomes a gRPC status, and a unary call's grpc-timeout is kept.
+        .layer(RecoverErrorLayer::new())
+        .layer(GrpcTimeoutLayer)
+        .service(app);
 
-    // serve_with_incoming ignores the builder's TCP options: set them here.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(limits.tcp_keepalive));
-
-    let serve = router.serve_with_incoming_shutdown(incoming, shutdown.token().cancelled_owned());
+    let force = CancellationToken::new();
+    let tls = transport.is_tls();
+    let serve = transport.serve(app, shutdown.token(), force.clone());
     tokio::pin!(serve);
-    tracing::info!(addr = %local_addr, data_dir = %config.data_dir.display(), "serving");
+    tracing::info!(addr = %local_addr, tls, data_dir = %config.data_dir.display(), "serving");
 
     tokio::select! {
-        result = &mut serve => return result.map_err(ServerError::from),
+        // Ends only once the token is cancelled, which only the code below
+        // does.
+        () = &mut serve => return Ok(()),
         () = signal => {}
     }
 
@@ -195,9 +206,16 @@ where
     // Subscribe streams wait on the broker alone: closing it ends them.
     hub.close();
 
-    match tokio::time::timeout_at(deadline, &mut serve).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!("drain timeout passed: closing the remaining connections"),
+    if tokio::time::timeout_at(deadline, &mut serve).await.is_err() {
+        tracing::warn!("drain timeout passed: closing the remaining connections");
+        force.cancel();
+        // Each connection's task lets go of its connection at once.
+        if tokio::time::timeout(FORCED_CLOSE, &mut serve)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still closing; not waiting for them");
+        }
     }
     if tokio::time::timeout_at(deadline, shutdown.wait_tasks())
         .await

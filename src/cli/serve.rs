@@ -32,6 +32,17 @@ pub struct ServeArgs {
     /// (repeatable; wins over file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Serve over TLS with this certificate (PEM; may hold the chain after
+    /// the server certificate). Config key `tls.cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM). Config key `tls.key`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this file (PEM; mutual
+    /// TLS). Config key `tls.client_ca`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Print the effective configuration as TOML-like JSON and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -53,6 +64,15 @@ impl ServeArgs {
         }
         if let Some(timeout) = self.drain_timeout {
             config.drain_timeout = timeout;
+        }
+        if let Some(cert) = &self.tls_cert {
+            config.tls.cert = Some(cert.clone());
+        }
+        if let Some(key) = &self.tls_key {
+            config.tls.key = Some(key.clone());
+        }
+        if let Some(ca) = &self.tls_client_ca {
+            config.tls.client_ca = Some(ca.clone());
         }
         Ok(config)
     }
