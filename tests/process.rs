@@ -138,6 +138,35 @@ async fn a_stream_that_cannot_drain_is_forced_at_the_deadline() {
     drop((tx, alerts.next().await, stalled));
 }
 
+#[tokio::test]
+async fn sigterm_with_connections_that_never_sent_a_request_exits_without_waiting_for_them() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A drain timeout far beyond the test's wait: only connections closed
+    // at once let the server exit in time.
+    let mut server = ServerProcess::spawn(dir.path(), &["--drain-timeout", "120s"]);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // Sends nothing.
+    let silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Sends half the HTTP/2 preface.
+    let mut half = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    half.write_all(&preface[..10]).await.unwrap();
+    // Finishes the HTTP/2 handshake, then neither reads nor answers.
+    let mut mute = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    mute.write_all(preface).await.unwrap();
+    mute.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // A call answered after them: the server has accepted all three.
+    let mut client = client(server.url()).await;
+    within("snapshot", client.get_snapshot(request("nobody", 0)))
+        .await
+        .unwrap_err();
+
+    server.signal("TERM");
+    let code = server.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0));
+    drop((silent, half, mute));
+}
+
 #[test]
 fn settings_come_from_defaults_file_environment_and_flags_in_that_order() {
     let dir = tempfile::tempdir().unwrap();
