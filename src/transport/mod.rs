@@ -168,13 +168,17 @@ pub struct Transport {
     settings: Settings,
     tls: Option<Arc<tls::TlsReloader>>,
     tls_reload_interval: Duration,
+    /// The SIGHUP handler, installed at once so a SIGHUP as soon as the
+    /// server listens reloads instead of ending the process.
+    hangup: Option<tls::Hangup>,
     stats: ConnStats,
 }
 
 impl Transport {
     /// Prepares to serve on `listener`: raises the file-descriptor limit,
     /// derives the connection cap from it, and loads the TLS files if
-    /// `tls` names any.
+    /// `tls` names any (then SIGHUP reloads them: call from within the
+    /// runtime).
     ///
     /// # Errors
     ///
@@ -198,6 +202,7 @@ impl Transport {
             );
         }
         let tls_reloader = tls::TlsReloader::from_config(tls)?.map(Arc::new);
+        let hangup = tls_reloader.as_ref().map(|_| tls::Hangup::listen());
         Ok(Self {
             listener,
             local_addr,
@@ -210,6 +215,7 @@ impl Transport {
             },
             tls: tls_reloader,
             tls_reload_interval: tls.reload_interval,
+            hangup,
             stats: ConnStats::default(),
         })
     }
@@ -250,11 +256,12 @@ impl Transport {
             settings,
             tls,
             tls_reload_interval,
+            hangup,
             stats,
             ..
         } = self;
-        if let Some(tls) = &tls {
-            tokio::spawn(Arc::clone(tls).watch(tls_reload_interval, stop.clone()));
+        if let (Some(tls), Some(hangup)) = (&tls, hangup) {
+            tokio::spawn(Arc::clone(tls).watch(hangup, tls_reload_interval, stop.clone()));
         }
         let shared = Arc::new(conn::Shared::new(app, settings, tls, stop, force));
         let connections = TaskTracker::new();

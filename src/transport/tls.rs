@@ -291,8 +291,15 @@ impl TlsReloader {
 
     /// Reloads on SIGHUP and, every `interval` (unless zero), when the
     /// files changed; until `stop` is cancelled.
-    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut hangup = Hangup::listen();
+    /// `hangup` is created beforehand ([`Hangup::listen`]), so that a
+    /// SIGHUP sent as soon as the server serves finds the handler in place
+    /// instead of the default action (ending the process).
+    pub async fn watch(
+        self: Arc<Self>,
+        mut hangup: Hangup,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let poll = !interval.is_zero();
         let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -308,13 +315,15 @@ impl TlsReloader {
 }
 
 /// SIGHUP, where there is such a thing.
-struct Hangup {
+#[derive(Debug)]
+pub struct Hangup {
     #[cfg(unix)]
     signal: Option<tokio::signal::unix::Signal>,
 }
 
 impl Hangup {
-    fn listen() -> Self {
+    /// Installs the SIGHUP handler (a warning if it cannot be).
+    pub fn listen() -> Self {
         #[cfg(unix)]
         {
             let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
