@@ -101,8 +101,9 @@ where
         source,
     })?;
     let local_addr = transport.local_addr();
-    // Open connections, for whoever reports them (e.g. a metrics route).
-    let _conn_stats = transport.stats();
+    // Connection counters, for the log below and whoever reports them
+    // (e.g. a metrics route built here).
+    let conn_stats = transport.stats();
 
     let shutdown = Shutdown::new();
     let hub = Arc::new(Hub::new(config.telemetry.clone()));
@@ -192,7 +193,11 @@ where
         () = signal => {}
     }
 
-    tracing::info!(drain_timeout = ?config.drain_timeout, "shutting down: draining open streams");
+    tracing::info!(
+        drain_timeout = ?config.drain_timeout,
+        connections = conn_stats.open(),
+        "shutting down: draining open streams"
+    );
     let deadline = tokio::time::Instant::now() + config.drain_timeout;
     health
         .set_service_status("", ServingStatus::NotServing)
