@@ -165,6 +165,8 @@ pub struct Limits {
     pub max_header_list_size: u32,
     /// Time a new connection has to finish its TLS handshake and its HTTP/2
     /// preface (or send its first HTTP/1.1 request); then it is closed.
+    /// Also the longest an HTTP/1.1 connection may wait for, or take to
+    /// receive, each later request head.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// A connection without an open stream for this long is closed (GOAWAY).
