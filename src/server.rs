@@ -15,9 +15,10 @@
 
 use std::{future::Future, sync::Arc};
 
+use futures::StreamExt as _;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tonic::{service::Routes, transport::server::TcpIncoming};
 use tonic_health::{
     ServingStatus,
     pb::{
@@ -29,6 +30,7 @@ use tonic_health::{
 };
 
 use crate::{
+    calls::Connections,
     chat::{
         ChatError, MessageLimits,
         room::{LocalHub, RoomHub},
@@ -37,9 +39,12 @@ use crate::{
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
+    server_info::ServerService,
+    server_metrics::Metrics,
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
     upload::{self, service::UploadService},
+    web::{self, WebState},
 };
 
 /// Errors that stop the server.
@@ -75,6 +80,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     "telemetry.TelemetryService",
     "fileupload.FileUploadService",
     "chat.ChatService",
+    "streamhub.ServerService",
 ];
 
 /// Runs a server on `listener` until `signal` completes, then shuts down
@@ -90,7 +96,13 @@ where
     })?;
 
     let shutdown = Shutdown::new();
-    let hub = Arc::new(Hub::new(config.telemetry.clone()));
+    // Counted here until the transport's own accept loop (which counts
+    // its connections) serves the server.
+    let connections = Connections::default();
+    let (open, counted) = (connections.clone(), connections.clone());
+    let metrics = Arc::new(Metrics::new(Arc::new(move || open.open())));
+    metrics.install_global();
+    let hub = Arc::new(Hub::new(config.telemetry.clone()).with_counters(metrics.telemetry()));
     shutdown.spawn(telemetry::host::report_self(
         Arc::clone(&hub),
         shutdown.token(),
@@ -98,11 +110,14 @@ where
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
     shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
 
-    let chat = Arc::new(LocalHub::open(
-        &config.data_dir.join("chat"),
-        config.chat.clone(),
-        shutdown.clone(),
-    )?);
+    let chat = Arc::new(
+        LocalHub::open(
+            &config.data_dir.join("chat"),
+            config.chat.clone(),
+            shutdown.clone(),
+        )?
+        .with_counters(metrics.chat()),
+    );
     let chat_limits = MessageLimits {
         max_text_bytes: config.chat.max_text_bytes,
     };
@@ -145,9 +160,7 @@ where
         builder = builder.max_connection_age_grace(grace);
     }
 
-    let router = builder
-        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -155,8 +168,13 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            UploadService::new(uploads, shutdown.clone(), limits.max_message_size)
-                .into_server(limits.max_message_size),
+            UploadService::new(
+                Arc::clone(&uploads),
+                shutdown.clone(),
+                limits.max_message_size,
+            )
+            .with_bytes_counter(metrics.upload_bytes())
+            .into_server(limits.max_message_size),
         )
         .add_service(
             ChatService::new(
@@ -165,12 +183,26 @@ where
                 shutdown.clone(),
             )
             .into_server(limits.max_message_size),
+        )
+        .add_service(
+            ServerService::new(
+                Arc::new(move || connections.open()),
+                Arc::clone(metrics.calls()),
+            )
+            .into_server(),
         );
+    // gRPC (and gRPC-Web), /metrics, /files/, the dashboard: one router.
+    let app = web::app(routes, WebState { metrics, uploads }, &config.http);
+    let router = builder
+        .accept_http1(true)
+        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
+        .add_routes(Routes::from(app));
 
     // serve_with_incoming ignores the builder's TCP options: set them here.
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(limits.tcp_keepalive));
+        .with_keepalive(Some(limits.tcp_keepalive))
+        .map(move |io| io.map(|io| counted.count(io)));
 
     let serve = router.serve_with_incoming_shutdown(incoming, shutdown.token().cancelled_owned());
     tokio::pin!(serve);

@@ -144,7 +144,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Counters the telemetry core feeds (no-ops unless the server hands it
-/// real ones, see [`crate::metrics`]).
+/// real ones, see [`crate::server_metrics`]).
 #[derive(Debug, Clone)]
 pub struct TelemetryCounters {
     /// Samples accepted (`streamhub_telemetry_samples_total`).

@@ -108,6 +108,9 @@ pub struct AlertRecord {
     pub alert: Alert,
 }
 
+/// The recent alerts (oldest first) and a receiver of every later one.
+pub type AlertSubscription = (Vec<Arc<AlertRecord>>, broadcast::Receiver<Arc<AlertRecord>>);
+
 /// Every alert of the server: the last `alert_history` kept for backfill,
 /// each one broadcast to every watcher.
 #[derive(Debug)]
@@ -272,7 +275,7 @@ impl Watch {
     pub fn new(
         histories: Arc<Histories>,
         changes: broadcast::Receiver<u32>,
-        alerts: Option<(Vec<Arc<AlertRecord>>, broadcast::Receiver<Arc<AlertRecord>>)>,
+        alerts: Option<AlertSubscription>,
         options: WatchOptions,
     ) -> Self {
         let (alert_backfill, alerts) = match alerts {
