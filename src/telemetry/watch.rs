@@ -504,6 +504,169 @@ async fn sleep_until(due: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        config::TelemetryConfig,
+        telemetry::{Hub, Report},
+    };
+
+    fn hub() -> Hub {
+        Hub::new(TelemetryConfig {
+            history: 10,
+            ..TelemetryConfig::default()
+        })
+    }
+
+    fn publish(hub: &Hub, service: &str, count: u64) {
+        hub.ingest(Report {
+            service: service.into(),
+            cpu_usage: 1.0,
+            memory_mb: 2.0,
+            request_count: count,
+            timestamp_ms: 0,
+        })
+        .expect("valid");
+    }
+
+    fn options(pattern: &str, backfill_samples: usize) -> WatchOptions {
+        WatchOptions {
+            pattern: Pattern::new(pattern),
+            interval: Duration::from_secs(1),
+            backfill_samples,
+            alerts: false,
+            backfill_alerts: 0,
+        }
+    }
+
+    async fn next(watch: &mut Watch) -> WatchItem {
+        tokio::time::timeout(Duration::from_secs(60), watch.next())
+            .await
+            .expect("an item")
+            .expect("open")
+            .expect("not ended")
+    }
+
+    async fn sample(watch: &mut Watch) -> (String, u64) {
+        match next(watch).await {
+            WatchItem::Sample(s) => (s.service.to_string(), s.request_count),
+            other => panic!("expected a sample, got {other:?}"),
+        }
+    }
+
+    /// Time is paused: the pacer's holds pass as soon as nothing else can
+    /// happen, so the test needs no real waiting.
+    #[tokio::test(start_paused = true)]
+    async fn backfill_then_live_skipping_to_the_newest_per_service() {
+        let hub = hub();
+        for n in 1..=3 {
+            publish(&hub, "api-1", n);
+        }
+        publish(&hub, "db", 1);
+        let mut watch = hub.watch(options("api-*", 2));
+        match next(&mut watch).await {
+            WatchItem::Backfill { service, samples } => {
+                assert_eq!(&*service, "api-1");
+                let counts: Vec<u64> = samples.iter().map(|s| s.request_count).collect();
+                assert_eq!(counts, [2, 3]);
+            }
+            other => panic!("expected a backfill, got {other:?}"),
+        }
+        assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
+
+        // A watcher that is not polled while 97 samples are published
+        // gets the newest only, at once (its first live sample).
+        for n in 4..=100 {
+            publish(&hub, "api-1", n);
+        }
+        assert_eq!(sample(&mut watch).await, ("api-1".into(), 100));
+        assert_eq!(
+            watch.take_counts(),
+            WatchCounts {
+                delivered: 1,
+                coalesced: 96
+            }
+        );
+        // Within its interval: held, then the newest by then.
+        for n in 101..=150 {
+            publish(&hub, "api-1", n);
+        }
+        assert_eq!(sample(&mut watch).await, ("api-1".into(), 150));
+        assert_eq!(watch.take_counts().coalesced, 49);
+
+        // Services that appear later are included if they match.
+        publish(&hub, "web", 1);
+        publish(&hub, "api-2", 7);
+        assert_eq!(sample(&mut watch).await, ("api-2".into(), 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_far_behind_the_change_feed_rescans_and_sends_the_newest() {
+        let hub = hub();
+        let mut watch = hub.watch(options("", 0));
+        assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
+        let total = CHANGE_FEED as u64 * 2;
+        for n in 1..=total {
+            publish(&hub, if n % 2 == 0 { "a" } else { "b" }, n);
+        }
+        let mut got = vec![sample(&mut watch).await, sample(&mut watch).await];
+        got.sort();
+        assert_eq!(got, [("a".into(), total), ("b".into(), total - 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_backfill_the_current_samples_go_first() {
+        let hub = hub();
+        publish(&hub, "a", 5);
+        let mut watch = hub.watch(options("a", 0));
+        assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
+        assert_eq!(sample(&mut watch).await, ("a".into(), 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alerts_are_backfilled_then_live_and_a_watcher_too_far_behind_ends() {
+        let hub = Hub::new(TelemetryConfig {
+            alert_history: 2,
+            ..TelemetryConfig::default()
+        });
+        let alert = |n: u64| Alert {
+            alert_type: "CPU_HIGH".into(),
+            message: format!("alert {n}"),
+            value: 95.0,
+            timestamp_ms: n,
+        };
+        for n in 1..=3 {
+            hub.raise_alert(Arc::from("api"), alert(n));
+        }
+        let mut watch = hub.watch(WatchOptions {
+            alerts: true,
+            backfill_alerts: 10,
+            ..options("", 0)
+        });
+        let mut times = Vec::new();
+        loop {
+            match next(&mut watch).await {
+                WatchItem::Alert(record) => times.push(record.alert.timestamp_ms),
+                WatchItem::Live(_) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(times, [2, 3], "the last alert_history alerts");
+        hub.raise_alert(Arc::from("db"), alert(4));
+        match next(&mut watch).await {
+            WatchItem::Alert(record) => assert_eq!(&*record.service, "db"),
+            other => panic!("unexpected {other:?}"),
+        }
+        for n in 0..=(MIN_ALERT_FEED as u64) {
+            hub.raise_alert(Arc::from("db"), alert(n));
+        }
+        let end = tokio::time::timeout(Duration::from_secs(60), watch.next())
+            .await
+            .expect("an item")
+            .expect("open");
+        assert!(
+            matches!(end, Err(WatchError::AlertsLagged { .. })),
+            "{end:?}"
+        );
+    }
 
     #[test]
     fn patterns() {
