@@ -1,5 +1,7 @@
 //! Server wiring: services, health, reflection, transport limits, and the
-//! graceful shutdown sequence.
+//! graceful shutdown sequence. The gRPC routes are served inside
+//! [`crate::web::app`], one router with gRPC-Web, `/metrics`, `/files/`
+//! and the dashboard, over HTTP/1.1 and HTTP/2.
 //!
 //! [`run`] takes an already-bound listener and a shutdown future, so tests
 //! start a server on port 0 and stop it when they like.

@@ -20,7 +20,10 @@ use streamhub::proto::{
     chat::{ChatMessage, SendRequest, chat_service_client::ChatServiceClient},
     fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
     streamhub::ServerInfoResponse,
-    telemetry::telemetry_service_client::TelemetryServiceClient,
+    telemetry::{
+        WatchEvent, WatchRequest, telemetry_service_client::TelemetryServiceClient,
+        watch_event::Event,
+    },
 };
 
 struct Reply {
@@ -359,12 +362,16 @@ fn grpc_web_frame(message: &impl Message) -> Bytes {
     Bytes::from(frame)
 }
 
-/// Splits a gRPC-Web response body into its messages and trailers.
+/// Splits a gRPC-Web response body into its (complete) messages and
+/// trailers.
 fn grpc_web_body(body: &[u8]) -> (Vec<Vec<u8>>, HashMap<String, String>) {
     let (mut messages, mut trailers) = (Vec::new(), HashMap::new());
     let mut rest = body;
     while rest.len() >= 5 {
         let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        if rest.len() < 5 + len {
+            break;
+        }
         let payload = &rest[5..5 + len];
         if rest[0] & 0x80 == 0 {
             messages.push(payload.to_vec());
@@ -411,6 +418,53 @@ async fn grpc_web_over_http1_reaches_the_services() {
     )
     .await;
     assert_eq!(header(&unknown, "grpc-status"), "12");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_over_grpc_web_on_http1() {
+    let server = TestServer::start().await;
+    common::publish(server.channel().await, "api", 5.0).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = Request::post(format!("{}/telemetry.TelemetryService/Watch", server.url()))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(Full::new(grpc_web_frame(&WatchRequest {
+            pattern: "api".into(),
+            ..WatchRequest::default()
+        })))
+        .unwrap();
+    let response = within("the Watch response", client.request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    // The stream stays open: read frames as they come, until the live
+    // marker and the current sample have arrived.
+    let events = loop {
+        let frame = within("a body frame", body.frame())
+            .await
+            .expect("stream open")
+            .unwrap();
+        if let Some(data) = frame.data_ref() {
+            received.extend_from_slice(data);
+        }
+        let (messages, _) = grpc_web_body(&received);
+        if messages.len() >= 2 {
+            break messages;
+        }
+    };
+    let first = WatchEvent::decode(events[0].as_slice()).unwrap().event;
+    assert!(matches!(first, Some(Event::Live(_))), "{first:?}");
+    match WatchEvent::decode(events[1].as_slice()).unwrap().event {
+        Some(Event::Sample(sample)) => {
+            assert_eq!(sample.service_name, "api");
+            assert!((sample.cpu_usage - 5.0).abs() < f64::EPSILON);
+        }
+        other => panic!("expected the sample, got {other:?}"),
+    }
+    drop(body);
     server.stop().await;
 }
 
