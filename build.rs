@@ -29,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for path in PROTOS.iter().chain(CONTRACT.iter()) {
         println!("cargo:rerun-if-changed={path}");
     }
+    // The dashboard's built files are embedded (src/web/assets.rs).
+    println!("cargo:rerun-if-changed=web/dist");
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let fds = protox::compile(PROTOS, ["proto"])?;

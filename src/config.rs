@@ -50,6 +50,9 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// TLS for every connection (off unless a certificate is given).
     pub tls: TlsConfig,
+    /// Plain HTTP routes and browser access (`/metrics`, `/files/`, the
+    /// dashboard, gRPC-Web).
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -64,6 +67,7 @@ impl Default for Config {
             chat: ChatConfig::default(),
             runtime: RuntimeConfig::default(),
             tls: TlsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -95,6 +99,16 @@ impl Default for TlsConfig {
             reload_interval: Duration::from_secs(5),
         }
     }
+}
+
+/// Plain HTTP and browser settings (see [`crate::web`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Origins (e.g. `https://dash.example.com`) whose pages may call the
+    /// server from a browser (CORS), besides the server's own origin. Empty:
+    /// same-origin only. `*` allows any origin.
+    pub cors_origins: Vec<String>,
 }
 
 /// How the server's tokio runtime is built (see [`crate::runtime`]).
@@ -233,6 +247,12 @@ pub struct TelemetryConfig {
     pub alert_repeat_interval: Duration,
     /// Alert rules run on every LiveFeed payload.
     pub rules: Vec<AlertRuleConfig>,
+    /// Samples of history kept per service (a ring buffer of 32 bytes a
+    /// sample, filled as samples arrive: 28 KiB per service at 900), for
+    /// GetHistory and the backfill of Watch. At least 1.
+    pub history: usize,
+    /// Recent alerts kept for the backfill of Watch.
+    pub alert_history: usize,
 }
 
 impl Default for TelemetryConfig {
@@ -256,6 +276,8 @@ impl Default for TelemetryConfig {
                     above: 4096.0,
                 },
             ],
+            history: 900,
+            alert_history: 1000,
         }
     }
 }
@@ -411,6 +433,18 @@ impl Config {
             return Err(ConfigError::Inconsistent(
                 "telemetry.max_services must be at least 1".into(),
             ));
+        }
+        if t.history == 0 {
+            return Err(ConfigError::Inconsistent(
+                "telemetry.history must be at least 1 (the latest sample)".into(),
+            ));
+        }
+        for origin in &self.http.cors_origins {
+            if origin != "*" && http::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::Inconsistent(format!(
+                    "http.cors_origins: {origin:?} is not a valid origin"
+                )));
+            }
         }
         for rule in &t.rules {
             if rule.name.is_empty() || !rule.above.is_finite() {

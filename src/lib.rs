@@ -13,6 +13,12 @@
 //! - [`runtime`]: the server's tokio runtime (flavour, workers).
 //! - [`shutdown`]: the cancellation token every stream watches.
 //! - [`rpc`]: what all services share (stream logs, the request gate).
+//! - [`calls`]: open calls per method, finished RPCs, open connections.
+//! - [`server_metrics`]: the server's Prometheus metrics (one recorder per server).
+//! - [`web`]: the plain HTTP routes (`/metrics`, `/files/`, the dashboard's
+//!   embedded assets), gRPC-Web and CORS.
+//! - [`server_info`]: the `streamhub.ServerService` (version, uptime,
+//!   connections, open streams).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
@@ -24,6 +30,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod calls;
 pub mod chat;
 pub mod cli;
 pub mod codec;
@@ -32,7 +39,10 @@ pub mod proto;
 pub mod rpc;
 pub mod runtime;
 pub mod server;
+pub mod server_info;
+pub mod server_metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod transport;
 pub mod upload;
+pub mod web;

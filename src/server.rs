@@ -1,5 +1,7 @@
 //! Server wiring: services, health, reflection, transport limits, and the
-//! graceful shutdown sequence.
+//! graceful shutdown sequence. The gRPC routes are served inside
+//! [`crate::web::app`], one router with gRPC-Web, `/metrics`, `/files/`
+//! and the dashboard, over HTTP/1.1 and HTTP/2.
 //!
 //! [`run`] takes an already-bound listener and a shutdown future, so tests
 //! start a server on port 0 and stop it when they like.
@@ -44,10 +46,13 @@ use crate::{
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
+    server_info::ServerService,
+    server_metrics::Metrics,
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
     transport::{Transport, TransportError, grpc_timeout::GrpcTimeoutLayer},
     upload::{self, service::UploadService},
+    web::{self, WebState},
 };
 
 /// Errors that stop the server.
@@ -83,6 +88,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     "telemetry.TelemetryService",
     "fileupload.FileUploadService",
     "chat.ChatService",
+    "streamhub.ServerService",
 ];
 
 /// How long closing the connections left at the drain deadline may take.
@@ -106,7 +112,10 @@ where
     let conn_stats = transport.stats();
 
     let shutdown = Shutdown::new();
-    let hub = Arc::new(Hub::new(config.telemetry.clone()));
+    let open = conn_stats.clone();
+    let metrics = Arc::new(Metrics::new(Arc::new(move || open.open())));
+    metrics.install_global();
+    let hub = Arc::new(Hub::new(config.telemetry.clone()).with_counters(metrics.telemetry()));
     shutdown.spawn(telemetry::host::report_self(
         Arc::clone(&hub),
         shutdown.token(),
@@ -114,11 +123,14 @@ where
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
     shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
 
-    let chat = Arc::new(LocalHub::open(
-        &config.data_dir.join("chat"),
-        config.chat.clone(),
-        shutdown.clone(),
-    )?);
+    let chat = Arc::new(
+        LocalHub::open(
+            &config.data_dir.join("chat"),
+            config.chat.clone(),
+            shutdown.clone(),
+        )?
+        .with_counters(metrics.chat()),
+    );
     let chat_limits = MessageLimits {
         max_text_bytes: config.chat.max_text_bytes,
     };
@@ -154,8 +166,13 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            UploadService::new(uploads, shutdown.clone(), limits.max_message_size)
-                .into_server(limits.max_message_size),
+            UploadService::new(
+                Arc::clone(&uploads),
+                shutdown.clone(),
+                limits.max_message_size,
+            )
+            .with_bytes_counter(metrics.upload_bytes())
+            .into_server(limits.max_message_size),
         )
         .add_service(
             ChatService::new(
@@ -164,15 +181,26 @@ where
                 shutdown.clone(),
             )
             .into_server(limits.max_message_size),
+        )
+        .add_service(
+            ServerService::new(
+                {
+                    let open = conn_stats.clone();
+                    Arc::new(move || open.open())
+                },
+                Arc::clone(metrics.calls()),
+            )
+            .into_server(),
         );
-    let app = grpc
-        .routes()
-        .prepare()
-        .into_axum_router()
-        .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()));
-    // Plain HTTP routes join here with `.merge(…)` (the gRPC routes answer
-    // any other path with UNIMPLEMENTED), and layers every request passes
-    // (authentication, gRPC-Web) with `.layer(…)` after it.
+    // gRPC (and gRPC-Web), /metrics, /files/, the dashboard: one router.
+    let app = web::app(
+        grpc.routes().prepare(),
+        WebState { metrics, uploads },
+        &config.http,
+    )
+    .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()));
+    // Layers every request passes (authentication) go with `.layer(…)`
+    // after this line.
     let app = tower::ServiceBuilder::new()
         // What tonic's server did around the routes: a service error
         // becomes a gRPC status, and a unary call's grpc-timeout is kept.

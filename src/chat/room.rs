@@ -28,11 +28,12 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use tokio::sync::{OnceCell, mpsc};
+use metrics::Counter;
+use tokio::sync::{OnceCell, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ChatError, Draft, Kind, Message, RoomName, Start, now_ms,
+    ChatError, Draft, Kind, Message, RoomName, Start, StoreError, now_ms,
     store::{Append, Store},
 };
 use crate::{config::ChatConfig, shutdown::Shutdown};
@@ -52,6 +53,32 @@ pub trait RoomHub: Send + Sync + 'static {
         to: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ChatError>>;
+
+    /// Sends one message to `room` (opening it if needed) without joining:
+    /// it takes its place in the room's one order like a member's message,
+    /// and the stored message, with its seq, is returned once it is
+    /// durable. A draft whose sender and idempotency key are known returns
+    /// the stored original instead.
+    fn send(&self, room: RoomName, draft: Draft) -> BoxFuture<'_, Result<Arc<Message>, ChatError>>;
+}
+
+/// Counters the room hub feeds (no-ops unless the server hands it real
+/// ones, see [`crate::server_metrics`]).
+#[derive(Debug, Clone)]
+pub struct ChatCounters {
+    /// Messages stored (`streamhub_chat_messages_total`).
+    pub messages: Counter,
+    /// Members cut off as too slow (`streamhub_chat_cutoffs_total`).
+    pub cutoffs: Counter,
+}
+
+impl Default for ChatCounters {
+    fn default() -> Self {
+        Self {
+            messages: Counter::noop(),
+            cutoffs: Counter::noop(),
+        }
+    }
 }
 
 /// What a member asks for when joining.
@@ -116,7 +143,13 @@ pub struct Submission {
     pub member: Option<u64>,
     /// The message.
     pub draft: Draft,
+    /// Where to send the stored message (or the original, for a
+    /// duplicate) once it is durable, for a send without membership.
+    pub reply: Option<Reply>,
 }
+
+/// The answer to a [`RoomHub::send`].
+pub type Reply = oneshot::Sender<Result<Arc<Message>, ChatError>>;
 
 /// Sends a member's messages to its room.
 #[derive(Debug, Clone)]
@@ -138,6 +171,7 @@ impl Outbox {
             .send(Submission {
                 member: Some(self.member),
                 draft,
+                reply: None,
             })
             .await
             .map_err(|_| ChatError::ShuttingDown)
@@ -184,6 +218,7 @@ pub struct LocalHub {
     config: ChatConfig,
     shutdown: Shutdown,
     rooms: Mutex<HashMap<RoomName, RoomCell>>,
+    counters: ChatCounters,
 }
 
 impl std::fmt::Debug for LocalHub {
@@ -201,7 +236,15 @@ impl LocalHub {
             config,
             shutdown,
             rooms: Mutex::new(HashMap::new()),
+            counters: ChatCounters::default(),
         })
+    }
+
+    /// The hub, feeding `counters`.
+    #[must_use]
+    pub fn with_counters(mut self, counters: ChatCounters) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Closes the store once the room actors are done (call after the
@@ -260,21 +303,49 @@ impl LocalHub {
             last: state.last,
             history: self.config.history,
             max_batch: self.config.max_batch,
+            counters: self.counters.clone(),
         };
         tracing::debug!(room = %name, epoch = state.epoch, last = state.last, "room opened");
         self.shutdown.spawn(actor.run(self.shutdown.token()));
         Ok(room)
     }
 
-    async fn join_once(&self, request: &JoinRequest) -> Result<Membership, ChatError> {
+    async fn room(&self, name: &RoomName) -> Result<Arc<Room>, ChatError> {
         if self.shutdown.is_triggered() {
             return Err(ChatError::ShuttingDown);
         }
-        let cell = self.cell(&request.room)?;
-        let room = cell
-            .get_or_try_init(|| self.open_room(&request.room))
-            .await?;
-        room.join(request.start, request.member.clone())
+        let cell = self.cell(name)?;
+        let room = cell.get_or_try_init(|| self.open_room(name)).await?;
+        Ok(Arc::clone(room))
+    }
+
+    async fn join_once(&self, request: &JoinRequest) -> Result<Membership, ChatError> {
+        self.room(&request.room)
+            .await?
+            .join(request.start, request.member.clone())
+    }
+
+    async fn send_once(&self, name: &RoomName, draft: Draft) -> Result<Arc<Message>, ChatError> {
+        let room = self.room(name).await?;
+        if lock(&room.shared).closed.is_some() {
+            // A room closed by a storage failure is reopened by the caller.
+            return Err(if self.shutdown.is_triggered() {
+                ChatError::ShuttingDown
+            } else {
+                ChatError::Store(StoreError::Closed)
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        room.tx
+            .send(Submission {
+                member: None,
+                draft,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| ChatError::ShuttingDown)?;
+        // Dropped unanswered: the actor stopped (shutdown) before storing.
+        answer.await.unwrap_or(Err(ChatError::ShuttingDown))
     }
 }
 
@@ -307,6 +378,21 @@ impl RoomHub for LocalHub {
                 .store
                 .read(room.as_str(), epoch, from, to, limit)
                 .await?)
+        })
+    }
+
+    fn send(&self, room: RoomName, draft: Draft) -> BoxFuture<'_, Result<Arc<Message>, ChatError>> {
+        Box::pin(async move {
+            match self.send_once(&room, draft.clone()).await {
+                Err(ChatError::Store(err)) if !self.shutdown.is_triggered() => {
+                    // As for a join: reopen the room from what the store
+                    // really holds, once.
+                    tracing::warn!(room = %room, %err, "reopening room after a storage failure");
+                    lock(&self.rooms).remove(&room);
+                    self.send_once(&room, draft).await
+                }
+                other => other,
+            }
         })
     }
 }
@@ -427,6 +513,7 @@ impl Room {
         let submission = Submission {
             member: None,
             draft: Draft::announcement(kind, name),
+            reply: None,
         };
         // Announcements never wait: under a full inbox one is skipped
         // rather than holding up a join or a leave.
@@ -508,6 +595,7 @@ struct Actor {
     last: u64,
     history: u64,
     max_batch: usize,
+    counters: ChatCounters,
 }
 
 impl Actor {
@@ -560,9 +648,15 @@ impl Actor {
         let now = now_ms();
         let mut stored: Vec<Arc<Message>> = Vec::with_capacity(batch.len());
         let mut acks: Vec<(u64, Arc<Message>)> = Vec::new();
+        let mut replies: Vec<(Reply, Arc<Message>)> = Vec::new();
         let mut batch_keys: HashMap<(String, String), (u64, i64)> = HashMap::new();
         let mut next = self.last + 1;
-        for Submission { member, draft } in batch {
+        for Submission {
+            member,
+            draft,
+            reply,
+        } in batch
+        {
             if !draft.key.is_empty() {
                 let pair = (draft.sender.clone(), draft.key.clone());
                 let known = self
@@ -570,25 +664,26 @@ impl Actor {
                     .get(&draft.sender, &draft.key)
                     .or_else(|| batch_keys.get(&pair).copied());
                 if let Some((seq, timestamp_ms)) = known {
+                    let original = Arc::new(Message {
+                        seq,
+                        epoch: self.epoch,
+                        kind: draft.kind,
+                        sender: draft.sender,
+                        text: draft.text,
+                        key: draft.key,
+                        timestamp_ms,
+                    });
+                    if let Some(reply) = reply {
+                        replies.push((reply, Arc::clone(&original)));
+                    }
                     if let Some(member) = member {
-                        acks.push((
-                            member,
-                            Arc::new(Message {
-                                seq,
-                                epoch: self.epoch,
-                                kind: draft.kind,
-                                sender: draft.sender,
-                                text: draft.text,
-                                key: draft.key,
-                                timestamp_ms,
-                            }),
-                        ));
+                        acks.push((member, original));
                     }
                     continue;
                 }
                 batch_keys.insert(pair, (next, now));
             }
-            stored.push(Arc::new(Message {
+            let message = Arc::new(Message {
                 seq: next,
                 epoch: self.epoch,
                 kind: draft.kind,
@@ -596,7 +691,11 @@ impl Actor {
                 text: draft.text,
                 key: draft.key,
                 timestamp_ms: now,
-            }));
+            });
+            if let Some(reply) = reply {
+                replies.push((reply, Arc::clone(&message)));
+            }
+            stored.push(message);
             next += 1;
         }
 
@@ -617,8 +716,12 @@ impl Actor {
                 for (_, slot) in shared.members.drain() {
                     slot.end.end(EndReason::StorageFailed(err.to_string()));
                 }
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(ChatError::Store(StoreError::Commit(err.to_string()))));
+                }
                 return false;
             }
+            self.counters.messages.increment(stored.len() as u64);
             for message in &stored {
                 if !message.key.is_empty() {
                     self.keys
@@ -638,6 +741,7 @@ impl Actor {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         slot.end.end(EndReason::TooSlow { queue });
+                        self.counters.cutoffs.increment(1);
                         false
                     }
                     // The member's stream is gone; its Leave is on the way.
@@ -653,8 +757,14 @@ impl Actor {
                 slot.end.end(EndReason::TooSlow {
                     queue: self.room.queue,
                 });
+                self.counters.cutoffs.increment(1);
                 shared.members.remove(&member);
             }
+        }
+        drop(shared);
+        for (reply, message) in replies {
+            // The caller may have gone; the message is stored regardless.
+            let _ = reply.send(Ok(message));
         }
         true
     }

@@ -18,7 +18,7 @@ use tonic::{
 
 use super::{
     ChatError, DEFAULT_ROOM, Draft, Kind, Message, MessageLimits, RoomName, Start,
-    room::{EndReason, EndSignal, JoinRequest, Outbox, RoomHub},
+    room::{EndReason, EndSignal, JoinRequest, Membership, Outbox, RoomHub},
     validate_name,
 };
 use crate::{
@@ -192,6 +192,34 @@ pub fn join_request(map: &MetadataMap) -> Result<JoinRequest, ChatError> {
     })
 }
 
+/// Reads a WatchRoom request: the fields mean what Chat's metadata means.
+pub fn watch_request(request: pb::WatchRoomRequest) -> Result<JoinRequest, ChatError> {
+    let room = RoomName::parse(if request.room.is_empty() {
+        DEFAULT_ROOM
+    } else {
+        &request.room
+    })?;
+    let start = match request.after_seq {
+        Some(seq) => Start::After {
+            seq,
+            epoch: (request.epoch != 0).then_some(request.epoch),
+        },
+        None if request.history > 0 => Start::Last(u64::from(request.history)),
+        None => Start::Live,
+    };
+    let member = if request.member.is_empty() {
+        None
+    } else {
+        validate_name("member", &request.member)?;
+        Some(request.member)
+    };
+    Ok(JoinRequest {
+        room,
+        start,
+        member,
+    })
+}
+
 fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatError> {
     if message.kind != i32::from(pb::MessageKind::KindMember) {
         return Err(ChatError::invalid(
@@ -288,58 +316,16 @@ fn end_status(reason: Option<&EndReason>, last_sent: u64) -> Status {
     with_last_seq(status, last_sent)
 }
 
-#[tonic::async_trait]
-impl chat_service_server::ChatService for ChatService {
-    type ChatStream = BoxStream<pb::ChatMessage>;
-
-    type WatchRoomStream = BoxStream<pb::ChatMessage>;
-
-    async fn watch_room(
+impl ChatService {
+    /// The outbound half of a member's call: the response metadata, then
+    /// replay from storage, then the member's live queue, then the closing
+    /// status. Shared by Chat and WatchRoom.
+    fn deliver(
         &self,
-        _request: Request<pb::WatchRoomRequest>,
-    ) -> Result<Response<Self::WatchRoomStream>, Status> {
-        Err(Status::unimplemented("WatchRoom is not implemented yet"))
-    }
-
-    async fn send(
-        &self,
-        _request: Request<pb::SendRequest>,
-    ) -> Result<Response<pb::ChatMessage>, Status> {
-        Err(Status::unimplemented("Send is not implemented yet"))
-    }
-
-    async fn chat(
-        &self,
-        request: Request<Streaming<pb::ChatMessage>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
-        let mut log = StreamLog::open(&request, "Chat", "");
-        let join = join_request(request.metadata()).map_err(|err| {
-            log.end(format!("refused: {err}"));
-            status(&err)
-        })?;
-        log.set_subject(join.room.as_str());
-        let membership = self.hub.join(join).await.map_err(|err| {
-            log.end(format!("refused: {err}"));
-            status(&err)
-        })?;
+        membership: Membership,
+        mut log: StreamLog,
+    ) -> Response<BoxStream<pb::ChatMessage>> {
         let room = membership.room.clone();
-        tracing::debug!(
-            room = %room,
-            epoch = membership.epoch,
-            last = membership.last,
-            replay_from = membership.replay_from,
-            "member joined"
-        );
-
-        self.shutdown.spawn(read_inbound(
-            request.into_inner(),
-            membership.outbox.clone(),
-            Arc::clone(&membership.end),
-            self.limits,
-            self.shutdown.clone(),
-            room.clone(),
-        ));
-
         let mut headers = MetadataMap::new();
         if let Ok(value) = MetadataValue::try_from(room.as_str()) {
             headers.insert(ROOM_KEY, value);
@@ -422,9 +408,86 @@ impl chat_service_server::ChatService for ChatService {
             }
             yield Err(end_status(reason, last_sent));
         };
-        let mut response = Response::new(Box::pin(stream) as Self::ChatStream);
+        let mut response = Response::new(Box::pin(stream) as BoxStream<pb::ChatMessage>);
         *response.metadata_mut() = headers;
-        Ok(response)
+        response
+    }
+}
+
+#[tonic::async_trait]
+impl chat_service_server::ChatService for ChatService {
+    type ChatStream = BoxStream<pb::ChatMessage>;
+
+    type WatchRoomStream = BoxStream<pb::ChatMessage>;
+
+    async fn watch_room(
+        &self,
+        request: Request<pb::WatchRoomRequest>,
+    ) -> Result<Response<Self::WatchRoomStream>, Status> {
+        let mut log = StreamLog::open(&request, "WatchRoom", &request.get_ref().room);
+        let join = watch_request(request.into_inner()).map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        log.set_subject(join.room.as_str());
+        let membership = self.hub.join(join).await.map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        Ok(self.deliver(membership, log))
+    }
+
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::ChatMessage>, Status> {
+        let pb::SendRequest { room, message } = request.into_inner();
+        let room = RoomName::parse(if room.is_empty() { DEFAULT_ROOM } else { &room })
+            .map_err(|err| status(&err))?;
+        let message = message
+            .ok_or_else(|| Status::invalid_argument("message is missing: nothing to send"))?;
+        let draft = draft(message, self.limits).map_err(|err| status(&err))?;
+        let stored = self
+            .hub
+            .send(room, draft)
+            .await
+            .map_err(|err| status(&err))?;
+        Ok(Response::new(pb::ChatMessage::from(&*stored)))
+    }
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<pb::ChatMessage>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let mut log = StreamLog::open(&request, "Chat", "");
+        let join = join_request(request.metadata()).map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        log.set_subject(join.room.as_str());
+        let membership = self.hub.join(join).await.map_err(|err| {
+            log.end(format!("refused: {err}"));
+            status(&err)
+        })?;
+        let room = membership.room.clone();
+        tracing::debug!(
+            room = %room,
+            epoch = membership.epoch,
+            last = membership.last,
+            replay_from = membership.replay_from,
+            "member joined"
+        );
+
+        self.shutdown.spawn(read_inbound(
+            request.into_inner(),
+            membership.outbox.clone(),
+            Arc::clone(&membership.end),
+            self.limits,
+            self.shutdown.clone(),
+            room.clone(),
+        ));
+
+        Ok(self.deliver(membership, log))
     }
 }
 

@@ -164,6 +164,7 @@ mod tests {
             memory_mb: memory,
             request_count: 0,
             timestamp_ms: at_s * 1000,
+            seq: 0,
         }
     }
 

@@ -5,21 +5,34 @@
 //! - [`alerts`] turns a stream of samples into edge-triggered alerts.
 //! - [`host`] samples this machine's CPU and memory.
 //! - [`pacer`] spaces one subscriber's messages at its interval.
+//! - [`history`] keeps each service's recent samples in a bounded ring.
+//! - [`watch`] is the multiplexed watch of many services and alerts (one
+//!   stream per dashboard), and the alert feed every LiveFeed call writes.
 //! - [`service`] is the gRPC layer: with [`route`], which mounts it and
 //!   serves Subscribe as ready-made frames, the only part that knows
 //!   protobuf.
 
 pub mod alerts;
+pub mod history;
 pub mod host;
 pub mod pacer;
 pub mod route;
 pub mod service;
+pub mod watch;
 
 use std::{
     sync::{Arc, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use metrics::Counter;
+use tokio::sync::broadcast;
+
+use self::{
+    alerts::Alert,
+    history::{Histories, Series},
+    watch::{AlertFeed, AlertRecord, CHANGE_FEED, Watch, WatchOptions},
+};
 use crate::{
     broker::{BrokerError, LatestBroker, MemoryBroker, Subscription},
     config::TelemetryConfig,
@@ -41,6 +54,9 @@ pub struct Sample {
     pub request_count: u64,
     /// Unix time of the sample, in milliseconds.
     pub timestamp_ms: u64,
+    /// The sample's number in its service's sequence, from 1 (assigned by
+    /// the hub; tells a subscriber how many samples it skipped).
+    pub seq: u64,
 }
 
 /// A sample as reported, before validation.
@@ -127,11 +143,42 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The telemetry core: latest samples and their subscribers.
+/// Counters the telemetry core feeds (no-ops unless the server hands it
+/// real ones, see [`crate::server_metrics`]).
+#[derive(Debug, Clone)]
+pub struct TelemetryCounters {
+    /// Samples accepted (`streamhub_telemetry_samples_total`).
+    pub samples: Counter,
+    /// Samples sent to subscribers and watchers
+    /// (`streamhub_telemetry_deliveries_total`).
+    pub deliveries: Counter,
+    /// Samples a slow subscriber or watcher skipped because a newer one
+    /// went instead (`streamhub_telemetry_coalesced_total`).
+    pub coalesced: Counter,
+}
+
+impl Default for TelemetryCounters {
+    fn default() -> Self {
+        Self {
+            samples: Counter::noop(),
+            deliveries: Counter::noop(),
+            coalesced: Counter::noop(),
+        }
+    }
+}
+
+/// The telemetry core: latest samples, their history, and their
+/// subscribers and watchers.
 pub struct Hub {
     broker: Arc<dyn LatestBroker<Sample>>,
     config: TelemetryConfig,
     rpc_count: Arc<AtomicU64>,
+    histories: Arc<Histories>,
+    /// The change feed: the id of each service that published (see
+    /// [`watch`]).
+    changes: broadcast::Sender<u32>,
+    alerts: AlertFeed,
+    counters: TelemetryCounters,
 }
 
 impl std::fmt::Debug for Hub {
@@ -149,11 +196,28 @@ impl Hub {
 
     /// A hub over any broker.
     pub fn with_broker(config: TelemetryConfig, broker: Arc<dyn LatestBroker<Sample>>) -> Self {
+        let (changes, _) = broadcast::channel(CHANGE_FEED);
         Self {
             broker,
+            histories: Arc::new(Histories::new(config.history, config.max_services)),
+            alerts: AlertFeed::new(config.alert_history),
             config,
             rpc_count: Arc::new(AtomicU64::new(0)),
+            changes,
+            counters: TelemetryCounters::default(),
         }
+    }
+
+    /// The hub, feeding `counters`.
+    #[must_use]
+    pub fn with_counters(mut self, counters: TelemetryCounters) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// The counters this hub feeds.
+    pub fn counters(&self) -> &TelemetryCounters {
+        &self.counters
     }
 
     /// The settings in force.
@@ -167,13 +231,21 @@ impl Hub {
         Arc::clone(&self.rpc_count)
     }
 
-    /// Validates a report and makes it the service's latest sample.
+    /// Validates a report and makes it the service's latest sample: its
+    /// history gains it, subscribers and watchers are woken.
+    ///
+    /// O(1): a table lookup, the broker's publish, a ring append and one
+    /// id on the change feed, with the service's history locked
+    /// throughout so the broker, the history and the feed see one order.
     pub fn ingest(&self, report: Report) -> Result<Sample, TelemetryError> {
         validate_name(&report.service)?;
         validate_value("cpu_usage", report.cpu_usage)?;
         validate_value("memory_mb", report.memory_mb)?;
+        let service: Arc<str> = Arc::from(report.service);
+        let series = self.histories.get_or_create(&service)?;
+        let mut state = series.lock();
         let sample = Sample {
-            service: Arc::from(report.service),
+            service,
             cpu_usage: report.cpu_usage,
             memory_mb: report.memory_mb,
             request_count: report.request_count,
@@ -182,9 +254,47 @@ impl Hub {
             } else {
                 report.timestamp_ms
             },
+            seq: state.seq + 1,
         };
         self.broker.publish(&sample.service, sample.clone())?;
+        Series::append(&mut state, &sample);
+        drop(state);
+        // No watcher is fine.
+        let _ = self.changes.send(series.id);
+        self.counters.samples.increment(1);
         Ok(sample)
+    }
+
+    /// The newest `limit` samples of `service` (0 = all kept), oldest
+    /// first.
+    pub fn history(&self, service: &str, limit: usize) -> Result<Vec<Sample>, TelemetryError> {
+        validate_name(service)?;
+        let series = self
+            .histories
+            .get(service)
+            .filter(|s| s.seq() > 0)
+            .ok_or_else(|| TelemetryError::UnknownService(service.to_owned()))?;
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        Ok(series.recent(limit).0)
+    }
+
+    /// Records an alert raised by a LiveFeed call and sends it to every
+    /// watcher.
+    pub fn raise_alert(&self, service: Arc<str>, alert: Alert) {
+        self.alerts.publish(AlertRecord { service, alert });
+    }
+
+    /// Opens a watch of the services matching `options.pattern` (backfill,
+    /// then live), with alerts if asked for.
+    pub fn watch(&self, mut options: WatchOptions) -> Watch {
+        options.backfill_samples = options.backfill_samples.min(self.histories.capacity());
+        options.backfill_alerts = options.backfill_alerts.min(self.alerts.keep());
+        // Receivers first, then the snapshot: nothing falls in between.
+        let changes = self.changes.subscribe();
+        let alerts = options
+            .alerts
+            .then(|| self.alerts.subscribe(options.backfill_alerts));
+        Watch::new(Arc::clone(&self.histories), changes, alerts, options)
     }
 
     /// The latest sample of `service`.

@@ -231,6 +231,7 @@ mod tests {
             memory_mb: 2.0,
             request_count: 3,
             timestamp_ms: 4,
+            seq: 1,
         }
     }
 

@@ -12,12 +12,14 @@ use super::{
     alerts::{Alert, AlertEngine},
     pacer::Pacer,
     route::TelemetryServer,
+    watch::{Pattern, WatchError, WatchItem, WatchOptions},
 };
 use crate::{
     config::AlertRuleConfig,
     proto::telemetry::{
-        AlertResponse, ListServicesRequest, ListServicesResponse, MetricsPayload, MetricsRequest,
-        MetricsResponse, ServiceEntry, telemetry_service_server,
+        AlertEvent, AlertResponse, HistoryRequest, HistoryResponse, ListServicesRequest,
+        ListServicesResponse, LiveMarker, MetricsPayload, MetricsRequest, MetricsResponse,
+        ServiceEntry, WatchEvent, WatchRequest, telemetry_service_server, watch_event,
     },
     rpc::{StreamLog, shutting_down},
     shutdown::Shutdown,
@@ -75,6 +77,8 @@ impl TelemetryService {
         })?;
         let mut pacer = Pacer::new(self.hub.effective_interval(interval_ms));
         let shutdown = self.shutdown.clone();
+        let counters = self.hub.counters().clone();
+        let mut last_seq = 0u64;
         // No task per subscriber: tonic polls this stream, and the broker
         // wakes it when a new sample arrives. On shutdown the server closes
         // the hub, which ends the subscription: waiting on the broker alone
@@ -109,6 +113,13 @@ impl TelemetryService {
                     now = Instant::now();
                 }
                 pacer.sent(now);
+                // Two relaxed atomic adds at most: counting costs the
+                // fan-out nothing measurable.
+                if last_seq > 0 && sample.seq > last_seq + 1 {
+                    counters.coalesced.increment(sample.seq - last_seq - 1);
+                }
+                last_seq = sample.seq;
+                counters.deliveries.increment(1);
                 yield Ok(message(sample));
             }
         };
@@ -160,6 +171,22 @@ impl From<Alert> for AlertResponse {
             timestamp_ms: a.timestamp_ms,
         }
     }
+}
+
+fn watch_event(item: WatchItem) -> WatchEvent {
+    let event = match item {
+        WatchItem::Backfill { service, samples } => watch_event::Event::Backfill(HistoryResponse {
+            service_name: service.to_string(),
+            samples: samples.into_iter().map(MetricsResponse::from).collect(),
+        }),
+        WatchItem::Sample(sample) => watch_event::Event::Sample(sample.into()),
+        WatchItem::Alert(record) => watch_event::Event::Alert(AlertEvent {
+            service_name: record.service.to_string(),
+            alert: Some(AlertResponse::from(record.alert.clone())),
+        }),
+        WatchItem::Live(timestamp_ms) => watch_event::Event::Live(LiveMarker { timestamp_ms }),
+    };
+    WatchEvent { event: Some(event) }
 }
 
 /// What woke a stream up.
@@ -234,6 +261,8 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                 match hub.ingest(payload.into()) {
                     Ok(sample) => {
                         for alert in engine.evaluate(&sample) {
+                            // Every watcher sees it too.
+                            hub.raise_alert(Arc::clone(&sample.service), alert.clone());
                             yield Ok(AlertResponse::from(alert));
                         }
                     }
@@ -268,20 +297,96 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         Ok(Response::new(ListServicesResponse { services }))
     }
 
-    type WatchStream = BoxStream<crate::proto::telemetry::WatchEvent>;
+    type WatchStream = BoxStream<WatchEvent>;
 
     async fn watch(
         &self,
-        _request: Request<crate::proto::telemetry::WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Watch is not implemented yet"))
+        let mut log = StreamLog::open(&request, "Watch", &request.get_ref().pattern);
+        let WatchRequest {
+            pattern,
+            interval_ms,
+            backfill_samples,
+            alerts,
+            backfill_alerts,
+        } = request.into_inner();
+        if pattern.len() > super::MAX_NAME_LEN {
+            let err = Status::invalid_argument(format!(
+                "pattern is {} bytes; the limit is {}",
+                pattern.len(),
+                super::MAX_NAME_LEN
+            ));
+            log.end(format!("refused: {}", err.message()));
+            return Err(err);
+        }
+        if self.shutdown.is_triggered() {
+            log.end("refused: server shutting down");
+            return Err(shutting_down());
+        }
+        let mut watch = self.hub.watch(WatchOptions {
+            pattern: Pattern::new(&pattern),
+            interval: self.hub.effective_interval(interval_ms),
+            backfill_samples: backfill_samples as usize,
+            alerts,
+            backfill_alerts: backfill_alerts as usize,
+        });
+        let counters = self.hub.counters().clone();
+        let shutdown = self.shutdown.clone();
+        // No task per watcher: tonic polls this stream; `Watch::next` waits
+        // on the hub's change feed (and the alert feed).
+        let stream = async_stream::stream! {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                    next = watch.next() => next,
+                };
+                let counts = watch.take_counts();
+                if counts.delivered > 0 {
+                    counters.deliveries.increment(counts.delivered);
+                }
+                if counts.coalesced > 0 {
+                    counters.coalesced.increment(counts.coalesced);
+                }
+                match next {
+                    Some(Ok(item)) => yield Ok(watch_event(item)),
+                    Some(Err(err @ WatchError::AlertsLagged { .. })) => {
+                        log.end(err.to_string());
+                        yield Err(Status::resource_exhausted(err.to_string()));
+                        break;
+                    }
+                    None => {
+                        log.end("hub closed");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_history(
         &self,
-        _request: Request<crate::proto::telemetry::HistoryRequest>,
-    ) -> Result<Response<crate::proto::telemetry::HistoryResponse>, Status> {
-        Err(Status::unimplemented("GetHistory is not implemented yet"))
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let HistoryRequest {
+            service_name,
+            limit,
+        } = request.into_inner();
+        let samples = self
+            .hub
+            .history(&service_name, limit as usize)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(HistoryResponse {
+            service_name,
+            samples: samples.into_iter().map(MetricsResponse::from).collect(),
+        }))
     }
 }
 

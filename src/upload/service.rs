@@ -13,8 +13,9 @@ use super::{Chunk, Sequence, UploadError, store::Store, store::Upload, store::ex
 use crate::{
     proto::fileupload::{
         CancelUploadRequest, CancelUploadResponse, DownloadChunk, DownloadRequest, FileChunk,
-        FileInfo, ListFilesRequest, ListFilesResponse, QueryUploadRequest, QueryUploadResponse,
-        UploadResponse, file_upload_service_server,
+        FileInfo, ListFilesRequest, ListFilesResponse, ListUploadsRequest, ListUploadsResponse,
+        PartialUpload, QueryUploadRequest, QueryUploadResponse, UploadResponse,
+        file_upload_service_server,
     },
     rpc::{StreamLog, peer, shutting_down},
     shutdown::{SHUTTING_DOWN, Shutdown},
@@ -42,6 +43,7 @@ pub struct UploadService {
     store: Arc<Store>,
     shutdown: Shutdown,
     max_chunk: usize,
+    bytes: metrics::Counter,
 }
 
 impl UploadService {
@@ -52,7 +54,16 @@ impl UploadService {
             store,
             shutdown,
             max_chunk: max_message_size.saturating_sub(MESSAGE_OVERHEAD).max(1024),
+            bytes: metrics::Counter::noop(),
         }
+    }
+
+    /// The service, counting the upload bytes it accepts in `bytes`
+    /// (`streamhub_upload_bytes_total`).
+    #[must_use]
+    pub fn with_bytes_counter(mut self, bytes: metrics::Counter) -> Self {
+        self.bytes = bytes;
+        self
     }
 
     /// The tonic server wrapping this service, with message size limits.
@@ -149,15 +160,18 @@ async fn receive(
     first: Chunk,
     stream: &mut Streaming<FileChunk>,
     shutdown: &Shutdown,
+    bytes: &metrics::Counter,
 ) -> Outcome {
     let mut chunk = first;
     loop {
+        let len = chunk.data.len() as u64;
         if let Err(err) = upload
             .write(chunk.index, std::mem::take(&mut chunk.data))
             .await
         {
             return Outcome::Storage(err);
         }
+        bytes.increment(len);
         if chunk.is_last {
             break;
         }
@@ -240,7 +254,15 @@ impl file_upload_service_server::FileUploadService for UploadService {
             tracing::info!(upload = %start.name, %peer, offset = start.offset, "upload resumed");
         }
         let name = start.name;
-        let outcome = receive(&mut seq, &mut upload, first, &mut stream, &self.shutdown).await;
+        let outcome = receive(
+            &mut seq,
+            &mut upload,
+            first,
+            &mut stream,
+            &self.shutdown,
+            &self.bytes,
+        )
+        .await;
         // The chunk that was in flight when the stream stopped.
         let during = u64::from(seq.last_index()) + 1;
         match outcome {
@@ -397,9 +419,20 @@ impl file_upload_service_server::FileUploadService for UploadService {
 
     async fn list_uploads(
         &self,
-        _request: Request<crate::proto::fileupload::ListUploadsRequest>,
-    ) -> Result<Response<crate::proto::fileupload::ListUploadsResponse>, Status> {
-        Err(Status::unimplemented("ListUploads is not implemented yet"))
+        _request: Request<ListUploadsRequest>,
+    ) -> Result<Response<ListUploadsResponse>, Status> {
+        let partials = self.store.partials().await.map_err(|e| status(&e))?;
+        Ok(Response::new(ListUploadsResponse {
+            uploads: partials
+                .into_iter()
+                .map(|p| PartialUpload {
+                    filename: p.name,
+                    held_bytes: p.held,
+                    in_progress: p.in_progress,
+                    expires_at_ms: expires_ms(p.expires_at),
+                })
+                .collect(),
+        }))
     }
 
     type DownloadStream = BoxStream<DownloadChunk>;

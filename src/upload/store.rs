@@ -79,6 +79,19 @@ pub struct UploadStatus {
     pub stored_size: Option<u64>,
 }
 
+/// An unfinished upload the server holds bytes of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialUpload {
+    /// Its name.
+    pub name: String,
+    /// Bytes held on disk: the offset a resume starts from.
+    pub held: u64,
+    /// Whether a call is writing it right now.
+    pub in_progress: bool,
+    /// When the held bytes expire.
+    pub expires_at: Option<SystemTime>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Names being written, with the id of the lease.
@@ -373,6 +386,36 @@ impl Store {
         .await
     }
 
+    /// Every unfinished upload the server holds bytes of, by name.
+    pub async fn partials(self: &Arc<Self>) -> Result<Vec<PartialUpload>, UploadError> {
+        let store = Arc::clone(self);
+        blocking(move || {
+            let dir = &store.partial_dir;
+            let mut partials = Vec::new();
+            for entry in fs::read_dir(dir).map_err(io_err("read", dir))? {
+                let entry = entry.map_err(io_err("read", dir))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                // Removed (completed, cancelled, expired) while listing:
+                // skip it.
+                let Ok(md) = entry.metadata() else { continue };
+                if !md.is_file() || validate_name(&name).is_err() {
+                    continue;
+                }
+                partials.push(PartialUpload {
+                    in_progress: store.state().leases.contains_key(&name),
+                    held: md.len(),
+                    expires_at: md.modified().ok().map(|t| t + store.config.partial_ttl),
+                    name,
+                });
+            }
+            partials.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(partials)
+        })
+        .await
+    }
+
     /// Discards the held bytes of upload `name`; returns how many there
     /// were. Refused while a call is writing it.
     pub async fn cancel(self: &Arc<Self>, name: &str) -> Result<u64, UploadError> {
@@ -566,6 +609,60 @@ impl Store {
                 known,
                 hasher: Sha256::new(),
             })
+        })
+        .await
+    }
+
+    /// Opens stored file `name` with its description (size, SHA-256,
+    /// time), for a reader that needs the digest before the bytes (an
+    /// HTTP `ETag`). The digest is the recorded one, or is computed from
+    /// the open file (and recorded); the returned file is positioned at 0
+    /// and stays the same even if a new upload replaces the name.
+    pub async fn open_described(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<(File, StoredFile), UploadError> {
+        validate_name(name)?;
+        let store = Arc::clone(self);
+        let name = name.to_owned();
+        blocking(move || {
+            let path = store.uploads.join(&name);
+            let mut file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(UploadError::NotFound { name });
+                }
+                Err(e) => return Err(io_err("open", &path)(e)),
+            };
+            let md = file.metadata().map_err(io_err("stat", &path))?;
+            if !md.is_file() {
+                return Err(UploadError::NotFound { name });
+            }
+            let sha256 = match store.read_meta(&name, &md) {
+                Some(digest) => digest,
+                None => {
+                    let mut hasher = Sha256::new();
+                    let mut buf = vec![0; READ_BUF];
+                    loop {
+                        let n = file.read(&mut buf).map_err(io_err("read", &path))?;
+                        if n == 0 {
+                            break;
+                        }
+                        hasher.update(&buf[..n]);
+                    }
+                    io::Seek::rewind(&mut file).map_err(io_err("seek", &path))?;
+                    let digest: Digest = hasher.finalize().into();
+                    store.write_meta(&name, &md, &digest);
+                    digest
+                }
+            };
+            let stored = StoredFile {
+                size: md.len(),
+                sha256,
+                modified_ms: md.modified().map_or(0, unix_ms),
+                name,
+            };
+            Ok((file, stored))
         })
         .await
     }

@@ -1,0 +1,428 @@
+//! What the server counts about its calls and connections: open calls per
+//! gRPC method and RPCs finished per method and status code (a tower layer
+//! in front of the gRPC routes), and open connections.
+//!
+//! A call is open from the moment its request reaches the gRPC routes until
+//! its response body is dropped (finished, or its client went away), so a
+//! server stream counts for as long as it streams. Only the methods the
+//! server serves are counted, so a client sending made-up paths cannot
+//! grow the table or the metrics.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    pin::Pin,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
+use metrics::{Counter, Recorder};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+
+/// gRPC status codes by number, as `streamhub_rpcs_total`'s `code` label.
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+const CANCELLED: usize = 1;
+const UNKNOWN: usize = 2;
+
+/// One method's counts.
+pub struct MethodStats {
+    path: Arc<str>,
+    open: AtomicU64,
+    called: AtomicBool,
+    finished: [OnceLock<Counter>; 17],
+    recorder: Option<Arc<dyn Recorder + Send + Sync>>,
+}
+
+impl std::fmt::Debug for MethodStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MethodStats")
+            .field("path", &self.path)
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MethodStats {
+    fn finish(&self, code: usize) {
+        let code = code.min(CODES.len() - 1);
+        if let Some(recorder) = &self.recorder {
+            self.finished[code]
+                .get_or_init(|| {
+                    crate::server_metrics::rpc_counter(&**recorder, &self.path, CODES[code])
+                })
+                .increment(1);
+        }
+    }
+}
+
+/// Open calls per method, and the counter of finished ones.
+#[derive(Debug, Default)]
+pub struct CallStats {
+    methods: HashMap<Arc<str>, Arc<MethodStats>>,
+}
+
+/// Full paths of every method the server serves: streamhub's protos,
+/// health, reflection.
+fn served_methods() -> Vec<String> {
+    let mut paths = Vec::new();
+    for set in [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    paths.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    for version in ["v1", "v1alpha"] {
+        paths.push(format!(
+            "/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+    paths
+}
+
+impl CallStats {
+    /// Counts for every method the server serves, registering the
+    /// finished-call counters on `recorder` (if any) as codes occur.
+    pub fn new(recorder: Option<Arc<dyn Recorder + Send + Sync>>) -> Self {
+        let methods = served_methods()
+            .into_iter()
+            .map(|path| {
+                let path: Arc<str> = Arc::from(path);
+                let stats = MethodStats {
+                    path: Arc::clone(&path),
+                    open: AtomicU64::new(0),
+                    called: AtomicBool::new(false),
+                    finished: Default::default(),
+                    recorder: recorder.clone(),
+                };
+                (path, Arc::new(stats))
+            })
+            .collect();
+        Self { methods }
+    }
+
+    /// The methods called at least once, with their open calls, sorted by
+    /// path.
+    pub fn open_by_method(&self) -> Vec<(Arc<str>, u64)> {
+        let mut open: Vec<_> = self
+            .methods
+            .values()
+            .filter(|m| m.called.load(Ordering::Relaxed))
+            .map(|m| (Arc::clone(&m.path), m.open.load(Ordering::Relaxed)))
+            .collect();
+        open.sort();
+        open
+    }
+
+    /// Open calls of `path` (0 for a method never called or unknown).
+    pub fn open(&self, path: &str) -> u64 {
+        self.methods
+            .get(path)
+            .map_or(0, |m| m.open.load(Ordering::Relaxed))
+    }
+}
+
+/// Tower layer counting the calls that pass it in [`CallStats`].
+#[derive(Debug, Clone)]
+pub struct CallLayer {
+    stats: Arc<CallStats>,
+}
+
+impl CallLayer {
+    /// A layer counting into `stats`.
+    pub fn new(stats: Arc<CallStats>) -> Self {
+        Self { stats }
+    }
+}
+
+impl<S> tower::Layer<S> for CallLayer {
+    type Service = CallService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallService {
+            inner,
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
+/// The service made by [`CallLayer`].
+#[derive(Debug, Clone)]
+pub struct CallService<S> {
+    inner: S,
+    stats: Arc<CallStats>,
+}
+
+/// An open call: counted open until dropped, then counted finished with
+/// the status it saw (CANCELLED if it saw none).
+#[derive(Debug)]
+struct OpenCall {
+    method: Arc<MethodStats>,
+    code: Option<usize>,
+}
+
+impl OpenCall {
+    fn start(method: Arc<MethodStats>) -> Self {
+        method.open.fetch_add(1, Ordering::Relaxed);
+        method.called.store(true, Ordering::Relaxed);
+        Self { method, code: None }
+    }
+
+    fn saw(&mut self, headers: &http::HeaderMap) {
+        if self.code.is_none()
+            && let Some(value) = headers.get("grpc-status")
+        {
+            self.code = Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(UNKNOWN),
+            );
+        }
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.method.open.fetch_sub(1, Ordering::Relaxed);
+        self.method.finish(self.code.unwrap_or(CANCELLED));
+    }
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for CallService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    type Response = http::Response<CountedBody<ResBody>>;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = self
+            .stats
+            .methods
+            .get(request.uri().path())
+            .map(|m| OpenCall::start(Arc::clone(m)));
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            // Dropped before the response (client gone): `call` drops too.
+            let response = response.await?;
+            let mut call = call;
+            if let Some(call) = &mut call {
+                // A trailers-only response carries its status here.
+                call.saw(response.headers());
+            }
+            Ok(response.map(|body| CountedBody { body, call }))
+        })
+    }
+}
+
+/// A response body that keeps its call counted open until dropped and
+/// notes the status in its trailers.
+#[derive(Debug)]
+pub struct CountedBody<B> {
+    body: B,
+    call: Option<OpenCall>,
+}
+
+impl<B> http_body::Body for CountedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(call)) = (frame.trailers_ref(), &mut self.call) {
+                    call.saw(trailers);
+                }
+            }
+            None => {
+                if let Some(call) = &mut self.call
+                    && call.code.is_none()
+                {
+                    call.code = Some(UNKNOWN);
+                }
+            }
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Open connections, counted by [`CountedIo`] (until the transport's own
+/// accept loop, which counts them itself, serves the server).
+#[derive(Debug, Clone, Default)]
+pub struct Connections(Arc<AtomicU64>);
+
+impl Connections {
+    /// Open connections right now.
+    pub fn open(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts `io` as open until it is dropped.
+    pub fn count<T>(&self, io: T) -> CountedIo<T> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        CountedIo {
+            io,
+            open: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// A connection counted open while it lives.
+#[derive(Debug)]
+pub struct CountedIo<T> {
+    io: T,
+    open: Arc<AtomicU64>,
+}
+
+impl<T> Drop for CountedIo<T> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: Connected> Connected for CountedIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_method_is_known() {
+        let stats = CallStats::new(None);
+        for path in [
+            "/telemetry.TelemetryService/Subscribe",
+            "/telemetry.TelemetryService/Watch",
+            "/chat.ChatService/Chat",
+            "/fileupload.FileUploadService/Upload",
+            "/streamhub.ServerService/GetServerInfo",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(stats.methods.contains_key(path), "{path}");
+        }
+        assert!(!stats.methods.contains_key("/made.Up/Path"));
+    }
+
+    #[test]
+    fn a_call_is_open_until_dropped() {
+        let stats = CallStats::new(None);
+        let path = "/chat.ChatService/Chat";
+        let method = Arc::clone(&stats.methods[path]);
+        let call = OpenCall::start(Arc::clone(&method));
+        assert_eq!(stats.open(path), 1);
+        assert_eq!(stats.open_by_method(), [(Arc::from(path), 1)]);
+        drop(call);
+        assert_eq!(stats.open(path), 0);
+    }
+}

@@ -1,0 +1,294 @@
+//! `GET /files/NAME`: a stored file over plain HTTP, with `Content-Length`,
+//! a strong `ETag` (its SHA-256), and single `Range` requests, so
+//! `curl -C -` and browsers resume downloads.
+//!
+//! Names follow Download's rules: a missing file, or a name that could not
+//! be stored (a path separator, `..`, …), is 404, and no body names a
+//! server path. The file is sent as `application/octet-stream` with
+//! `Content-Disposition: attachment` and `nosniff`, so an uploaded HTML
+//! file can never run as a page of the dashboard's origin.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::WebState;
+use crate::upload::{StoredFile, UploadError};
+
+/// Bytes read from disk per piece of the response body.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a `Range` header asks of a file of a given size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// Bytes `start..=end` (inclusive, within the file).
+    Bytes {
+        /// First byte.
+        start: u64,
+        /// Last byte.
+        end: u64,
+    },
+    /// A valid range that starts beyond the file: 416.
+    Unsatisfiable,
+    /// Not a single byte range this server serves (another unit, several
+    /// ranges, bad syntax): ignored, the whole file is sent.
+    Ignored,
+}
+
+/// Reads a `Range` header value for a file of `size` bytes. Only one range
+/// is served; several are answered with the whole file, which RFC 9110
+/// allows.
+pub fn parse_range(value: &str, size: u64) -> RangeRequest {
+    let Some(spec) = value
+        .trim()
+        .split_once('=')
+        .filter(|(unit, _)| unit.trim().eq_ignore_ascii_case("bytes"))
+        .map(|(_, spec)| spec.trim())
+    else {
+        return RangeRequest::Ignored;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Ignored;
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeRequest::Ignored;
+    };
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let last = match (last.is_empty(), number(last)) {
+        (true, _) => None,
+        (false, Some(n)) => Some(n),
+        (false, None) => return RangeRequest::Ignored,
+    };
+    if first.is_empty() {
+        // "-N": the last N bytes.
+        return match last {
+            None => RangeRequest::Ignored,
+            Some(0) => RangeRequest::Unsatisfiable,
+            Some(_) if size == 0 => RangeRequest::Unsatisfiable,
+            Some(suffix) => RangeRequest::Bytes {
+                start: size.saturating_sub(suffix),
+                end: size - 1,
+            },
+        };
+    }
+    let Some(start) = number(first) else {
+        return RangeRequest::Ignored;
+    };
+    match last {
+        Some(last) if last < start => RangeRequest::Ignored,
+        _ if start >= size => RangeRequest::Unsatisfiable,
+        last => RangeRequest::Bytes {
+            start,
+            end: last.map_or(size - 1, |last| last.min(size - 1)),
+        },
+    }
+}
+
+/// Whether an `If-None-Match` value names `etag` (or is `*`).
+fn none_match(value: &HeaderValue, etag: &str) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',').map(str::trim).any(|tag| {
+            tag == "*" || tag == etag || tag.strip_prefix("W/").is_some_and(|weak| weak == etag)
+        })
+    })
+}
+
+/// A `Content-Disposition` for `name`: plain if it is simple ASCII, else
+/// RFC 5987 encoded.
+fn disposition(name: &str) -> HeaderValue {
+    let simple = name
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ');
+    let value = if simple {
+        format!("attachment; filename=\"{name}\"")
+    } else {
+        let mut encoded = String::with_capacity(name.len() * 3);
+        for b in name.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                encoded.push(char::from(b));
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!("attachment; filename*=UTF-8''{encoded}")
+    };
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("attachment"))
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /files/{name}` (and HEAD).
+pub(super) async fn get_file(
+    State(state): State<WebState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (file, info) = match state.uploads.open_described(&name).await {
+        Ok(opened) => opened,
+        Err(err @ (UploadError::NotFound { .. } | UploadError::BadName { .. })) => {
+            return text(StatusCode::NOT_FOUND, format!("{err}\n"));
+        }
+        Err(err) => {
+            tracing::error!(file = %name, %err, "cannot open a stored file for HTTP");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("stored file {name:?} cannot be read\n"),
+            );
+        }
+    };
+    respond(file, &info, &headers).await
+}
+
+async fn respond(file: std::fs::File, info: &StoredFile, request: &HeaderMap) -> Response {
+    let size = info.size;
+    let etag = format!("\"{}\"", hex::encode(info.sha256));
+    let modified = UNIX_EPOCH + Duration::from_millis(info.modified_ms);
+    let last_modified = httpdate::fmt_http_date(modified);
+
+    let mut response = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, &last_modified)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+
+    if request
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| none_match(v, &etag))
+    {
+        return response
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .unwrap_or_default();
+    }
+
+    // If-Range: the range only if the file is still the one the client
+    // has (by ETag, or by the exact Last-Modified date).
+    let range_applies = request.get(header::IF_RANGE).is_none_or(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.trim() == etag || v.trim() == last_modified)
+    });
+    let range = match request.get(header::RANGE) {
+        Some(value) if range_applies => match value.to_str() {
+            Ok(value) => parse_range(value, size),
+            Err(_) => RangeRequest::Ignored,
+        },
+        _ => RangeRequest::Ignored,
+    };
+    let (status, start, len) = match range {
+        RangeRequest::Bytes { start, end } => {
+            response =
+                response.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeRequest::Unsatisfiable => {
+            return response
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(Body::from(format!(
+                    "the range asked for starts beyond the file's {size} bytes\n"
+                )))
+                .unwrap_or_default();
+        }
+        RangeRequest::Ignored => (StatusCode::OK, 0, size),
+    };
+
+    let mut file = tokio::fs::File::from_std(file);
+    if start > 0
+        && let Err(err) = file.seek(std::io::SeekFrom::Start(start)).await
+    {
+        tracing::error!(file = %info.name, %err, "cannot seek in a stored file");
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("stored file {:?} cannot be read\n", info.name),
+        );
+    }
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK));
+    response
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_DISPOSITION, disposition(&info.name))
+        .header(header::CONTENT_LENGTH, len)
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeRequest::{Bytes, Ignored, Unsatisfiable};
+        let cases = [
+            ("bytes=0-9", 100, Bytes { start: 0, end: 9 }),
+            ("bytes=90-", 100, Bytes { start: 90, end: 99 }),
+            ("bytes=90-200", 100, Bytes { start: 90, end: 99 }),
+            ("bytes=-10", 100, Bytes { start: 90, end: 99 }),
+            ("bytes=-500", 100, Bytes { start: 0, end: 99 }),
+            ("Bytes = 5-5", 100, Bytes { start: 5, end: 5 }),
+            ("bytes=100-", 100, Unsatisfiable),
+            ("bytes=100-200", 100, Unsatisfiable),
+            ("bytes=-0", 100, Unsatisfiable),
+            ("bytes=0-", 0, Unsatisfiable),
+            ("bytes=9-0", 100, Ignored),
+            ("bytes=0-1,5-6", 100, Ignored),
+            ("items=0-1", 100, Ignored),
+            ("bytes=a-b", 100, Ignored),
+            ("bytes=1-x", 100, Ignored),
+            ("bytes=+1-2", 100, Ignored),
+            ("bytes=", 100, Ignored),
+        ];
+        for (value, size, expected) in cases {
+            assert_eq!(parse_range(value, size), expected, "{value} of {size}");
+        }
+    }
+
+    #[test]
+    fn etags_and_dispositions() {
+        let etag = "\"ab\"";
+        for (value, expected) in [
+            ("\"ab\"", true),
+            ("*", true),
+            ("W/\"ab\"", true),
+            ("\"x\", \"ab\"", true),
+            ("\"x\"", false),
+        ] {
+            assert_eq!(
+                none_match(&HeaderValue::from_static(value), etag),
+                expected,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            disposition("report 1.txt"),
+            "attachment; filename=\"report 1.txt\""
+        );
+        assert_eq!(
+            disposition("naïve\".txt"),
+            "attachment; filename*=UTF-8''na%C3%AFve%22.txt"
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Everything the server answers over plain HTTP, next to gRPC on the same
+//! port, and what browsers need to call gRPC:
+//!
+//! - `GET /metrics`: Prometheus metrics ([`crate::server_metrics`]);
+//! - `GET /files/NAME`: a stored file, with ranges ([`files`]);
+//! - `GET /` and the dashboard's other files, embedded at compile time
+//!   ([`assets`]);
+//! - gRPC-Web (`tonic-web`), for the dashboard's calls over HTTP/1.1 and
+//!   HTTP/2, and CORS for the origins in `http.cors_origins` (none by
+//!   default: same-origin only).
+//!
+//! [`app`] puts them together with the gRPC routes into the one
+//! `axum::Router` the server serves. Order, outermost first: CORS (it
+//! answers preflights itself), gRPC-Web (turns a gRPC-Web call into gRPC
+//! and back), [`CallLayer`] (counts calls per method, so it sees plain
+//! gRPC whichever way the call came), the gRPC routes. The plain HTTP
+//! routes sit beside them; any other path is UNIMPLEMENTED for a gRPC
+//! request, an embedded file for a browser, or 404.
+
+pub mod assets;
+pub mod files;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tonic::service::Routes;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::{calls::CallLayer, config::HttpConfig, server_metrics::Metrics, upload};
+
+/// What the plain HTTP routes need.
+#[derive(Debug, Clone)]
+pub struct WebState {
+    /// The server's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Stored files.
+    pub uploads: Arc<upload::Store>,
+}
+
+/// The plain HTTP routes: `/metrics` and `/files/{name}`.
+pub fn router(state: WebState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/files/{name}", get(files::get_file))
+        .with_state(state)
+}
+
+/// The whole application: the gRPC `routes` (counted, and reachable over
+/// gRPC-Web), the plain HTTP routes, the embedded dashboard, and CORS as
+/// `http` configures it.
+pub fn app(routes: Routes, state: WebState, http: &HttpConfig) -> Router {
+    let grpc = routes
+        .into_axum_router()
+        .layer(CallLayer::new(Arc::clone(state.metrics.calls())))
+        .layer(tonic_web::GrpcWebLayer::new());
+    let app = grpc.merge(router(state)).fallback(fallback);
+    match cors(http) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// Headers of gRPC(-Web) responses a page on another origin may read.
+const EXPOSED: &[&str] = &[
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "chat-room",
+    "chat-epoch",
+    "chat-last-seq",
+    "chat-oldest-seq",
+    "content-range",
+    "etag",
+];
+
+/// The CORS layer for `http.cors_origins`, or `None` (same-origin only:
+/// without CORS headers a browser lets no other origin read a response).
+pub fn cors(http: &HttpConfig) -> Option<CorsLayer> {
+    if http.cors_origins.is_empty() {
+        return None;
+    }
+    let origin = if http.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // Checked by the configuration's validation; a bad one is skipped.
+        AllowOrigin::list(
+            http.cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(
+                EXPOSED
+                    .iter()
+                    .map(|h| HeaderName::from_static(h))
+                    .collect::<Vec<_>>(),
+            )
+            .max_age(Duration::from_secs(24 * 60 * 60)),
+    )
+}
+
+/// `GET /metrics`.
+async fn metrics(State(state): State<WebState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Any other path: UNIMPLEMENTED to gRPC, an embedded file, or 404.
+async fn fallback(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    if is_grpc(&headers) {
+        return tonic::Status::unimplemented(format!("no method {}", uri.path()))
+            .into_http::<Body>();
+    }
+    let path = uri.path().trim_start_matches('/');
+    if let Some(response) = assets::serve(&method, path, &headers) {
+        return response;
+    }
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("nothing is served at {}\n", uri.path()),
+    )
+        .into_response()
+}
