@@ -140,7 +140,7 @@ export function serviceView(): View {
             stroke: c.muted,
             grid: { stroke: c.grid, width: 1 },
             ticks: { stroke: c.grid, width: 1 },
-            size: 64,
+            size: 76,
             values: (_u, vals) => vals.map((v) => def.unit(v)),
           },
         ],

@@ -1,0 +1,204 @@
+// Development only: serves dist/ and answers the page's gRPC-Web calls from
+// an in-memory mock of the server (grpc-js, behind a small gRPC-Web to
+// gRPC proxy), so the page can be worked on without the Rust server.
+//   node dev/mock.mjs [PORT]        MOCK_SERVICES=200 MOCK_TOKEN=secret
+// The tests never use this: they run the real binary.
+import { createServer } from "node:http";
+import http2 from "node:http2";
+import { readFileSync, existsSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import grpc from "@grpc/grpc-js";
+import protoLoader from "@grpc/proto-loader";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const dist = resolve(here, "../dist");
+const protoDir = resolve(here, "../../proto");
+const port = Number(process.argv[2] ?? 8080);
+const nServices = Number(process.env.MOCK_SERVICES ?? 6);
+const token = process.env.MOCK_TOKEN ?? "";
+const started = Date.now();
+
+const pkg = grpc.loadPackageDefinition(
+  protoLoader.loadSync(["telemetry.proto", "chat.proto", "fileupload.proto", "server.proto"], {
+    includeDirs: [protoDir], longs: Number, enums: String, defaults: true, oneofs: true,
+  }),
+);
+
+function authed(call, cb) {
+  if (!token) return true;
+  const h = call.metadata.get("authorization")[0];
+  if (h === `Bearer ${token}`) return true;
+  const err = { code: grpc.status.UNAUTHENTICATED, details: h ? "the token is not valid" : "a bearer token is required" };
+  if (cb) cb(err);
+  else call.destroy(err);
+  return false;
+}
+
+// --- telemetry ---
+const services = new Map();
+const alerts = [];
+const watchers = new Set();
+const names = ["api-gateway", "checkout", "payments", "search", "inventory", "auth"];
+for (let i = 0; i < nServices; i++) services.set(i < names.length ? names[i] : `svc-${String(i).padStart(3, "0")}`, []);
+function tick() {
+  const now = Date.now();
+  let k = 0;
+  for (const [name, hist] of services) {
+    if (name === "search" && now - started > 20000) continue; // goes silent
+    const prev = hist[hist.length - 1];
+    const cpu = Math.max(0, Math.min(100, (prev?.cpuUsage ?? 30 + (k++ * 7) % 50) + (Math.random() - 0.5) * 12 + (Math.random() < 0.02 ? 60 : 0)));
+    const s = { serviceName: name, cpuUsage: cpu, memoryMb: 400 + (k * 137) % 3000 + Math.random() * 20, requestCount: (prev?.requestCount ?? 0) + Math.floor(Math.random() * 40), timestampMs: now };
+    hist.push(s);
+    if (hist.length > 900) hist.shift();
+    if (prev && (prev.cpuUsage > 90) !== (cpu > 90)) {
+      const a = { serviceName: name, alert: { alertType: cpu > 90 ? "CPU_HIGH" : "CPU_HIGH_RESOLVED", message: `${name}: CPU at ${cpu.toFixed(1)}%`, value: cpu, timestampMs: now } };
+      alerts.push(a);
+      for (const w of watchers) w({ alert: a });
+    }
+    for (const w of watchers) w({ sample: s });
+  }
+}
+// History before the page opens.
+for (let t = 300; t > 0; t--) {
+  const now = Date.now() - t * 1000;
+  for (const [name, hist] of services) hist.push({ serviceName: name, cpuUsage: 20 + 15 * Math.sin(t / 20 + name.length), memoryMb: 500 + name.length * 100, requestCount: (300 - t) * 20, timestampMs: now });
+}
+setInterval(tick, 1000);
+
+const telemetry = {
+  Watch(call) {
+    if (!authed(call)) return;
+    const r = call.request;
+    for (const [name, hist] of services) call.write({ backfill: { serviceName: name, samples: hist.slice(-r.backfillSamples) } });
+    for (const a of alerts.slice(-r.backfillAlerts)) call.write({ alert: a });
+    call.write({ live: { timestampMs: Date.now() } });
+    const w = (ev) => call.write(ev);
+    watchers.add(w);
+    call.on("cancelled", () => watchers.delete(w));
+  },
+  GetHistory(call, cb) {
+    if (!authed(call, cb)) return;
+    const hist = services.get(call.request.serviceName);
+    if (!hist) return cb({ code: grpc.status.NOT_FOUND, details: "no such service" });
+    cb(null, { serviceName: call.request.serviceName, samples: call.request.limit ? hist.slice(-call.request.limit) : hist });
+  },
+  ListServices(call, cb) {
+    cb(null, { services: [...services].map(([n, h]) => ({ serviceName: n, latest: h[h.length - 1] })) });
+  },
+};
+
+// --- chat ---
+const rooms = new Map();
+function room(name) {
+  if (!rooms.has(name)) rooms.set(name, { msgs: [], members: new Set(), keys: new Map() });
+  return rooms.get(name);
+}
+function post(rname, m) {
+  const r = room(rname);
+  const stored = { ...m, seq: r.msgs.length + 1, epoch: 1, timestamp: Math.floor(Date.now() / 1000), timestampMs: Date.now() };
+  r.msgs.push(stored);
+  for (const w of r.members) w(stored);
+  return stored;
+}
+const chat = {
+  WatchRoom(call) {
+    if (!authed(call)) return;
+    const q = call.request;
+    const name = q.room || "lobby";
+    const r = room(name);
+    const from = q._afterSeq ? r.msgs.filter((m) => m.seq > q.afterSeq) : r.msgs.slice(-q.history || r.msgs.length);
+    for (const m of q._afterSeq || q.history ? from : []) call.write(m);
+    const w = (m) => call.write(m);
+    r.members.add(w);
+    if (q.member) post(name, { sender: q.member, message: "", kind: "KIND_JOINED" });
+    call.on("cancelled", () => {
+      r.members.delete(w);
+      if (q.member) post(name, { sender: q.member, message: "", kind: "KIND_LEFT" });
+    });
+  },
+  Send(call, cb) {
+    if (!authed(call, cb)) return;
+    const name = call.request.room || "lobby";
+    const m = call.request.message;
+    const r = room(name);
+    const k = `${m.sender}\0${m.idempotencyKey}`;
+    if (m.idempotencyKey && r.keys.has(k)) return cb(null, r.keys.get(k));
+    const stored = post(name, { sender: m.sender, message: m.message, idempotencyKey: m.idempotencyKey, kind: "KIND_MEMBER" });
+    if (m.idempotencyKey) r.keys.set(k, stored);
+    cb(null, stored);
+  },
+};
+setInterval(() => post("lobby", { sender: "mock-bot", message: `the time is ${new Date().toISOString()}`, kind: "KIND_MEMBER" }), 15000);
+
+// --- files ---
+const fileData = { "hello.txt": Buffer.from("hello, streamhub\n"), "backup.tar": Buffer.alloc(3 * 1024 * 1024 + 123, 7) };
+const files = {
+  ListFiles(call, cb) {
+    if (!authed(call, cb)) return;
+    cb(null, { files: Object.entries(fileData).map(([n, d]) => ({ filename: n, size: d.length, sha256: createHash("sha256").update(d).digest(), modifiedMs: started })) });
+  },
+  ListUploads(call, cb) {
+    if (!authed(call, cb)) return;
+    cb(null, { uploads: [{ filename: "monday.tar", heldBytes: 641728512, inProgress: true, expiresAtMs: started + 86400000 }] });
+  },
+};
+
+const serverSvc = {
+  WhoAmI(call, cb) {
+    if (!authed(call, cb)) return;
+    cb(null, { identity: token ? "ops" : "anonymous", scopes: ["*"], authEnabled: !!token, method: token ? "token" : "none" });
+  },
+  GetServerInfo(call, cb) {
+    if (!authed(call, cb)) return;
+    cb(null, { version: "0.0.0-mock", startedAtMs: started, openConnections: 2, node: "mock", authEnabled: !!token, streams: [{ method: "/chat.ChatService/WatchRoom", open: 1 }, { method: "/telemetry.TelemetryService/Watch", open: watchers.size }] });
+  },
+};
+
+const g = new grpc.Server();
+g.addService(pkg.telemetry.TelemetryService.service, telemetry);
+g.addService(pkg.chat.ChatService.service, chat);
+g.addService(pkg.fileupload.FileUploadService.service, files);
+g.addService(pkg.streamhub.ServerService.service, serverSvc);
+const grpcPort = await new Promise((ok, no) => g.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? no(e) : ok(p))));
+const h2 = http2.connect(`http://127.0.0.1:${grpcPort}`);
+
+function trailerFrame(status, message) {
+  const text = Buffer.from(`grpc-status:${status}\r\ngrpc-message:${encodeURIComponent(message ?? "")}\r\n`);
+  const head = Buffer.alloc(5);
+  head[0] = 0x80;
+  head.writeUInt32BE(text.length, 1);
+  return Buffer.concat([head, text]);
+}
+
+const types = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css" };
+createServer((req, res) => {
+  const url = new URL(req.url, "http://x");
+  if (req.method === "POST" && (req.headers["content-type"] ?? "").startsWith("application/grpc-web")) {
+    const headers = { ":method": "POST", ":path": url.pathname, "content-type": "application/grpc", te: "trailers" };
+    if (req.headers.authorization) headers.authorization = req.headers.authorization;
+    const s = h2.request(headers);
+    req.pipe(s);
+    let status = null;
+    let message = "";
+    s.on("response", (h) => {
+      res.writeHead(200, { "content-type": "application/grpc-web+proto" });
+      if (h["grpc-status"] !== undefined) [status, message] = [h["grpc-status"], h["grpc-message"]];
+    });
+    s.on("data", (d) => res.write(d));
+    s.on("trailers", (t) => ([status, message] = [t["grpc-status"], decodeURIComponent(t["grpc-message"] ?? "")]));
+    s.on("end", () => res.end(trailerFrame(status ?? 2, message)));
+    s.on("error", () => res.destroy());
+    res.on("close", () => s.close());
+    return;
+  }
+  if (url.pathname.startsWith("/files/")) {
+    const d = fileData[decodeURIComponent(url.pathname.slice(7))];
+    if (!d) return res.writeHead(404).end("not found");
+    return res.writeHead(200, { "content-length": d.length, "content-type": "application/octet-stream" }).end(d);
+  }
+  const path = join(dist, url.pathname === "/" ? "index.html" : url.pathname.slice(1));
+  if (!path.startsWith(dist) || !existsSync(path)) return res.writeHead(404).end("not found");
+  res.writeHead(200, { "content-type": types[path.slice(path.lastIndexOf("."))] ?? "application/octet-stream" }).end(readFileSync(path));
+}).listen(port, "127.0.0.1", () => console.log(`mock dashboard on http://127.0.0.1:${port}/`));
