@@ -44,7 +44,7 @@ describe("dashboard", () => {
     await row.getByText("50/s").waitFor();
     await row.getByText(/ago/).waitFor();
     // The server's own host sampler appears too.
-    await page.getByRole("link", { name: "streamhub", exact: true }).first().waitFor();
+    await page.getByRole("row", { name: /^streamhub\b/ }).waitFor();
 
     // A service that appears later shows up without a reload.
     feed.send({ serviceName: "payments", cpuUsage: 7.5, memoryMb: 256 });
@@ -112,6 +112,7 @@ describe("dashboard", () => {
     const got = await bot.waitFor((m) => m.message === "hello from the page");
     assert.ok(Number(got.seq) > 0);
     await page.getByRole("log").getByText("hello from the page").waitFor();
+    await page.getByText("(sending…)").waitFor({ state: "detached" });
 
     bot.send("hello from grpc", "bot-1");
     await page.getByRole("log").getByText("hello from grpc").waitFor();

@@ -48,6 +48,8 @@ export function chatView(): View {
   let lastSeq = 0n;
   let epoch = 0n;
   const seen = new Map<string, HTMLLIElement>();
+  /** Lines sent and not yet seen stored, by idempotency key. */
+  const pending = new Map<string, HTMLLIElement>();
   let sendCounter = 0;
 
   function rememberRoom(name: string): void {
@@ -65,6 +67,10 @@ export function chatView(): View {
   /** Adds a stored message once (keyed by epoch and seq), in seq order. */
   function add(m: ChatMessage): void {
     if (m.seq === 0n) return;
+    if (m.idempotencyKey) {
+      pending.get(m.idempotencyKey)?.remove();
+      pending.delete(m.idempotencyKey);
+    }
     const key = `${m.epoch}:${m.seq}`;
     if (seen.has(key)) return;
     const ts = Number(m.timestampMs) || Number(m.timestamp) * 1000;
@@ -166,20 +172,23 @@ export function chatView(): View {
   async function send(line: string): Promise<void> {
     const key = `${who()}-${PAGE_ID}-${++sendCounter}`;
     const r = current;
-    const pending = h("li", { class: "pending" }, h("b", {}, who()), ": ", line, " ", h("small", {}, "(sending…)"));
-    log.append(pending);
+    const item = h("li", { class: "pending" }, h("b", {}, who()), ": ", line, " ", h("small", {}, "(sending…)"));
+    pending.set(key, item);
+    log.append(item);
     log.scrollTop = log.scrollHeight;
     for (let attempt = 1; ; attempt++) {
       try {
         const stored = await chat.send({ room: r, message: { sender: who(), message: line, idempotencyKey: key } });
-        pending.remove();
+        item.remove();
+        pending.delete(key);
         if (r === current) add(stored);
         return;
       } catch (e) {
         const f = failure(e);
         if (!isTransient(f.code)) {
-          pending.classList.add("failed");
-          pending.lastElementChild!.textContent = `(not sent: ${refusal(f)})`;
+          pending.delete(key);
+          item.classList.add("failed");
+          item.lastElementChild!.textContent = `(not sent: ${refusal(f)})`;
           return;
         }
         await pause(backoffMs(attempt));

@@ -170,7 +170,7 @@ export function serviceView(): View {
     const [lo, hi] = zoom ?? currentRange();
     let shown = 0;
     for (const t of xs) if (t >= lo && t <= hi) shown++;
-    text(status, `${shown} samples shown, ${s.ts.length} kept`);
+    text(status, `${shown} samples shown, ${s.ts.length} samples kept`);
     DEFS.forEach((def, i) => {
       const p = plots[i];
       if (!p) return;
@@ -204,6 +204,29 @@ export function serviceView(): View {
     build();
   }
 
+  /** Asks GetHistory for the service and merges it: on open, and after a reconnect (the gap). */
+  function loadHistory(): void {
+    history?.abort();
+    const ctl = new AbortController();
+    history = ctl;
+    telemetry
+      .getHistory({ serviceName: name, limit: 0 }, { signal: ctl.signal })
+      .then((r) => store.merge(name, r.samples))
+      .catch((e) => {
+        if (ctl.signal.aborted) return;
+        const f = failure(e);
+        note.hidden = false;
+        text(note, `History: ${refusal(f)}`);
+      });
+  }
+
+  let wasLive = store.state === "live";
+  function onState(): void {
+    const live = store.state === "live";
+    if (live && !wasLive) loadHistory();
+    wasLive = live;
+  }
+
   return {
     title: "Service",
     root,
@@ -224,19 +247,13 @@ export function serviceView(): View {
       });
       ro.observe(charts);
       // The Watch backfill holds the last two minutes; history fills the longer windows.
-      history = new AbortController();
-      telemetry
-        .getHistory({ serviceName: name, limit: 0 }, { signal: history.signal })
-        .then((r) => store.merge(name, r.samples))
-        .catch((e) => {
-          if (history?.signal.aborted) return;
-          const f = failure(e);
-          note.hidden = false;
-          text(note, `History: ${refusal(f)}`);
-        });
+      wasLive = store.state === "live";
+      store.addEventListener("state", onState);
+      loadHistory();
     },
     hide() {
       store.removeEventListener("flush", onFlush);
+      store.removeEventListener("state", onState);
       themeBus.removeEventListener("theme", onTheme);
       history?.abort();
       ro?.disconnect();
