@@ -4,6 +4,7 @@
 //   node dev/mock.mjs [PORT]        MOCK_SERVICES=200 MOCK_TOKEN=secret
 // The tests never use this: they run the real binary.
 import { createServer } from "node:http";
+import net from "node:net";
 import http2 from "node:http2";
 import { readFileSync, existsSync } from "node:fs";
 import { createHash } from "node:crypto";
@@ -15,8 +16,12 @@ import protoLoader from "@grpc/proto-loader";
 const here = dirname(fileURLToPath(import.meta.url));
 const dist = resolve(here, "../dist");
 const protoDir = resolve(here, "../../proto");
-const port = Number(process.argv[2] ?? 8080);
-const nServices = Number(process.env.MOCK_SERVICES ?? 6);
+// `serve --listen ADDR --data-dir DIR` mimics the binary closely enough for
+// a dry run of the browser tests (STREAMHUB_BIN=web/dev/fake-streamhub):
+// one port for gRPC and HTTP, no generated data.
+const fake = process.argv[2] === "serve";
+const listenArg = fake ? process.argv[process.argv.indexOf("--listen") + 1] : `127.0.0.1:${process.argv[2] ?? 8080}`;
+const nServices = fake ? 0 : Number(process.env.MOCK_SERVICES ?? 6);
 const token = process.env.MOCK_TOKEN ?? "";
 const started = Date.now();
 
@@ -42,6 +47,19 @@ const alerts = [];
 const watchers = new Set();
 const names = ["api-gateway", "checkout", "payments", "search", "inventory", "auth"];
 for (let i = 0; i < nServices; i++) services.set(i < names.length ? names[i] : `svc-${String(i).padStart(3, "0")}`, []);
+function record(s) {
+  const hist = services.get(s.serviceName) ?? [];
+  services.set(s.serviceName, hist);
+  if (hist.length && hist[hist.length - 1].timestampMs >= s.timestampMs) return;
+  hist.push(s);
+  if (hist.length > 900) hist.shift();
+  for (const w of watchers) w({ sample: s });
+}
+function raise(name, a) {
+  alerts.push({ serviceName: name, alert: a });
+  for (const w of watchers) w({ alert: { serviceName: name, alert: a } });
+}
+if (fake) setInterval(() => record({ serviceName: "streamhub", cpuUsage: 1.5, memoryMb: 64, requestCount: 0, timestampMs: Date.now() }), 1000);
 function tick() {
   const now = Date.now();
   let k = 0;
@@ -53,19 +71,17 @@ function tick() {
     hist.push(s);
     if (hist.length > 900) hist.shift();
     if (prev && (prev.cpuUsage > 90) !== (cpu > 90)) {
-      const a = { serviceName: name, alert: { alertType: cpu > 90 ? "CPU_HIGH" : "CPU_HIGH_RESOLVED", message: `${name}: CPU at ${cpu.toFixed(1)}%`, value: cpu, timestampMs: now } };
-      alerts.push(a);
-      for (const w of watchers) w({ alert: a });
+      raise(name, { alertType: cpu > 90 ? "CPU_HIGH" : "CPU_HIGH_RESOLVED", message: `${name}: CPU at ${cpu.toFixed(1)}%`, value: cpu, timestampMs: now });
     }
     for (const w of watchers) w({ sample: s });
   }
 }
 // History before the page opens.
-for (let t = 300; t > 0; t--) {
+for (let t = nServices ? 300 : 0; t > 0; t--) {
   const now = Date.now() - t * 1000;
   for (const [name, hist] of services) hist.push({ serviceName: name, cpuUsage: 20 + 15 * Math.sin(t / 20 + name.length), memoryMb: 500 + name.length * 100, requestCount: (300 - t) * 20, timestampMs: now });
 }
-setInterval(tick, 1000);
+if (nServices) setInterval(tick, 1000);
 
 const telemetry = {
   Watch(call) {
@@ -83,6 +99,21 @@ const telemetry = {
     const hist = services.get(call.request.serviceName);
     if (!hist) return cb({ code: grpc.status.NOT_FOUND, details: "no such service" });
     cb(null, { serviceName: call.request.serviceName, samples: call.request.limit ? hist.slice(-call.request.limit) : hist });
+  },
+  LiveFeed(call) {
+    const high = new Map();
+    call.on("data", (p) => {
+      const s = { serviceName: p.serviceName, cpuUsage: p.cpuUsage, memoryMb: p.memoryMb, requestCount: p.requestCount, timestampMs: p.timestampMs || Date.now() };
+      record(s);
+      const above = s.cpuUsage > 90;
+      if (above !== (high.get(s.serviceName) ?? false)) {
+        high.set(s.serviceName, above);
+        const a = { alertType: above ? "CPU_HIGH" : "CPU_HIGH_RESOLVED", message: `${s.serviceName}: CPU at ${s.cpuUsage.toFixed(1)}%`, value: s.cpuUsage, timestampMs: s.timestampMs };
+        call.write(a);
+        raise(s.serviceName, a);
+      }
+    });
+    call.on("end", () => call.end());
   },
   ListServices(call, cb) {
     cb(null, { services: [...services].map(([n, h]) => ({ serviceName: n, latest: h[h.length - 1] })) });
@@ -103,6 +134,26 @@ function post(rname, m) {
   return stored;
 }
 const chat = {
+  Chat(call) {
+    const name = call.metadata.get("chat-room")[0] || "lobby";
+    const member = call.metadata.get("chat-member")[0];
+    const r = room(name);
+    const w = (m) => call.write(m);
+    r.members.add(w);
+    if (member) post(name, { sender: member, message: "", kind: "KIND_JOINED" });
+    call.on("data", (m) => {
+      const k = `${m.sender}\0${m.idempotencyKey}`;
+      if (m.idempotencyKey && r.keys.has(k)) return call.write(r.keys.get(k));
+      const stored = post(name, { sender: m.sender, message: m.message, idempotencyKey: m.idempotencyKey, kind: "KIND_MEMBER" });
+      if (m.idempotencyKey) r.keys.set(k, stored);
+    });
+    const leave = () => {
+      if (!r.members.delete(w)) return;
+      if (member) post(name, { sender: member, message: "", kind: "KIND_LEFT" });
+    };
+    call.on("end", () => { leave(); call.end(); });
+    call.on("cancelled", leave);
+  },
   WatchRoom(call) {
     if (!authed(call)) return;
     const q = call.request;
@@ -130,18 +181,31 @@ const chat = {
     cb(null, stored);
   },
 };
-setInterval(() => post("lobby", { sender: "mock-bot", message: `the time is ${new Date().toISOString()}`, kind: "KIND_MEMBER" }), 15000);
+if (!fake) setInterval(() => post("lobby", { sender: "mock-bot", message: `the time is ${new Date().toISOString()}`, kind: "KIND_MEMBER" }), 15000);
 
 // --- files ---
-const fileData = { "hello.txt": Buffer.from("hello, streamhub\n"), "backup.tar": Buffer.alloc(3 * 1024 * 1024 + 123, 7) };
+const fileData = fake ? {} : { "hello.txt": Buffer.from("hello, streamhub\n"), "backup.tar": Buffer.alloc(3 * 1024 * 1024 + 123, 7) };
 const files = {
+  Upload(call, cb) {
+    const parts = [];
+    let name = "";
+    call.on("data", (c) => {
+      name = c.filename;
+      parts.push(c.data);
+      if (c.isLast) {
+        fileData[name] = Buffer.concat(parts);
+        const sha = createHash("sha256").update(fileData[name]).digest();
+        cb(null, { filename: name, totalBytes: fileData[name].length, totalChunks: parts.length, success: true, sha256: sha });
+      }
+    });
+  },
   ListFiles(call, cb) {
     if (!authed(call, cb)) return;
     cb(null, { files: Object.entries(fileData).map(([n, d]) => ({ filename: n, size: d.length, sha256: createHash("sha256").update(d).digest(), modifiedMs: started })) });
   },
   ListUploads(call, cb) {
     if (!authed(call, cb)) return;
-    cb(null, { uploads: [{ filename: "monday.tar", heldBytes: 641728512, inProgress: true, expiresAtMs: started + 86400000 }] });
+    cb(null, { uploads: fake ? [] : [{ filename: "monday.tar", heldBytes: 641728512, inProgress: true, expiresAtMs: started + 86400000 }] });
   },
 };
 
@@ -173,7 +237,7 @@ function trailerFrame(status, message) {
 }
 
 const types = { ".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css" };
-createServer((req, res) => {
+const web = createServer((req, res) => {
   const url = new URL(req.url, "http://x");
   if (req.method === "POST" && (req.headers["content-type"] ?? "").startsWith("application/grpc-web")) {
     const headers = { ":method": "POST", ":path": url.pathname, "content-type": "application/grpc", te: "trailers" };
@@ -201,4 +265,32 @@ createServer((req, res) => {
   const path = join(dist, url.pathname === "/" ? "index.html" : url.pathname.slice(1));
   if (!path.startsWith(dist) || !existsSync(path)) return res.writeHead(404).end("not found");
   res.writeHead(200, { "content-type": types[path.slice(path.lastIndexOf("."))] ?? "application/octet-stream" }).end(readFileSync(path));
-}).listen(port, "127.0.0.1", () => console.log(`mock dashboard on http://127.0.0.1:${port}/`));
+});
+// One port for both, as the real server: HTTP/2 (native gRPC) goes to grpc-js, HTTP/1.1 to the page's server.
+const front = net.createServer((sock) => {
+  sock.once("data", (first) => {
+    sock.pause();
+    if (first.subarray(0, 3).toString() === "PRI") {
+      const up = net.connect(grpcPort, "127.0.0.1", () => {
+        up.write(first);
+        sock.pipe(up).pipe(sock);
+        sock.resume();
+      });
+      up.on("error", () => sock.destroy());
+      sock.on("error", () => up.destroy());
+    } else {
+      sock.unshift(first);
+      web.emit("connection", sock);
+      sock.resume();
+    }
+  });
+});
+const [host, portText] = [listenArg.slice(0, listenArg.lastIndexOf(":")), listenArg.slice(listenArg.lastIndexOf(":") + 1)];
+front.listen(Number(portText), host, () => {
+  const addr = `${host}:${front.address().port}`;
+  console.log(fake ? `streamhub listening on ${addr}` : `mock dashboard on http://${addr}/`);
+});
+process.on("SIGTERM", () => {
+  for (const w of watchers) watchers.delete(w);
+  process.exit(0);
+});

@@ -77,8 +77,8 @@ describe("dashboard", () => {
     // Three charts (uPlot canvases), one per metric.
     assert.equal(await page.locator("figure.chart canvas").count(), 3);
     // Window presets and pause/resume are buttons a keyboard reaches.
-    await page.getByRole("button", { name: "5 min" }).click();
-    assert.equal(await page.getByRole("button", { name: "5 min" }).getAttribute("aria-pressed"), "true");
+    await page.getByRole("button", { name: "5 min", exact: true }).click();
+    assert.equal(await page.getByRole("button", { name: "5 min", exact: true }).getAttribute("aria-pressed"), "true");
     await page.getByRole("button", { name: "Pause" }).click();
     await page.getByRole("button", { name: "Resume" }).click();
     await page.getByRole("button", { name: "Pause" }).waitFor();

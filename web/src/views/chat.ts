@@ -27,7 +27,7 @@ export function chatView(): View {
   const rooms = h("datalist", { id: "rooms" });
   const member = h("input", { id: "member", name: "member", autocomplete: "nickname", value: sessionStorage.getItem("streamhub.member") ?? `web-${PAGE_ID.slice(0, 4)}` });
   const join = h("button", { type: "submit" }, "Join");
-  const log = h("ol", { class: "chat-log", role: "log", "aria-label": "Messages", "aria-live": "polite" });
+  const log = h("ol", { class: "chat-log", role: "log", "aria-label": "Conversation", "aria-live": "polite" });
   const message = h("input", { id: "message", name: "message", autocomplete: "off", enterkeyhint: "send" });
   const status = h("p", { class: "muted", role: "status" });
   const roomForm = h(
