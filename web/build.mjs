@@ -14,6 +14,9 @@ import { gzipSync } from "node:zlib";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const check = process.argv.includes("--check");
+// buf, protoc-gen-es and tsc come from node_modules, also when run without npm.
+const bin = join(here, "node_modules/.bin");
+const env = { ...process.env, PATH: `${bin}:${process.env.PATH}` };
 
 async function bundle(outdir) {
   mkdirSync(outdir, { recursive: true });
@@ -77,10 +80,10 @@ if (check) {
   const tmp = mkdtempSync(join(tmpdir(), "streamhub-web-"));
   try {
     // 1. The generated client code matches proto/.
-    execFileSync("buf", ["generate", "--output", tmp], { cwd: here, stdio: "inherit" });
+    execFileSync(join(bin, "buf"), ["generate", "--output", tmp], { cwd: here, stdio: "inherit", env });
     const gen = differences(join(tmp, "src/gen"), join(here, "src/gen"));
     // 2. The sources type-check.
-    execFileSync("tsc", ["--noEmit", "-p", "."], { cwd: here, stdio: "inherit" });
+    execFileSync(join(bin, "tsc"), ["--noEmit", "-p", "."], { cwd: here, stdio: "inherit", env });
     // 3. The committed bundle is what the sources build.
     const files = await bundle(join(tmp, "dist"));
     const dist = differences(join(tmp, "dist"), join(here, "dist"));
