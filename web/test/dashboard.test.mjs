@@ -5,7 +5,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { readFile } from "node:fs/promises";
-import { chatMember, clients, launch, liveFeed, removeDir, shot, startServer, tempDir, upload, TIMEOUT } from "./helpers.mjs";
+import { chatMember, clients, launch, liveFeed, removeDir, shot, startServer, tempDir, upload, waitForHistory, TIMEOUT } from "./helpers.mjs";
 
 describe("dashboard", () => {
   let dir, server, grpc, browser, context, page, feed;
@@ -34,6 +34,7 @@ describe("dashboard", () => {
     const now = Date.now();
     feed.send({ serviceName: "checkout", cpuUsage: 12.0, memoryMb: 900, requestCount: 100, timestampMs: now - 1000 });
     feed.send({ serviceName: "checkout", cpuUsage: 42.4, memoryMb: 1536.4, requestCount: 150, timestampMs: now });
+    await waitForHistory(grpc, "checkout", 2);
     await page.goto(server.url);
     await page.getByText("live", { exact: true }).waitFor();
     const row = page.getByRole("row", { name: /checkout/ });

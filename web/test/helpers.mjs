@@ -106,6 +106,22 @@ export function liveFeed(c) {
   };
 }
 
+/**
+ * Waits until the server keeps at least `n` samples of `service` (LiveFeed
+ * has no acknowledgment), asking GetHistory until it does.
+ */
+export async function waitForHistory(c, service, n) {
+  const deadline = Date.now() + TIMEOUT;
+  for (;;) {
+    const got = await new Promise((ok) =>
+      c.telemetry.GetHistory({ serviceName: service }, (err, r) => ok(err ? 0 : r.samples.length)),
+    );
+    if (got >= n) return;
+    if (Date.now() > deadline) throw new Error(`the server kept ${got} samples of ${service}, not ${n}, within ${TIMEOUT} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 /** A Chat member: `received` collects messages, `waitFor` waits for one matching. */
 export function chatMember(c, room, name) {
   const md = new grpc.Metadata();

@@ -3,7 +3,7 @@
 // it was away is back-filled.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { clients, launch, liveFeed, removeDir, shot, startServer, tempDir, TIMEOUT } from "./helpers.mjs";
+import { clients, launch, liveFeed, removeDir, shot, startServer, tempDir, waitForHistory, TIMEOUT } from "./helpers.mjs";
 
 const cleanup = [];
 after(async () => {
@@ -24,6 +24,7 @@ test("the page reconnects after a server restart and back-fills the gap", async 
   let feed = liveFeed(grpc);
   feed.send({ serviceName: "restart-svc", cpuUsage: 11.1, memoryMb: 100, timestampMs: Date.now() - 1000 });
   feed.send({ serviceName: "restart-svc", cpuUsage: 22.2, memoryMb: 100 });
+  await waitForHistory(grpc, "restart-svc", 2);
   await page.goto(`${server.url}#/service/restart-svc`);
   const indicator = page.getByRole("status", { name: "Connection" });
   await page.getByText(/, 2 samples kept/).waitFor();
