@@ -19,10 +19,28 @@ const protoDir = resolve(here, "../../proto");
 // `serve --listen ADDR --data-dir DIR` mimics the binary closely enough for
 // a dry run of the browser tests (STREAMHUB_BIN=web/dev/fake-streamhub):
 // one port for gRPC and HTTP, no generated data.
+if (process.argv[2] === "token") process.exit(0); // `token new --help`: the fake has tokens too
+if (process.argv[2] && process.argv[2] !== "serve" && !/^\d+$/.test(process.argv[2])) {
+  console.error("usage: node dev/mock.mjs [PORT] | serve --listen ADDR --data-dir DIR [--config FILE]");
+  process.exit(2);
+}
 const fake = process.argv[2] === "serve";
 const listenArg = fake ? process.argv[process.argv.indexOf("--listen") + 1] : `127.0.0.1:${process.argv[2] ?? 8080}`;
 const nServices = fake ? 0 : Number(process.env.MOCK_SERVICES ?? 6);
 const token = process.env.MOCK_TOKEN ?? "";
+// In fake mode, `[[auth.tokens]]` entries of --config (identity, sha256, scopes), read roughly.
+const tokens = new Map();
+const configAt = process.argv.indexOf("--config");
+if (configAt > 0) {
+  for (const entry of readFileSync(process.argv[configAt + 1], "utf8").split("[[auth.tokens]]").slice(1)) {
+    const get = (k) => new RegExp(`${k}\\s*=\\s*(.*)`).exec(entry)?.[1];
+    tokens.set(JSON.parse(get("sha256")), { identity: JSON.parse(get("identity")), scopes: JSON.parse(get("scopes")) });
+  }
+}
+function identityOf(call) {
+  const h = call.metadata.get("authorization")[0] ?? "";
+  return tokens.get(createHash("sha256").update(h.replace(/^Bearer /, "")).digest("hex"));
+}
 const started = Date.now();
 
 const pkg = grpc.loadPackageDefinition(
@@ -31,7 +49,17 @@ const pkg = grpc.loadPackageDefinition(
   }),
 );
 
-function authed(call, cb) {
+function authed(call, cb, scope) {
+  if (tokens.size) {
+    const id = identityOf(call);
+    let err = null;
+    if (!id) err = { code: grpc.status.UNAUTHENTICATED, details: "unknown token" };
+    else if (scope && !id.scopes.some((s) => s === "*" || s.startsWith(scope))) err = { code: grpc.status.PERMISSION_DENIED, details: `identity "${id.identity}" lacks the scope ${scope}` };
+    if (!err) return true;
+    if (cb) cb(err);
+    else call.destroy(err);
+    return false;
+  }
   if (!token) return true;
   const h = call.metadata.get("authorization")[0];
   if (h === `Bearer ${token}`) return true;
@@ -101,6 +129,7 @@ const telemetry = {
     cb(null, { serviceName: call.request.serviceName, samples: call.request.limit ? hist.slice(-call.request.limit) : hist });
   },
   LiveFeed(call) {
+    if (!authed(call)) return;
     const high = new Map();
     call.on("data", (p) => {
       const s = { serviceName: p.serviceName, cpuUsage: p.cpuUsage, memoryMb: p.memoryMb, requestCount: p.requestCount, timestampMs: p.timestampMs || Date.now() };
@@ -200,11 +229,11 @@ const files = {
     });
   },
   ListFiles(call, cb) {
-    if (!authed(call, cb)) return;
+    if (!authed(call, cb, "upload:read")) return;
     cb(null, { files: Object.entries(fileData).map(([n, d]) => ({ filename: n, size: d.length, sha256: createHash("sha256").update(d).digest(), modifiedMs: started })) });
   },
   ListUploads(call, cb) {
-    if (!authed(call, cb)) return;
+    if (!authed(call, cb, "upload:write")) return;
     cb(null, { uploads: fake ? [] : [{ filename: "monday.tar", heldBytes: 641728512, inProgress: true, expiresAtMs: started + 86400000 }] });
   },
 };
@@ -212,10 +241,12 @@ const files = {
 const serverSvc = {
   WhoAmI(call, cb) {
     if (!authed(call, cb)) return;
+    const id = identityOf(call);
+    if (id) return cb(null, { identity: id.identity, scopes: id.scopes, authEnabled: true, method: "token" });
     cb(null, { identity: token ? "ops" : "anonymous", scopes: ["*"], authEnabled: !!token, method: token ? "token" : "none" });
   },
   GetServerInfo(call, cb) {
-    if (!authed(call, cb)) return;
+    if (!authed(call, cb, "server:read")) return;
     cb(null, { version: "0.0.0-mock", startedAtMs: started, openConnections: 2, node: "mock", authEnabled: !!token, streams: [{ method: "/chat.ChatService/WatchRoom", open: 1 }, { method: "/telemetry.TelemetryService/Watch", open: watchers.size }] });
   },
 };

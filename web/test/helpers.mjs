@@ -14,7 +14,7 @@ import { chromium } from "playwright-core";
 const here = dirname(fileURLToPath(import.meta.url));
 export const repo = resolve(here, "../..");
 export const screenshots = join(here, "screenshots");
-const bin = process.env.STREAMHUB_BIN ?? join(repo, "target/debug/streamhub");
+export const bin = process.env.STREAMHUB_BIN ?? join(repo, "target/debug/streamhub");
 
 /** Fails a wait that takes longer than this (the page's own waits use Playwright's timeouts). */
 export const TIMEOUT = 15_000;
@@ -27,8 +27,8 @@ export function tempDir() {
  * Starts `streamhub serve` on `listen` (default an ephemeral loopback port)
  * and resolves once it prints `streamhub listening on ADDR`.
  */
-export async function startServer({ dataDir, listen = "127.0.0.1:0" }) {
-  const proc = spawn(bin, ["serve", "--listen", listen, "--data-dir", dataDir], {
+export async function startServer({ dataDir, listen = "127.0.0.1:0", args = [] }) {
+  const proc = spawn(bin, ["serve", "--listen", listen, "--data-dir", dataDir, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
   });
@@ -90,8 +90,10 @@ export function clients(addr) {
 }
 
 /** A LiveFeed call: `send` publishes a sample, `alerts` collects what comes back. */
-export function liveFeed(c) {
-  const call = c.telemetry.LiveFeed();
+export function liveFeed(c, token) {
+  const md = new grpc.Metadata();
+  if (token) md.set("authorization", `Bearer ${token}`);
+  const call = c.telemetry.LiveFeed(md);
   const alerts = [];
   call.on("data", (a) => alerts.push(a));
   call.on("error", () => {});
