@@ -279,7 +279,7 @@ const web = createServer((req, res) => {
     let message = "";
     s.on("response", (h) => {
       res.writeHead(200, { "content-type": "application/grpc-web+proto" });
-      if (h["grpc-status"] !== undefined) [status, message] = [h["grpc-status"], h["grpc-message"]];
+      if (h["grpc-status"] !== undefined) [status, message] = [h["grpc-status"], decodeURIComponent(h["grpc-message"] ?? "")];
     });
     s.on("data", (d) => res.write(d));
     s.on("trailers", (t) => ([status, message] = [t["grpc-status"], decodeURIComponent(t["grpc-message"] ?? "")]));

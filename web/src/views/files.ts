@@ -12,13 +12,15 @@ export function filesView(): View {
   const storedNote = h("p", { class: "muted" });
   const partialNote = h("p", { class: "muted" });
   const refresh = h("button", { type: "button" }, "Refresh");
+  let storedWrap: HTMLElement;
+  let partialWrap: HTMLElement;
   const root = h(
     "section",
     { "aria-labelledby": "files-h" },
     h("div", { class: "bar" }, h("h1", { id: "files-h" }, "Files"), refresh),
     h("h2", { id: "stored-h" }, "Stored files"),
     storedNote,
-    h(
+    (storedWrap = h(
       "div",
       { class: "scroll" },
       h(
@@ -31,10 +33,10 @@ export function filesView(): View {
         ),
         stored,
       ),
-    ),
+    )),
     h("h2", { id: "partial-h" }, "Uploads in progress"),
     partialNote,
-    h(
+    (partialWrap = h(
       "div",
       { class: "scroll" },
       h(
@@ -47,7 +49,7 @@ export function filesView(): View {
         ),
         partial,
       ),
-    ),
+    )),
   );
 
   let timer = 0;
@@ -77,9 +79,13 @@ export function filesView(): View {
         );
       }
       text(storedNote, r.files.length ? "" : "No files stored yet.");
+      storedWrap.hidden = r.files.length === 0;
+      storedNote.className = "muted";
     } catch (e) {
       lastStored = "";
       stored.replaceChildren();
+      storedWrap.hidden = true;
+      storedNote.className = "denied";
       text(storedNote, refusal(failure(e)));
     }
     try {
@@ -101,9 +107,13 @@ export function filesView(): View {
         );
       }
       text(partialNote, r.uploads.length ? "" : "No uploads in progress.");
+      partialWrap.hidden = r.uploads.length === 0;
+      partialNote.className = "muted";
     } catch (e) {
       lastPartial = "";
       partial.replaceChildren();
+      partialWrap.hidden = true;
+      partialNote.className = "denied";
       text(partialNote, refusal(failure(e)));
     }
   }

@@ -15,11 +15,9 @@ export function serverView(): View {
     facts[k] = h("dd");
     dl.append(h("dt", {}, k), facts[k]);
   }
-  const root = h(
-    "section",
-    { "aria-labelledby": "server-h" },
-    h("h1", { id: "server-h" }, "Server"),
-    note,
+  const body = h(
+    "div",
+    {},
     dl,
     h("h2", { id: "streams-h" }, "Open streams"),
     h(
@@ -33,6 +31,7 @@ export function serverView(): View {
       ),
     ),
   );
+  const root = h("section", { "aria-labelledby": "server-h" }, h("h1", { id: "server-h" }, "Server"), note, body);
   let timer = 0;
   let last = "";
   let startedAt = 0;
@@ -41,6 +40,7 @@ export function serverView(): View {
     try {
       const r = await server.getServerInfo({});
       note.hidden = true;
+      body.hidden = false;
       startedAt = Number(r.startedAtMs);
       text(facts["Version"], r.version);
       text(facts["Node"], r.node || "—");
@@ -56,6 +56,7 @@ export function serverView(): View {
       }
     } catch (e) {
       note.hidden = false;
+      body.hidden = true;
       text(note, refusal(failure(e)));
     }
   }
