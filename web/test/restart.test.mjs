@@ -3,7 +3,7 @@
 // it was away is back-filled.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { clients, launch, liveFeed, removeDir, shot, startServer, tempDir, waitForHistory, TIMEOUT } from "./helpers.mjs";
+import { chatMember, clients, launch, liveFeed, removeDir, shot, startServer, tempDir, waitForHistory, TIMEOUT } from "./helpers.mjs";
 
 const cleanup = [];
 after(async () => {
@@ -30,11 +30,28 @@ test("the page reconnects after a server restart and back-fills the gap", async 
   await page.getByText(/, 2 samples kept/).waitFor();
   assert.equal(await indicator.textContent(), "live");
 
+  // A second tab in a chat room, to see it resume after the last seq.
+  const chatPage = await browser.newPage({ viewport: { width: 900, height: 700 } });
+  chatPage.setDefaultTimeout(TIMEOUT);
+  await chatPage.goto(`${server.url}#/chat`);
+  await chatPage.getByLabel("Room").fill("resume");
+  await chatPage.getByLabel("Room").press("Enter");
+  await chatPage.getByText("In room resume").waitFor();
+  let bot = chatMember(grpc, "resume", "bot");
+  bot.send("before the restart", "bot-1");
+  const log = chatPage.getByRole("log");
+  await log.getByText("before the restart").waitFor();
+
   feed.end();
+  bot.end();
   grpc.close();
   await server.stop();
   await indicator.getByText("reconnecting").waitFor();
   await shot(page, "restart-reconnecting");
+  // Typed while the server is away: sent once it is back, under the same key.
+  await chatPage.getByText(/reconnecting/).first().waitFor();
+  await chatPage.getByLabel("Message").fill("typed while away");
+  await chatPage.getByLabel("Message").press("Enter");
 
   server = await startServer({ dataDir: dir, listen: server.addr });
   grpc = clients(server.addr);
@@ -48,6 +65,19 @@ test("the page reconnects after a server restart and back-fills the gap", async 
   // Before the restart and after it, each sample once.
   await page.getByText(/, 4 samples kept/).waitFor();
   await shot(page, "restart-live");
+
+  // The chat tab resumed after the last seq it saw: the line typed while
+  // away is stored, a new line arrives, and nothing shows twice.
+  bot = chatMember(grpc, "resume", "bot");
+  bot.send("after the restart", "bot-2");
+  await log.getByText("after the restart").waitFor();
+  await log.getByText("typed while away").waitFor();
+  await chatPage.getByText("(sending…)").waitFor({ state: "detached" });
+  assert.equal(await log.getByText("before the restart").count(), 1);
+  assert.equal(await log.getByText("typed while away").count(), 1);
+  assert.equal(await log.getByText("after the restart").count(), 1);
+  await shot(chatPage, "restart-chat");
+  bot.end();
   feed.end();
   grpc.close();
 });
