@@ -51,6 +51,10 @@ describe("dashboard", () => {
     feed.send({ serviceName: "payments", cpuUsage: 7.5, memoryMb: 256 });
     await page.getByRole("row", { name: /payments/ }).getByText("7.5%").waitFor();
 
+    // A service whose last report is a minute old is marked silent.
+    feed.send({ serviceName: "quiet", cpuUsage: 3.3, memoryMb: 10, timestampMs: Date.now() - 60_000 });
+    await page.getByRole("row", { name: /quiet/ }).getByText(/silent/).waitFor();
+
     const filter = page.getByLabel("Filter services");
     await filter.fill("pay");
     await page.getByRole("row", { name: /checkout/ }).waitFor({ state: "hidden" });
