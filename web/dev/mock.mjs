@@ -17,7 +17,7 @@ const here = dirname(fileURLToPath(import.meta.url));
 const dist = resolve(here, "../dist");
 const protoDir = resolve(here, "../../proto");
 // `serve --listen ADDR --data-dir DIR` mimics the binary closely enough for
-// a dry run of the browser tests (STREAMHUB_BIN=web/dev/fake-streamhub):
+// a dry run of the browser tests (WEB_TEST_BIN=web/dev/fake-streamhub):
 // one port for gRPC and HTTP, no generated data.
 if (process.argv[2] === "token") process.exit(0); // `token new --help`: the fake has tokens too
 if (process.argv[2] && process.argv[2] !== "serve" && !/^\d+$/.test(process.argv[2])) {

@@ -14,7 +14,8 @@ import { chromium } from "playwright-core";
 const here = dirname(fileURLToPath(import.meta.url));
 export const repo = resolve(here, "../..");
 export const screenshots = join(here, "screenshots");
-export const bin = process.env.STREAMHUB_BIN ?? join(repo, "target/debug/streamhub");
+// Not STREAMHUB_*: the server reads every STREAMHUB_ variable as configuration.
+export const bin = process.env.WEB_TEST_BIN ?? join(repo, "target/debug/streamhub");
 
 /** Fails a wait that takes longer than this (the page's own waits use Playwright's timeouts). */
 export const TIMEOUT = 15_000;
@@ -30,7 +31,11 @@ export function tempDir() {
 export async function startServer({ dataDir, listen = "127.0.0.1:0", args = [] }) {
   const proc = spawn(bin, ["serve", "--listen", listen, "--data-dir", dataDir, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
+    // Hermetic: no STREAMHUB_* setting of the caller's environment reaches the server.
+    env: {
+      ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("STREAMHUB_"))),
+      RUST_LOG: process.env.RUST_LOG ?? "warn",
+    },
   });
   let stderr = "";
   proc.stderr.on("data", (d) => {
@@ -189,7 +194,7 @@ export const CHROMIUM_ARGS = [
 
 export function launch() {
   return chromium.launch({
-    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    executablePath: process.env.WEB_TEST_CHROMIUM ?? "/usr/bin/chromium",
     args: CHROMIUM_ARGS,
   });
 }
