@@ -1,0 +1,71 @@
+// Alerts: every alert raised or resolved by any LiveFeed call, newest
+// first, back-filled by the Watch stream, then live.
+import * as fmt from "../format";
+import { h, text } from "../dom";
+import { store, type Alert } from "../store";
+import type { View } from "../router";
+
+export function alertsView(): View {
+  const list = h("ol", { class: "feed", "aria-label": "Alerts, newest first" });
+  const empty = h("p", { class: "muted" }, "No alerts yet.");
+  const refused = h("p", { class: "denied", hidden: true });
+  const root = h("section", { "aria-labelledby": "alerts-h" }, h("h1", { id: "alerts-h" }, "Alerts"), refused, empty, list);
+  const shown = new Map<string, HTMLLIElement>();
+
+  function item(a: Alert): HTMLLIElement {
+    return h(
+      "li",
+      { class: a.resolved ? "resolved" : "raised" },
+      h("time", { datetime: new Date(a.ts).toISOString() }, fmt.clock(a.ts)),
+      h("span", { class: "badge" }, a.type),
+      h("a", { href: `#/service/${encodeURIComponent(a.service)}` }, a.service),
+      h("span", { class: "msg" }, a.message),
+    );
+  }
+
+  /** Brings the list in line with the store, touching only new or dropped items. */
+  function render(): void {
+    const keep = new Set<string>();
+    let prev: HTMLLIElement | null = null;
+    for (const a of store.alerts) {
+      keep.add(a.key);
+      let li = shown.get(a.key);
+      if (!li) {
+        li = item(a);
+        shown.set(a.key, li);
+        list.insertBefore(li, prev ? prev.nextSibling : list.firstChild);
+      }
+      prev = li;
+    }
+    for (const [k, li] of shown) {
+      if (!keep.has(k)) {
+        li.remove();
+        shown.delete(k);
+      }
+    }
+    empty.hidden = store.alerts.length > 0;
+  }
+
+  function onFlush(): void {
+    if (store.alertsDirty) render();
+  }
+  function onRefused(): void {
+    refused.hidden = !store.refused;
+    text(refused, store.refused ?? "");
+  }
+
+  return {
+    title: "Alerts",
+    root,
+    show() {
+      render();
+      onRefused();
+      store.addEventListener("flush", onFlush);
+      store.addEventListener("refused", onRefused);
+    },
+    hide() {
+      store.removeEventListener("flush", onFlush);
+      store.removeEventListener("refused", onRefused);
+    },
+  };
+}
