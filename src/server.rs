@@ -36,7 +36,7 @@ use crate::{
     },
     config::Config,
     proto,
-    rpc::{GateLayer, shutting_down},
+    rpc::{CallLayer, GateLayer, shutting_down},
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
     upload::{self, service::UploadService},
@@ -146,6 +146,7 @@ where
     }
 
     let router = builder
+        .layer(CallLayer)
         .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -235,8 +236,22 @@ impl Health for HealthGate {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut inner = self.inner.watch(request).await?.into_inner();
         let shutdown = self.shutdown.clone();
+        let mut inner = match self.inner.watch(request).await {
+            Ok(watch) => watch.into_inner(),
+            // The health protocol: an unknown service gets SERVICE_UNKNOWN
+            // and the call stays open (the served set is fixed, so it stays
+            // unknown) until the client leaves or the server shuts down.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let stream = async_stream::stream! {
+                    yield Ok(HealthCheckResponse { status: PbStatus::ServiceUnknown.into() });
+                    shutdown.cancelled().await;
+                    yield Err(shutting_down());
+                };
+                return Ok(Response::new(Box::pin(stream)));
+            }
+            Err(status) => return Err(status),
+        };
         let stream = async_stream::stream! {
             use futures::StreamExt;
             loop {
