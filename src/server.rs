@@ -83,6 +83,21 @@ pub async fn run<F>(listener: TcpListener, config: Config, signal: F) -> Result<
 where
     F: Future<Output = ()> + Send,
 {
+    run_ready(listener, config, signal, None).await
+}
+
+/// [`run`], telling `ready` the address it serves on once it can serve:
+/// the data directory and every store are open (what `serve` waits for
+/// before it prints "listening on").
+pub async fn run_ready<F>(
+    listener: TcpListener,
+    config: Config,
+    signal: F,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), ServerError>
+where
+    F: Future<Output = ()> + Send,
+{
     let local_addr = listener.local_addr()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),
@@ -176,6 +191,9 @@ where
     let serve = router.serve_with_incoming_shutdown(incoming, shutdown.token().cancelled_owned());
     tokio::pin!(serve);
     tracing::info!(addr = %local_addr, data_dir = %config.data_dir.display(), "serving");
+    if let Some(ready) = ready {
+        let _ = ready.send(local_addr);
+    }
 
     tokio::select! {
         result = &mut serve => return result.map_err(ServerError::from),
