@@ -457,7 +457,13 @@ async fn chat_history_with_no_input_prints_exactly_the_last_n_every_time() {
 async fn text_from_other_clients_reaches_the_terminal_escaped() {
     let server = TestServer::start().await;
     let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2Jgone\r\u{202e}txt".to_owned();
-    chat_messages(server.url(), "esc", "eve\u{1b}[31m", &[hostile.clone()]).await;
+    chat_messages(
+        server.url(),
+        "esc",
+        "eve\u{1b}[31m",
+        std::slice::from_ref(&hostile),
+    )
+    .await;
     publish(server.url(), "svc\u{1b}[1m", 1.0).await;
 
     let chat = streamhub(
