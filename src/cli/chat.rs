@@ -181,6 +181,11 @@ pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
         match outcome {
             Outcome::Finished => return Ok(()),
             Outcome::Retry(why) => {
+                // The server cannot be reached, and input has ended with
+                // nothing left to deliver: nothing to wait for.
+                if session.nothing_to_deliver() {
+                    return Ok(());
+                }
                 ctx.note(
                     "reconnecting",
                     &format!(
@@ -256,11 +261,10 @@ async fn talk(
                 Ok(channel) => break channel,
                 Err(err) => return Ok(Outcome::Retry(format!("{err:#}"))),
             },
+            // Input that ends meanwhile is no reason to give up this
+            // attempt: the history asked for is still to be shown.
             line = lines.recv(), if !session.input_done => {
                 session.take_line(run_id, line);
-                if session.nothing_to_deliver() {
-                    return Ok(Outcome::Finished);
-                }
             }
         }
     };
