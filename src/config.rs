@@ -31,7 +31,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address the gRPC server listens on.
+    /// Address the gRPC server listens on: an IP address and port, or a
+    /// host name and port (`localhost:50051`) resolved at load time.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Directory for uploads, chat history and other durable state.
     pub data_dir: PathBuf,
@@ -386,9 +388,58 @@ pub struct Sources {
     pub overrides: Vec<String>,
 }
 
-/// Environment variables that belong to the client or to clap, not to the
-/// server configuration.
-const CLIENT_ENV: &[&str] = &["server", "config", "json", "set"];
+/// Resolves `host:port` (an IP address, or a name such as `localhost`) to
+/// one socket address: the first IPv4 address if there is one (so
+/// `localhost` means 127.0.0.1 wherever `/etc/hosts` lists `::1` first),
+/// else the first.
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    let all: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| {
+            format!("{addr:?} is not an address such as 127.0.0.1:50051 or localhost:50051: {e}")
+        })?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| all.first())
+        .copied()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    resolve(&text).map_err(serde::de::Error::custom)
+}
+
+/// Whether the environment variable `key` (prefix stripped, `__` turned
+/// into `.`) names a server setting: its first part is a top-level key of
+/// [`Config`]. The CLI's own variables (`STREAMHUB_SERVER`,
+/// `STREAMHUB_CHAT_NAME`, `STREAMHUB_CONFIG`, …) share the prefix and are
+/// not settings, so they are skipped; a typo below a known key
+/// (`STREAMHUB_TELEMETRY__TYPO`) still reaches the checks and is refused.
+fn is_setting(key: &str) -> bool {
+    let top = key.split('.').next().unwrap_or(key);
+    TOP_LEVEL_KEYS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(top))
+}
+
+/// The top-level keys of [`Config`] (checked against its fields by a unit
+/// test).
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "drain_timeout",
+    "limits",
+    "telemetry",
+    "upload",
+    "chat",
+    "runtime",
+    "tls",
+    "http",
+];
 
 impl Config {
     /// Loads the configuration from `sources` over the embedded defaults.
@@ -398,7 +449,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         if sources.env {
-            figment = figment.merge(Env::prefixed("STREAMHUB_").split("__").ignore(CLIENT_ENV));
+            figment = figment.merge(
+                Env::prefixed("STREAMHUB_")
+                    .split("__")
+                    .filter(|key| is_setting(key.as_str())),
+            );
         }
         for item in &sources.overrides {
             let (key, value) = item
@@ -414,6 +469,14 @@ impl Config {
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as a TOML file that [`Config::load`] reads back
+    /// (what `serve --print-config` prints). Settings that are off (`None`)
+    /// are left out, which is how a file says "off".
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self)
+            .map_err(|e| ConfigError::Inconsistent(format!("cannot write TOML: {e}")))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -647,6 +710,65 @@ mod tests {
             .expect_err("rejected");
             assert!(err.to_string().contains("chat."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_top_level_keys_are_the_fields_of_config() {
+        let value = serde_json::to_value(Config::default()).expect("serializes");
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut known = TOP_LEVEL_KEYS.to_vec();
+        fields.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(fields, known);
+        assert!(is_setting("telemetry.typo"));
+        assert!(is_setting("LISTEN"));
+        assert!(!is_setting("chat_name"));
+        assert!(!is_setting("server"));
+    }
+
+    #[test]
+    fn printed_toml_loads_back_to_the_same_configuration() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("printed.toml");
+        let config = Config::load(&Sources {
+            overrides: vec![
+                "limits.max_connection_age=5m".into(),
+                "upload.quota=1000".into(),
+                "telemetry.min_interval=250ms".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect("loads");
+        let printed = config.to_toml().expect("prints");
+        std::fs::write(&path, &printed).expect("write");
+        let again = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect("the printed TOML loads");
+        assert_eq!(again.to_toml().expect("prints"), printed);
+        assert_eq!(
+            again.limits.max_connection_age,
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(again.limits.max_connection_age_grace, None);
+    }
+
+    #[test]
+    fn listen_takes_host_names() {
+        let config = Config::load(&Sources {
+            overrides: vec!["listen=localhost:6001".into()],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 6001)));
+        assert_eq!(resolve("[::1]:5").expect("v6").port(), 5);
+        assert!(resolve("no port").is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! library.
 
 use clap::{Parser, Subcommand};
-use streamhub::cli::{self, Context};
+use streamhub::cli::{self, Context, Ended};
 use tracing_subscriber::EnvFilter;
 
 /// A gRPC streaming hub: live telemetry, metrics in and alerts out,
@@ -66,24 +66,39 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr (`streamhub serve 2>&1 | head -1`) must not stop
+        // the server: tracing would report the failed write with
+        // `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
         .init();
 
-    let ctx = Context {
-        server: cli.server,
-        json: cli.json,
+    let command = match cli.command {
+        // The server builds the runtime its configuration asks for; the
+        // client's `--server` (and STREAMHUB_SERVER) is none of its business.
+        Command::Serve(args) => return cli::serve::run(args),
+        command => command,
     };
-    match cli.command {
-        // The server builds the runtime its configuration asks for.
-        Command::Serve(args) => cli::serve::run(args),
+    let ctx = Context::new(cli.server, cli.json)?;
+    match command {
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Snapshot(args) => block_on(cli::telemetry::snapshot(&ctx, args)),
         Command::Services => block_on(cli::telemetry::services(&ctx)),
-        Command::Subscribe(args) => block_on(cli::telemetry::subscribe(&ctx, args)),
-        Command::Feed(args) => block_on(cli::telemetry::feed(&ctx, args)),
-        Command::Upload(args) => block_on(cli::upload::upload(&ctx, args)),
+        // Long-running commands: Ctrl-C ends them at any moment. Those that
+        // stream until stopped end well; an upload or download ends as
+        // interrupted.
+        Command::Subscribe(args) => until_ctrl_c(cli::telemetry::subscribe(&ctx, args), None),
+        Command::Feed(args) => until_ctrl_c(cli::telemetry::feed(&ctx, args), None),
+        Command::Chat(args) => until_ctrl_c(cli::chat::run(&ctx, args), None),
+        Command::Upload(args) => until_ctrl_c(
+            cli::upload::upload(&ctx, args),
+            Some("upload interrupted; run the same command again to resume"),
+        ),
+        Command::Download(args) => until_ctrl_c(
+            cli::upload::download(&ctx, args),
+            Some("download interrupted"),
+        ),
         Command::Files => block_on(cli::upload::files(&ctx)),
-        Command::Download(args) => block_on(cli::upload::download(&ctx, args)),
-        Command::Chat(args) => block_on(cli::chat::run(&ctx, args)),
-        Command::Demo(args) => block_on(cli::demo::run(&ctx, args)),
+        Command::Demo(args) => until_ctrl_c(cli::demo::run(&ctx, args), None),
         // The load generator pins itself, then builds its runtime.
         Command::Bench(args) => cli::bench::run(&ctx.server, *args),
     }
@@ -92,4 +107,29 @@ fn main() -> anyhow::Result<()> {
 /// Runs a client subcommand on tokio's default multi-thread runtime.
 fn block_on(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(command)
+}
+
+/// Exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells
+/// report it.
+const INTERRUPTED: i32 = 130;
+
+/// Runs a long-running client subcommand until it ends or Ctrl-C. On
+/// Ctrl-C it exits 0 if `failure` is `None`, else says `failure` and exits
+/// 130.
+fn until_ctrl_c(
+    command: impl Future<Output = anyhow::Result<()>>,
+    failure: Option<&str>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let ended = runtime.block_on(cli::until_interrupted(command));
+    // Do not wait for blocking reads (standard input, a file) to finish.
+    runtime.shutdown_background();
+    match (ended, failure) {
+        (Ended::Finished(result), _) => result,
+        (Ended::Interrupted, None) => Ok(()),
+        (Ended::Interrupted, Some(failure)) => {
+            cli::err_line(failure);
+            std::process::exit(INTERRUPTED);
+        }
+    }
 }

@@ -1,14 +1,17 @@
 //! Pieces shared by every gRPC service: the log line of each stream, the
-//! request gate that counts calls and refuses new ones while draining, and
-//! the status every stream ends with on shutdown.
+//! request gate that counts calls and refuses new ones while draining, the
+//! status every stream ends with on shutdown, and the call layer that ends
+//! every call the way the gRPC spec says (deadlines, size limits).
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures::future::{Either, Ready, ready};
@@ -32,7 +35,7 @@ pub fn peer<T>(request: &tonic::Request<T>) -> String {
 /// Logs one line when a stream opens and one when it closes, with why.
 ///
 /// The close line is written on drop, so a stream dropped by tonic because
-/// the client went away is logged too.
+/// the client went away, or because its deadline passed, is logged too.
 #[derive(Debug)]
 pub struct StreamLog {
     peer: String,
@@ -40,6 +43,7 @@ pub struct StreamLog {
     subject: String,
     reason: Option<String>,
     opened: Instant,
+    deadline: Option<Deadline>,
 }
 
 impl StreamLog {
@@ -52,6 +56,7 @@ impl StreamLog {
             subject: subject.to_owned(),
             reason: None,
             opened: Instant::now(),
+            deadline: request.extensions().get::<Deadline>().copied(),
         };
         tracing::info!(peer = %log.peer, method, subject, "stream opened");
         log
@@ -74,7 +79,15 @@ impl StreamLog {
 
 impl Drop for StreamLog {
     fn drop(&mut self) {
-        let reason = self.reason.as_deref().unwrap_or("client went away");
+        // A stream dropped without a reason was cancelled: by its client,
+        // or by `StatusLayer` when its deadline passed.
+        let reason = self.reason.as_deref().unwrap_or_else(|| {
+            if self.deadline.is_some_and(Deadline::passed) {
+                "deadline passed"
+            } else {
+                "client went away"
+            }
+        });
         tracing::info!(
             peer = %self.peer,
             method = self.method,
@@ -143,5 +156,321 @@ where
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         Either::Right(self.inner.call(request))
+    }
+}
+
+/// The deadline of a call, from its `grpc-timeout` header, as
+/// [`StatusLayer`] puts it in the request's extensions (and so in
+/// `tonic::Request::extensions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub tokio::time::Instant);
+
+impl Deadline {
+    /// The deadline carried by `extensions`, if the call has one.
+    pub fn of(extensions: &http::Extensions) -> Option<Self> {
+        extensions.get::<Self>().copied()
+    }
+
+    /// Whether the deadline has passed.
+    pub fn passed(self) -> bool {
+        tokio::time::Instant::now() >= self.0
+    }
+}
+
+/// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`), as the gRPC over HTTP/2 protocol defines it.
+/// `None` for anything else (the header is then ignored, as tonic does).
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// Tower layer in front of every route (generated, hand-written, and any
+/// later one) that makes each call end with the status the gRPC spec gives
+/// it, whatever the handler does:
+///
+/// - **Deadlines**: a call with a `grpc-timeout` header ends with
+///   DEADLINE_EXCEEDED when it passes, streaming calls included. Before the
+///   response headers the handler's future is dropped and a trailers-only
+///   status sent; after, the response body is dropped (so the handler's
+///   stream sees cancellation) and the call ends with a DEADLINE_EXCEEDED
+///   trailer. The deadline is put in the request's extensions
+///   ([`Deadline`]) for handlers and logs.
+/// - **Oversized messages**: tonic reports a message over the size limit
+///   (received or sent) as OUT_OF_RANGE; the spec says RESOURCE_EXHAUSTED.
+/// - **Request cardinality**: tonic reports a unary or server-streaming
+///   call without its request message as INTERNAL; the spec says
+///   UNIMPLEMENTED.
+///
+/// The last two are recognised by tonic's own status messages (pinned by
+/// `tests/statuses.rs`), in trailers-only responses and in trailers alike.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusLayer;
+
+impl<S> tower::Layer<S> for StatusLayer {
+    type Service = Call<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Call { inner }
+    }
+}
+
+/// The service produced by [`StatusLayer`].
+#[derive(Debug, Clone)]
+pub struct Call<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Call<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = CallFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| parse_grpc_timeout(value.as_bytes()));
+        let mut deadline = None;
+        if let Some(timeout) = timeout {
+            let at = tokio::time::Instant::now() + timeout;
+            request.extensions_mut().insert(Deadline(at));
+            deadline = Some(CallDeadline {
+                sleep: Box::pin(tokio::time::sleep_until(at)),
+                timeout,
+            });
+        }
+        CallFuture {
+            inner: Some(Box::pin(self.inner.call(request))),
+            deadline,
+        }
+    }
+}
+
+/// A call's deadline: its timer and the timeout the client asked for.
+struct CallDeadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl CallDeadline {
+    fn status(&self) -> Status {
+        Status::deadline_exceeded(format!(
+            "the call's deadline passed (grpc-timeout {:?})",
+            self.timeout
+        ))
+    }
+}
+
+/// The response future of [`Call`].
+pub struct CallFuture<F> {
+    inner: Option<Pin<Box<F>>>,
+    deadline: Option<CallDeadline>,
+}
+
+impl<F> std::fmt::Debug for CallFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, E, RB> Future for CallFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Output = Result<http::Response<tonic::body::Body>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        if let Poll::Ready(result) = inner.as_mut().poll(cx) {
+            this.inner = None;
+            return Poll::Ready(result.map(|response| {
+                let (mut parts, body) = response.into_parts();
+                fix_status(&mut parts.headers);
+                let body = CallBody {
+                    inner: Some(tonic::body::Body::new(body)),
+                    deadline: this.deadline.take(),
+                };
+                http::Response::from_parts(parts, tonic::body::Body::new(body))
+            }));
+        }
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.sleep.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the handler's future cancels it.
+            this.inner = None;
+            return Poll::Ready(Ok(deadline.status().into_http()));
+        }
+        Poll::Pending
+    }
+}
+
+/// A response body that ends with DEADLINE_EXCEEDED when the call's
+/// deadline passes, and whose trailers say the spec's status.
+struct CallBody {
+    /// `None` once the call has ended.
+    inner: Option<tonic::body::Body>,
+    deadline: Option<CallDeadline>,
+}
+
+impl http_body::Body for CallBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.sleep.as_mut().poll(cx).is_ready()
+        {
+            // Dropping the body drops the handler's stream.
+            this.inner = None;
+            let mut trailers = http::HeaderMap::new();
+            return Poll::Ready(Some(
+                deadline
+                    .status()
+                    .add_header(&mut trailers)
+                    .map(|()| http_body::Frame::trailers(trailers)),
+            ));
+        }
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    fix_status(trailers);
+                    this.inner = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match (&self.inner, &self.deadline) {
+            (Some(inner), None) => inner.size_hint(),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+/// tonic's message when a message is over the size limit, sent or
+/// received ("Error, decoded message length too large: …").
+const TONIC_TOO_LARGE: &str = "message length too large";
+/// tonic's message when a unary or server-streaming call carried no
+/// request message.
+const TONIC_MISSING_REQUEST: &str = "Missing request message.";
+
+/// Rewrites the `grpc-status` in `headers` (response headers of a
+/// trailers-only response, or trailers) where tonic's code deviates from
+/// the gRPC spec's.
+fn fix_status(headers: &mut http::HeaderMap) {
+    let code = match headers
+        .get(Status::GRPC_STATUS)
+        .map(http::HeaderValue::as_bytes)
+    {
+        Some(b"11") => tonic::Code::ResourceExhausted,
+        Some(b"13") => tonic::Code::Unimplemented,
+        _ => return,
+    };
+    let Some(status) = Status::from_header_map(headers) else {
+        return;
+    };
+    let deviates = match code {
+        tonic::Code::ResourceExhausted => status.message().contains(TONIC_TOO_LARGE),
+        _ => status.message() == TONIC_MISSING_REQUEST,
+    };
+    if deviates {
+        headers.insert(Status::GRPC_STATUS, http::HeaderValue::from(code as i32));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_defines_them() {
+        assert_eq!(parse_grpc_timeout(b"1S"), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout(b"3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        assert_eq!(
+            parse_grpc_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in [&b""[..], b"S", b"123456789S", b"1s", b"-1S", b"1.5S", b"10"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_tonics_deviating_statuses_are_rewritten() {
+        let fixed = |status: Status| {
+            let mut headers = http::HeaderMap::new();
+            status.add_header(&mut headers).expect("valid");
+            fix_status(&mut headers);
+            Status::from_header_map(&headers).expect("status").code()
+        };
+        let large = "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes";
+        assert_eq!(
+            fixed(Status::out_of_range(large)),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            fixed(Status::out_of_range("history gap")),
+            tonic::Code::OutOfRange
+        );
+        assert_eq!(
+            fixed(Status::internal(TONIC_MISSING_REQUEST)),
+            tonic::Code::Unimplemented
+        );
+        assert_eq!(fixed(Status::internal("broken")), tonic::Code::Internal);
+        assert_eq!(fixed(Status::ok("")), tonic::Code::Ok);
     }
 }

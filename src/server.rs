@@ -50,7 +50,7 @@ use crate::{
     server_metrics::Metrics,
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
-    transport::{Transport, TransportError, grpc_timeout::GrpcTimeoutLayer},
+    transport::{Transport, TransportError},
     upload::{self, service::UploadService},
     web::{self, WebState},
 };
@@ -97,6 +97,21 @@ const FORCED_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Runs a server on `listener` until `signal` completes, then shuts down
 /// gracefully within `config.drain_timeout`.
 pub async fn run<F>(listener: TcpListener, config: Config, signal: F) -> Result<(), ServerError>
+where
+    F: Future<Output = ()> + Send,
+{
+    run_ready(listener, config, signal, None).await
+}
+
+/// [`run`], telling `ready` the address it serves on once it can serve:
+/// the data directory and every store are open (what `serve` waits for
+/// before it prints "listening on").
+pub async fn run_ready<F>(
+    listener: TcpListener,
+    config: Config,
+    signal: F,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), ServerError>
 where
     F: Future<Output = ()> + Send,
 {
@@ -203,9 +218,8 @@ where
     // after this line.
     let app = tower::ServiceBuilder::new()
         // What tonic's server did around the routes: a service error
-        // becomes a gRPC status, and a unary call's grpc-timeout is kept.
+        // becomes a gRPC status.
         .layer(RecoverErrorLayer::new())
-        .layer(GrpcTimeoutLayer)
         .service(app);
 
     let force = CancellationToken::new();
@@ -213,6 +227,9 @@ where
     let serve = transport.serve(app, shutdown.token(), force.clone());
     tokio::pin!(serve);
     tracing::info!(addr = %local_addr, tls, data_dir = %config.data_dir.display(), "serving");
+    if let Some(ready) = ready {
+        let _ = ready.send(local_addr);
+    }
 
     tokio::select! {
         // Ends only once the token is cancelled, which only the code below
@@ -286,8 +303,22 @@ impl Health for HealthGate {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut inner = self.inner.watch(request).await?.into_inner();
         let shutdown = self.shutdown.clone();
+        let mut inner = match self.inner.watch(request).await {
+            Ok(watch) => watch.into_inner(),
+            // The health protocol: an unknown service gets SERVICE_UNKNOWN
+            // and the call stays open (the served set is fixed, so it stays
+            // unknown) until the client leaves or the server shuts down.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let stream = async_stream::stream! {
+                    yield Ok(HealthCheckResponse { status: PbStatus::ServiceUnknown.into() });
+                    shutdown.cancelled().await;
+                    yield Err(shutting_down());
+                };
+                return Ok(Response::new(Box::pin(stream)));
+            }
+            Err(status) => return Err(status),
+        };
         let stream = async_stream::stream! {
             use futures::StreamExt;
             loop {

@@ -5,13 +5,88 @@
 //! something.
 //!
 //! Needs the peers, nats-server and iperf3 installed, as `./scripts/test`
-//! does.
+//! does. Without them (a machine with only the Rust toolchain, plain
+//! `cargo test`) each test says on stderr what it is missing and is skipped;
+//! with `STREAMHUB_REQUIRE_ALL=1` (set by `./scripts/test`, so by CI) a
+//! missing piece fails the test instead.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use serde_json::Value;
+
+/// What a scenario needs beyond the Rust toolchain.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// The Python reference peer (`bench/peers/setup.sh`).
+    Python,
+    /// The Node reference peer (`bench/peers/setup.sh`, and `node`).
+    Node,
+    /// `nats-server` on the PATH.
+    Nats,
+    /// `iperf3` on the PATH.
+    Iperf3,
+}
+
+/// The environment variable that turns a skip into a failure.
+const REQUIRE_ALL: &str = "STREAMHUB_REQUIRE_ALL";
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/peers")
+}
+
+/// Why `need` is not met, if it is not.
+fn missing(need: Need) -> Option<String> {
+    let peers = peers_dir();
+    let ok = match need {
+        Need::Python => {
+            peers.join("python/.venv/bin/python").is_file() && peers.join("python/gen").is_dir()
+        }
+        Need::Node => on_path("node") && peers.join("node/node_modules").is_dir(),
+        Need::Nats => on_path("nats-server"),
+        Need::Iperf3 => on_path("iperf3"),
+    };
+    (!ok).then(|| match need {
+        Need::Python => "the Python peer (run bench/peers/setup.sh)".to_owned(),
+        Need::Node => "node and the Node peer (run bench/peers/setup.sh)".to_owned(),
+        Need::Nats => "nats-server on the PATH".to_owned(),
+        Need::Iperf3 => "iperf3 on the PATH".to_owned(),
+    })
+}
+
+/// Whether `test` can run: if something in `needs` is missing it says so
+/// on stderr and returns false (the test then returns, skipped), or fails
+/// when `STREAMHUB_REQUIRE_ALL=1`.
+fn ready(test: &str, needs: &[Need]) -> bool {
+    let absent: Vec<String> = needs.iter().filter_map(|need| missing(*need)).collect();
+    if absent.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "bench_smoke::{test} needs {}; ./scripts/test installs them",
+        absent.join(", ")
+    );
+    assert!(
+        std::env::var(REQUIRE_ALL).map_or(true, |v| v.is_empty() || v == "0"),
+        "{why} ({REQUIRE_ALL} is set, so nothing may be skipped)"
+    );
+    // Straight to the process's stderr: libtest captures `eprintln!`, and
+    // a skip must be seen without --nocapture.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED: {why}\n").as_bytes(),
+    );
+    false
+}
 
 /// Runs `streamhub bench SCENARIO ARGS...` and returns its parsed results.
 fn bench(scenario: &str, args: &[&str]) -> Value {
@@ -83,6 +158,9 @@ fn targets(rows: &[Value]) -> Vec<&str> {
 
 #[test]
 fn polling_versus_streaming() {
+    if !ready("polling_versus_streaming", &[Need::Python, Need::Node]) {
+        return;
+    }
     let report = bench(
         "polling",
         &[
@@ -126,6 +204,12 @@ fn polling_versus_streaming() {
 
 #[test]
 fn fan_out_with_peers_and_nats() {
+    if !ready(
+        "fan_out_with_peers_and_nats",
+        &[Need::Python, Need::Node, Need::Nats],
+    ) {
+        return;
+    }
     let report = bench(
         "fanout",
         &[
@@ -164,6 +248,12 @@ fn fan_out_with_peers_and_nats() {
 
 #[test]
 fn upload_next_to_iperf3_and_dd() {
+    if !ready(
+        "upload_next_to_iperf3_and_dd",
+        &[Need::Python, Need::Node, Need::Iperf3],
+    ) {
+        return;
+    }
     let report = bench(
         "upload",
         &[
@@ -207,6 +297,9 @@ fn upload_next_to_iperf3_and_dd() {
 
 #[test]
 fn chat_room_at_two_rates() {
+    if !ready("chat_room_at_two_rates", &[Need::Python, Need::Node]) {
+        return;
+    }
     let report = bench(
         "chat",
         &[
@@ -240,6 +333,9 @@ fn chat_room_at_two_rates() {
 
 #[test]
 fn latency_floor_next_to_tcp() {
+    if !ready("latency_floor_next_to_tcp", &[Need::Python, Need::Node]) {
+        return;
+    }
     let report = bench("latency", &["--samples", "10", "--max-seconds", "2"]);
     let rows = rows(&report, "latency");
     assert_eq!(targets(rows), ["streamhub", "python", "node", "tcp"]);

@@ -12,6 +12,7 @@ use std::{
 };
 
 use common::{ServerProcess, TestServer, WAIT, test_config, within};
+use futures::StreamExt as _;
 use serde_json::Value;
 use streamhub::proto::telemetry::MetricsPayload;
 use tokio::process::Command;
@@ -248,4 +249,341 @@ async fn subscribe_reconnects_when_the_server_comes_back() {
     lines.wait_for("sample from the new server", |v| v["cpu_usage"] == 2.0);
     cli.kill().unwrap();
     cli.wait().unwrap();
+}
+
+/// A URL on which nothing listens (a port just freed).
+fn unreachable_url() -> (std::net::SocketAddr, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    (addr, format!("http://{addr}"))
+}
+
+/// Spawns `streamhub --json --server URL ARGS...` with piped stdin and
+/// stdout.
+fn spawn_cli(server: &str, args: &[&str]) -> (std::process::Child, Lines) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["--json", "--server", server])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = Lines::of(child.stdout.take().unwrap());
+    (child, lines)
+}
+
+/// Sends SIGINT, as Ctrl-C in a terminal does.
+fn ctrl_c(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the process to exit; its exit code (None: killed by a
+/// signal).
+async fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    within("the CLI to exit", async {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn chat_quits_on_ctrl_c_while_it_waits_to_reconnect() {
+    let (_, url) = unreachable_url();
+    let (mut chat, lines) = spawn_cli(&url, &["chat", "--name", "z"]);
+    lines.wait_for("reconnecting note", |v| v["event"] == "reconnecting");
+    ctrl_c(&chat);
+    assert_eq!(exit_code(&mut chat).await, Some(0));
+}
+
+#[tokio::test]
+async fn chat_quits_on_end_of_input_while_the_server_is_unreachable() {
+    let (_, url) = unreachable_url();
+    let (mut chat, lines) = spawn_cli(&url, &["chat", "--name", "z"]);
+    lines.wait_for("reconnecting note", |v| v["event"] == "reconnecting");
+    // Ctrl-D: standard input ends.
+    drop(chat.stdin.take());
+    assert_eq!(exit_code(&mut chat).await, Some(0));
+}
+
+#[tokio::test]
+async fn subscribe_and_upload_quit_on_ctrl_c_while_they_wait_to_reconnect() {
+    let (_, url) = unreachable_url();
+    let (mut subscribe, lines) = spawn_cli(&url, &["subscribe", "svc"]);
+    lines.wait_for("reconnecting note", |v| v["event"] == "reconnecting");
+    ctrl_c(&subscribe);
+    assert_eq!(exit_code(&mut subscribe).await, Some(0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, b"data").unwrap();
+    let (mut upload, lines) = spawn_cli(&url, &["upload", file.to_str().unwrap()]);
+    lines.wait_for("retrying note", |v| v["event"] == "retrying");
+    ctrl_c(&upload);
+    // Interrupted, and says so with the shell's code for it.
+    assert_eq!(exit_code(&mut upload).await, Some(130));
+}
+
+#[tokio::test]
+async fn feed_reconnects_like_subscribe_and_quits_on_ctrl_c() {
+    let (addr, url) = unreachable_url();
+    let (mut feed, lines) = spawn_cli(
+        &url,
+        &[
+            "feed",
+            "--simulate",
+            "--service",
+            "fed",
+            "--interval-ms",
+            "50",
+        ],
+    );
+    lines.wait_for("reconnecting note", |v| v["event"] == "reconnecting");
+    // The server comes up at that address: the feed reaches it.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn_on(&addr.to_string(), dir.path(), &[], Stdio::null());
+    lines.wait_for("feeding note", |v| v["event"] == "feeding");
+    within("a sample from the feed", async {
+        loop {
+            let output = streamhub(&server.url(), &["--json", "snapshot", "fed"]).await;
+            if output.status.success() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    ctrl_c(&feed);
+    assert_eq!(exit_code(&mut feed).await, Some(0));
+}
+
+/// Sends `texts` to `room` as `sender` on one Chat call and waits until
+/// each is acknowledged.
+async fn chat_messages(url: String, room: &str, sender: &str, texts: &[String]) {
+    use streamhub::proto::chat::{ChatMessage, chat_service_client::ChatServiceClient};
+    let mut client = ChatServiceClient::new(common::connect(url).await);
+    let messages: Vec<ChatMessage> = texts
+        .iter()
+        .map(|text| ChatMessage {
+            sender: sender.into(),
+            message: text.clone(),
+            ..ChatMessage::default()
+        })
+        .collect();
+    let mut request =
+        tonic::Request::new(futures::stream::iter(messages).chain(futures::stream::pending()));
+    request
+        .metadata_mut()
+        .insert("chat-room", room.parse().unwrap());
+    let mut inbound = within("chat", client.chat(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while acked < texts.len() {
+        let message = within("ack", inbound.message()).await.unwrap().unwrap();
+        if message.sender == sender {
+            acked += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn chat_history_with_no_input_prints_exactly_the_last_n_every_time() {
+    let server = TestServer::start().await;
+    let texts: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
+    chat_messages(server.url(), "hist", "ann", &texts).await;
+    for run in 0..3 {
+        let output = streamhub(
+            &server.url(),
+            &[
+                "--json",
+                "chat",
+                "--name",
+                "reader",
+                "--quiet",
+                "--room",
+                "hist",
+                "--history",
+                "50",
+            ],
+        )
+        .await;
+        assert!(output.status.success(), "run {run}");
+        let shown: Vec<String> = json_lines(&output)
+            .into_iter()
+            .filter(|v| v["kind"] == "member")
+            .map(|v| v["message"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(shown, texts[10..], "run {run}");
+    }
+    // Fewer than asked for: all of them.
+    chat_messages(server.url(), "short", "ann", &texts[..3]).await;
+    let output = streamhub(
+        &server.url(),
+        &[
+            "--json",
+            "chat",
+            "--name",
+            "reader",
+            "--quiet",
+            "--room",
+            "short",
+            "--history",
+            "50",
+        ],
+    )
+    .await;
+    assert_eq!(
+        json_lines(&output)
+            .iter()
+            .filter(|v| v["kind"] == "member")
+            .count(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn text_from_other_clients_reaches_the_terminal_escaped() {
+    let server = TestServer::start().await;
+    let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2Jgone\r\u{202e}txt".to_owned();
+    chat_messages(
+        server.url(),
+        "esc",
+        "eve\u{1b}[31m",
+        std::slice::from_ref(&hostile),
+    )
+    .await;
+    publish(server.url(), "svc\u{1b}[1m", 1.0).await;
+
+    let chat = streamhub(
+        &server.url(),
+        &[
+            "chat",
+            "--name",
+            "reader",
+            "--quiet",
+            "--room",
+            "esc",
+            "--history",
+            "5",
+        ],
+    )
+    .await;
+    let services = streamhub(&server.url(), &["services"]).await;
+    for output in [&chat, &services] {
+        assert!(output.status.success());
+        let text = stdout(output);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        assert!(text.contains("\\u{1b}"), "{text:?}");
+    }
+    assert!(
+        stdout(&chat).contains("eve\\u{1b}[31m"),
+        "{}",
+        stdout(&chat)
+    );
+    // JSON keeps the text as it was (JSON escapes it itself).
+    let json = streamhub(
+        &server.url(),
+        &[
+            "--json",
+            "chat",
+            "--name",
+            "reader",
+            "--quiet",
+            "--room",
+            "esc",
+            "--history",
+            "5",
+        ],
+    )
+    .await;
+    assert!(
+        json_lines(&json)
+            .iter()
+            .any(|v| v["message"] == hostile.as_str()),
+        "{}",
+        stdout(&json)
+    );
+}
+
+#[tokio::test]
+async fn server_urls_other_than_http_are_refused() {
+    let server = TestServer::start().await;
+    let plain = server.addr.to_string();
+    for (url, expected) in [
+        (format!("ftp://{plain}"), "scheme"),
+        (format!("unix://{plain}"), "scheme"),
+        (plain.clone(), "no scheme"),
+    ] {
+        let output = streamhub(&url, &["services"]).await;
+        assert!(!output.status.success(), "{url}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+    }
+    let localhost = format!("http://localhost:{}", server.addr.port());
+    assert!(streamhub(&localhost, &["services"]).await.status.success());
+}
+
+#[tokio::test]
+async fn a_closed_stdout_ends_a_client_quietly() {
+    let server = TestServer::start().await;
+    publish(server.url(), "svc", 1.0).await;
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args([
+            "--server",
+            &server.url(),
+            "subscribe",
+            "svc",
+            "--interval-ms",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `streamhub subscribe svc | head -1`.
+    let stdout = cli.stdout.take().unwrap();
+    // Read on a blocking thread: the server runs on this test's runtime.
+    let first = within(
+        "the first line",
+        tokio::task::spawn_blocking(move || {
+            let mut first = String::new();
+            BufReader::new(stdout).read_line(&mut first).unwrap();
+            first
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(first.contains("svc"), "{first}");
+    let mut stderr = cli.stderr.take().unwrap();
+    let mut cpu = 2.0;
+    let code = within("the CLI to exit", async {
+        loop {
+            if let Some(status) = cli.try_wait().unwrap() {
+                return status.code();
+            }
+            publish(server.url(), "svc", cpu).await;
+            cpu += 1.0;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut errors = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut errors).unwrap();
+    assert_eq!(code, Some(0), "{errors}");
+    assert!(!errors.contains("panicked"), "{errors}");
 }

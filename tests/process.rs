@@ -195,17 +195,20 @@ fn settings_come_from_defaults_file_environment_and_flags_in_that_order() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let config: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let config: toml::Value = toml::from_str(&String::from_utf8_lossy(&output.stdout)).unwrap();
     // Flag beats file.
-    assert_eq!(config["drain_timeout"], "2s");
+    assert_eq!(config["drain_timeout"].as_str(), Some("2s"));
     // Environment beats file.
-    assert_eq!(config["telemetry"]["max_services"], 50);
+    assert_eq!(config["telemetry"]["max_services"].as_integer(), Some(50));
     // File beats default.
-    assert_eq!(config["telemetry"]["min_interval"], "250ms");
+    assert_eq!(config["telemetry"]["min_interval"].as_str(), Some("250ms"));
     // --set beats file.
-    assert_eq!(config["limits"]["max_concurrent_streams"], 20);
+    assert_eq!(
+        config["limits"]["max_concurrent_streams"].as_integer(),
+        Some(20)
+    );
     // Untouched: the embedded default.
-    assert_eq!(config["listen"], "127.0.0.1:50051");
+    assert_eq!(config["listen"].as_str(), Some("127.0.0.1:50051"));
 
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
         .args([
@@ -219,4 +222,175 @@ fn settings_come_from_defaults_file_environment_and_flags_in_that_order() {
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("max_servces"), "{stderr}");
+}
+
+/// `streamhub serve --print-config` with `args` and `env`: its stdout, or
+/// its stderr as the error.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["serve", "--print-config"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[test]
+fn the_clients_environment_variables_never_stop_serve() {
+    let client_env = [
+        ("STREAMHUB_CHAT_NAME", "ann"),
+        ("STREAMHUB_CHAT_ROOM", "dev"),
+        ("STREAMHUB_SERVICE", "api"),
+        ("STREAMHUB_INTERVAL_MS", "500"),
+        ("STREAMHUB_CHUNK_SIZE", "1MiB"),
+        ("STREAMHUB_SERVER", "http://127.0.0.1:1"),
+        ("STREAMHUB_TOKEN", "secret"),
+        ("STREAMHUB_REQUIRE_ALL", "1"),
+    ];
+    let printed = print_config(&[], &client_env).unwrap();
+    assert!(printed.contains("listen"), "{printed}");
+    // A typo below a server setting is still refused.
+    let err = print_config(&[], &[("STREAMHUB_TELEMETRY__TYPO", "1")]).unwrap_err();
+    assert!(err.contains("typo"), "{err}");
+}
+
+#[test]
+fn flags_and_set_beat_the_environment() {
+    let env = [
+        ("STREAMHUB_LISTEN", "127.0.0.1:7000"),
+        ("STREAMHUB_DATA_DIR", "/from/env"),
+        ("STREAMHUB_DRAIN_TIMEOUT", "9s"),
+    ];
+    let config: toml::Value = toml::from_str(
+        &print_config(
+            &[
+                "--set",
+                "listen=127.0.0.1:7001",
+                "--set",
+                "data_dir=/from/set",
+                "--drain-timeout",
+                "3s",
+            ],
+            &env,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["listen"].as_str(), Some("127.0.0.1:7001"));
+    assert_eq!(config["data_dir"].as_str(), Some("/from/set"));
+    assert_eq!(config["drain_timeout"].as_str(), Some("3s"));
+    // The environment still beats the defaults.
+    let config: toml::Value = toml::from_str(&print_config(&[], &env).unwrap()).unwrap();
+    assert_eq!(config["listen"].as_str(), Some("127.0.0.1:7000"));
+}
+
+#[test]
+fn printed_configuration_is_toml_that_config_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = print_config(
+        &[
+            "--set",
+            "limits.max_connection_age=10m",
+            "--set",
+            "upload.quota=5000",
+        ],
+        &[],
+    )
+    .unwrap();
+    let file = dir.path().join("printed.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let again = print_config(&["--config", file.to_str().unwrap()], &[]).unwrap();
+    assert_eq!(again, printed);
+}
+
+#[tokio::test]
+async fn localhost_is_taken_where_an_address_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn_on("localhost:0", dir.path(), &[], Stdio::null());
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+    let url = format!("http://localhost:{}", server.addr.port());
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["--server", &url, "services"])
+        .output();
+    let output = within("services", output).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn listening_is_printed_only_once_the_server_can_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    // A data directory that cannot be made: a file is in the way.
+    let blocked = dir.path().join("file");
+    std::fs::write(&blocked, "not a directory").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(blocked.join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("listening"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_closed_stdout_and_stderr_never_stop_the_server() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    // `streamhub serve 2>&1 | head -1`: one line is read, then the pipes
+    // close while the server goes on logging.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "5s",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    drop(child.stderr.take());
+    let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let mut server = ServerProcess {
+        child,
+        addr: addr.parse().unwrap(),
+    };
+    // Every call logs a line or two: each write fails with EPIPE.
+    for round in 0..3 {
+        let (alerts, status) = common::live_feed(
+            common::connect(server.url()).await,
+            vec![payload("edge", 99.0, 1.0, 0)],
+        )
+        .await;
+        assert!(status.is_none(), "round {round}: {status:?}");
+        assert_eq!(alerts.len(), 1, "round {round}");
+    }
+    let mut client = client(server.url()).await;
+    let mut updates = client
+        .subscribe(request("edge", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    within("a sample", updates.next()).await.unwrap().unwrap();
+    server.signal("TERM");
+    let end = within("drain", updates.next()).await.unwrap().unwrap_err();
+    assert_shutting_down("subscribe", &end);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)).await, Some(0));
 }

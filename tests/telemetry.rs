@@ -197,7 +197,9 @@ async fn subscribe_requests_that_are_not_one_plain_message_are_refused_saying_wh
         )
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument);
+    // A request cardinality violation: UNIMPLEMENTED, per the gRPC
+    // status-code table.
+    assert_eq!(refused.code(), Code::Unimplemented);
     assert!(
         refused.message().contains("no MetricsRequest"),
         "{}",
@@ -216,7 +218,7 @@ async fn subscribe_requests_that_are_not_one_plain_message_are_refused_saying_wh
     // Larger than limits.max_message_size.
     let huge = request(&"x".repeat(5 * 1024 * 1024), 0);
     let refused = client.subscribe(huge).await.unwrap_err();
-    assert_eq!(refused.code(), Code::OutOfRange);
+    assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
         refused.message().contains("too large"),
         "{}",

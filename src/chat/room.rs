@@ -106,6 +106,10 @@ pub enum EndReason {
     Invalid(ChatError),
     /// Storage failed; the messages of the failed batch were not stored.
     StorageFailed(String),
+    /// The member's inbound stream failed (a message that cannot be
+    /// decoded or is over the size limit, or the client went away); the
+    /// service layer holds the status the call ends with.
+    InboundFailed,
 }
 
 /// Tells a member's stream that its delivery has ended, and why. The queue

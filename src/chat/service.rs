@@ -8,7 +8,10 @@
 //! stream never waits for the reader, so a member may send without reading
 //! and read without sending; a half-closed call keeps receiving.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::{Arc, OnceLock},
+};
 
 use futures::Stream;
 use tonic::{
@@ -237,11 +240,14 @@ fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatE
 
 /// Reads a member's messages and submits them to the room until the
 /// client half-closes or leaves, the member's delivery ends, or the server
-/// shuts down (after which nothing new is accepted).
+/// shuts down (after which nothing new is accepted). A message that cannot
+/// be read (undecodable, over the size limit) ends the member's call with
+/// the reading's status, left in `failure`.
 async fn read_inbound(
     mut inbound: Streaming<pb::ChatMessage>,
     outbox: Outbox,
     end: Arc<EndSignal>,
+    failure: Arc<OnceLock<Status>>,
     limits: MessageLimits,
     shutdown: Shutdown,
     room: RoomName,
@@ -261,7 +267,16 @@ async fn read_inbound(
                 return;
             }
             Err(err) => {
-                tracing::debug!(room = %room, received, %err, "member's inbound stream ended");
+                tracing::debug!(room = %room, received, %err, "member's inbound stream failed");
+                let _ = failure.set(Status::new(
+                    err.code(),
+                    format!(
+                        "message {} could not be read: {}",
+                        received + 1,
+                        err.message()
+                    ),
+                ));
+                end.end(EndReason::InboundFailed);
                 return;
             }
         };
@@ -298,9 +313,9 @@ fn with_last_seq(status: Status, last: u64) -> Status {
     Status::with_metadata(status.code(), status.message().to_owned(), map)
 }
 
-/// The status a member's call ends with, given why delivery ended and the
-/// last seq it was sent.
-fn end_status(reason: Option<&EndReason>, last_sent: u64) -> Status {
+/// The status a member's call ends with, given why delivery ended (and,
+/// if its inbound stream failed, how) and the last seq it was sent.
+fn end_status(reason: Option<&EndReason>, failure: Option<&Status>, last_sent: u64) -> Status {
     let status = match reason {
         Some(EndReason::Shutdown) | None => shutting_down(),
         Some(EndReason::TooSlow { queue }) => Status::resource_exhausted(format!(
@@ -312,6 +327,9 @@ fn end_status(reason: Option<&EndReason>, last_sent: u64) -> Status {
             "storage failed ({err}); last seq sent {last_sent}; reconnect with \
              chat-after-seq: {last_sent} and resend what was not acknowledged"
         )),
+        Some(EndReason::InboundFailed) => failure
+            .cloned()
+            .unwrap_or_else(|| Status::internal("a message could not be read")),
     };
     with_last_seq(status, last_sent)
 }
@@ -320,12 +338,17 @@ impl ChatService {
     /// The outbound half of a member's call: the response metadata, then
     /// replay from storage, then the member's live queue, then the closing
     /// status. Shared by Chat and WatchRoom.
+    ///
+    /// `failure` holds the status of a failed inbound read, if the call has
+    /// an inbound half (Chat) and it failed.
     fn deliver(
         &self,
         membership: Membership,
+        failure: Arc<OnceLock<Status>>,
         mut log: StreamLog,
     ) -> Response<BoxStream<pb::ChatMessage>> {
         let room = membership.room.clone();
+
         let mut headers = MetadataMap::new();
         if let Ok(value) = MetadataValue::try_from(room.as_str()) {
             headers.insert(ROOM_KEY, value);
@@ -406,7 +429,7 @@ impl ChatService {
                 }
                 Some(other) => log.end(format!("{other:?}; last seq sent {last_sent}")),
             }
-            yield Err(end_status(reason, last_sent));
+            yield Err(end_status(reason, failure.get(), last_sent));
         };
         let mut response = Response::new(Box::pin(stream) as BoxStream<pb::ChatMessage>);
         *response.metadata_mut() = headers;
@@ -434,7 +457,7 @@ impl chat_service_server::ChatService for ChatService {
             log.end(format!("refused: {err}"));
             status(&err)
         })?;
-        Ok(self.deliver(membership, log))
+        Ok(self.deliver(membership, Arc::new(OnceLock::new()), log))
     }
 
     async fn send(
@@ -478,16 +501,18 @@ impl chat_service_server::ChatService for ChatService {
             "member joined"
         );
 
+        let failure = Arc::new(OnceLock::new());
         self.shutdown.spawn(read_inbound(
             request.into_inner(),
             membership.outbox.clone(),
             Arc::clone(&membership.end),
+            Arc::clone(&failure),
             self.limits,
             self.shutdown.clone(),
             room.clone(),
         ));
 
-        Ok(self.deliver(membership, log))
+        Ok(self.deliver(membership, failure, log))
     }
 }
 

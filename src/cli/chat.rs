@@ -7,8 +7,10 @@
 //! epoch, so it gets exactly what it missed, and resends every line not yet
 //! acknowledged under the same key, so nothing appears twice.
 //!
-//! With piped input the client exits once standard input has ended and
-//! every line is acknowledged.
+//! With piped input the client exits once standard input has ended, every
+//! line is acknowledged and the history asked for has been shown. End of
+//! input with nothing left to deliver ends it at once, even while the
+//! server is unreachable; Ctrl-C ends it at any moment (see `main.rs`).
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -21,9 +23,9 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, metadata::MetadataValue};
 
-use super::{Backoff, Context, format_ms, is_transient, status_error, status_text};
+use super::{Backoff, Context, format_ms, is_transient, status_error, status_text, terminal_safe};
 use crate::{
-    chat::service::{AFTER_SEQ_KEY, EPOCH_KEY, HISTORY_KEY, MEMBER_KEY, ROOM_KEY},
+    chat::service::{AFTER_SEQ_KEY, EPOCH_KEY, HISTORY_KEY, LAST_SEQ_KEY, MEMBER_KEY, ROOM_KEY},
     proto::chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
 };
 
@@ -87,9 +89,15 @@ pub fn print_message(ctx: &Context, room: &str, m: &ChatMessage) {
         let stamp = format_ms(ms);
         // RFC 3339 "YYYY-MM-DDTHH:MM:SS.mmmZ": keep the time of day.
         let time = stamp.get(11..19).unwrap_or(&stamp);
+        // Another member's text reaches this terminal: escape sequences
+        // and control characters are shown, not obeyed.
         match view.kind {
-            "member" => format!("[{time}] {}: {}", m.sender, m.message),
-            _ => format!("[{time}] * {}", m.message),
+            "member" => format!(
+                "[{time}] {}: {}",
+                terminal_safe(&m.sender),
+                terminal_safe(&m.message)
+            ),
+            _ => format!("[{time}] * {}", terminal_safe(&m.message)),
         }
     });
 }
@@ -114,6 +122,38 @@ struct Session {
     lines: u64,
     /// Standard input has ended.
     input_done: bool,
+    /// The last seq the room had when this call joined: what it replays
+    /// (history, or what was missed) goes up to here, and piped input
+    /// waits for it before exiting.
+    replay_until: u64,
+}
+
+impl Session {
+    /// Takes a line from standard input (`None`: input has ended).
+    fn take_line(&mut self, run_id: &str, line: Option<String>) -> Option<Pending> {
+        let Some(text) = line else {
+            self.input_done = true;
+            return None;
+        };
+        self.lines += 1;
+        let pending = Pending {
+            key: format!("{run_id}-{}", self.lines),
+            text,
+        };
+        self.pending.push_back(pending.clone());
+        Some(pending)
+    }
+
+    /// Input has ended and nothing is left to deliver or show.
+    fn finished(&self) -> bool {
+        self.input_done && self.pending.is_empty() && self.last_seq >= self.replay_until
+    }
+
+    /// Input has ended with nothing typed left to deliver: no reason to
+    /// wait for a server that cannot be reached.
+    fn nothing_to_deliver(&self) -> bool {
+        self.input_done && self.pending.is_empty()
+    }
 }
 
 enum Outcome {
@@ -137,13 +177,15 @@ pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
     let mut session = Session::default();
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
-        let outcome = tokio::select! {
-            outcome = talk(ctx, &args, &run_id, &mut session, &mut lines, &mut backoff) => outcome?,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        };
+        let outcome = talk(ctx, &args, &run_id, &mut session, &mut lines, &mut backoff).await?;
         match outcome {
             Outcome::Finished => return Ok(()),
             Outcome::Retry(why) => {
+                // The server cannot be reached, and input has ended with
+                // nothing left to deliver: nothing to wait for.
+                if session.nothing_to_deliver() {
+                    return Ok(());
+                }
                 ctx.note(
                     "reconnecting",
                     &format!(
@@ -151,7 +193,21 @@ pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
                         backoff.delay().as_secs_f64()
                     ),
                 );
-                backoff.wait().await;
+                // Keep reading input while waiting: its end, with nothing
+                // to deliver, ends the client.
+                let wait = backoff.wait();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        () = &mut wait => break,
+                        line = lines.recv(), if !session.input_done => {
+                            session.take_line(&run_id, line);
+                            if session.nothing_to_deliver() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
             }
             Outcome::Restart(why) => {
                 ctx.note(
@@ -197,9 +253,20 @@ async fn talk(
     lines: &mut mpsc::Receiver<String>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<Outcome> {
-    let channel = match ctx.connect().await {
-        Ok(channel) => channel,
-        Err(err) => return Ok(Outcome::Retry(format!("{err:#}"))),
+    let connect = ctx.connect();
+    tokio::pin!(connect);
+    let channel = loop {
+        tokio::select! {
+            connected = &mut connect => match connected {
+                Ok(channel) => break channel,
+                Err(err) => return Ok(Outcome::Retry(format!("{err:#}"))),
+            },
+            // Input that ends meanwhile is no reason to give up this
+            // attempt: the history asked for is still to be shown.
+            line = lines.recv(), if !session.input_done => {
+                session.take_line(run_id, line);
+            }
+        }
     };
     let (tx, rx) = mpsc::channel::<ChatMessage>(64);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -225,14 +292,24 @@ async fn talk(
         }
         Err(status) => return Err(status_error(status)),
     };
-    if let Some(epoch) = response
-        .metadata()
-        .get(EPOCH_KEY)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-    {
+    let number = |key: &str| -> Option<u64> {
+        response
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
+    let resuming = session.epoch.is_some();
+    if let Some(epoch) = number(EPOCH_KEY) {
         session.epoch = Some(epoch);
     }
+    // With history asked for (or on a resume) the call replays up to the
+    // room's last seq at joining; without, nothing is replayed.
+    session.replay_until = if resuming || args.history > 0 {
+        number(LAST_SEQ_KEY).unwrap_or(0)
+    } else {
+        0
+    };
     let mut inbound = response.into_inner();
     if session.last_seq > 0 {
         ctx.note(
@@ -249,26 +326,19 @@ async fn talk(
     }
     let mut outbound = Some(tx);
     loop {
-        if session.input_done && session.pending.is_empty() {
+        if session.finished() {
             return Ok(Outcome::Finished);
         }
         tokio::select! {
-            line = lines.recv(), if !session.input_done => match line {
-                Some(text) => {
-                    session.lines += 1;
-                    let pending = Pending {
-                        key: format!("{run_id}-{}", session.lines),
-                        text,
-                    };
+            line = lines.recv(), if !session.input_done => {
+                if let Some(pending) = session.take_line(run_id, line) {
                     let message = outgoing(&args.name, &pending);
-                    session.pending.push_back(pending);
                     if let Some(tx) = &outbound
                         && tx.send(message).await.is_err()
                     {
                         outbound = None;
                     }
                 }
-                None => session.input_done = true,
             },
             message = inbound.message() => match message {
                 Ok(Some(message)) => {

@@ -1,32 +1,38 @@
 //! `streamhub serve`: loads the configuration and runs the server until
 //! SIGTERM or Ctrl-C.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::{
-    config::{Config, Sources},
+    config::{self, Config, Sources},
     runtime, server, shutdown,
 };
 
 /// Arguments of `streamhub serve`.
+///
+/// The flags have no environment fallback of their own: the settings they
+/// set are read from `STREAMHUB_LISTEN`, `STREAMHUB_DATA_DIR`, … with every
+/// other setting, so that a flag (and `--set`) always wins over the
+/// environment.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:50051].
-    #[arg(long, env = "STREAMHUB_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    /// Address to listen on, e.g. 127.0.0.1:50051 or localhost:50051
+    /// [default: 127.0.0.1:50051; env STREAMHUB_LISTEN].
+    #[arg(long, value_parser = config::resolve)]
+    pub listen: Option<std::net::SocketAddr>,
     /// Directory for uploads, chat history and other durable state
-    /// [default: ./streamhub-data].
-    #[arg(long, env = "STREAMHUB_DATA_DIR")]
+    /// [default: ./streamhub-data; env STREAMHUB_DATA_DIR].
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// TOML configuration file (see the README for every key).
     #[arg(long, env = "STREAMHUB_CONFIG")]
     pub config: Option<PathBuf>,
     /// How long shutdown may wait for streams to drain, e.g. `10s`
-    /// [default: 10s].
-    #[arg(long, env = "STREAMHUB_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    /// [default: 10s; env STREAMHUB_DRAIN_TIMEOUT].
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
     /// Set any configuration key, e.g. `--set telemetry.max_services=500`
     /// (repeatable; wins over file and environment).
@@ -43,13 +49,15 @@ pub struct ServeArgs {
     /// TLS). Config key `tls.client_ca`.
     #[arg(long, value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Print the effective configuration as TOML-like JSON and exit.
+    /// Print the effective configuration as TOML (which `--config` reads
+    /// back) and exit.
     #[arg(long)]
     pub print_config: bool,
 }
 
 impl ServeArgs {
-    /// The configuration these arguments select.
+    /// The configuration these arguments select: defaults, then the file,
+    /// then the environment, then `--set`, then the dedicated flags.
     pub fn load(&self) -> anyhow::Result<Config> {
         let mut config = Config::load(&Sources {
             file: self.config.clone(),
@@ -83,7 +91,10 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.load()?;
     if args.print_config {
-        println!("{}", serde_json::to_string_pretty(&config)?);
+        let toml = config.to_toml()?;
+        std::io::stdout()
+            .write_all(toml.as_bytes())
+            .context("cannot print the configuration")?;
         return Ok(());
     }
     let rt = runtime::build(&config.runtime).context("cannot start the async runtime")?;
@@ -94,10 +105,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    // One line on stdout, for people and for scripts that start the server
-    // on port 0.
-    println!("streamhub listening on {addr}");
-    server::run(listener, config, shutdown::signal()).await?;
+    let (ready, serving) = tokio::sync::oneshot::channel();
+    let server = server::run_ready(listener, config, shutdown::signal(), Some(ready));
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(Into::into),
+        Ok(addr) = serving => {
+            // One line on stdout, for people and for scripts that start the
+            // server on port 0, once it can serve. A closed stdout (the
+            // reader went away) must not stop the server: the write's
+            // error is ignored, as the log's are.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "streamhub listening on {addr}");
+            let _ = out.flush();
+        }
+    }
+    server.await?;
     Ok(())
 }

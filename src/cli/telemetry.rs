@@ -1,12 +1,20 @@
 //! Telemetry subcommands: `snapshot`, `services`, `subscribe`, `feed`.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 
-use super::{Backoff, Context, format_ms, is_transient, status_error, status_text};
+use super::{
+    Backoff, Context, format_ms, is_transient, out, status_error, status_text, terminal_safe,
+};
 use crate::{
     proto::telemetry::{
         AlertResponse, ListServicesRequest, MetricsPayload, MetricsRequest, MetricsResponse,
@@ -48,7 +56,7 @@ pub fn print_sample(ctx: &Context, m: &MetricsResponse) {
         format!(
             "[{}] {:<20} CPU {:>5.1}%  memory {:>8.0} MB  requests {}",
             format_ms(m.timestamp_ms),
-            m.service_name,
+            terminal_safe(&m.service_name),
             m.cpu_usage,
             m.memory_mb,
             m.request_count
@@ -72,7 +80,13 @@ pub fn print_alert(ctx: &Context, a: &AlertResponse) {
             value: a.value,
             timestamp_ms: a.timestamp_ms,
         },
-        || format!("[ALERT] {:<20} {}", a.alert_type, a.message),
+        || {
+            format!(
+                "[ALERT] {:<20} {}",
+                terminal_safe(&a.alert_type),
+                terminal_safe(&a.message)
+            )
+        },
     );
 }
 
@@ -107,14 +121,19 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if list.services.is_empty() && !ctx.json {
-        println!("no services have reported yet");
+        out("no services have reported yet");
     }
     for entry in &list.services {
         match &entry.latest {
             Some(sample) => print_sample(ctx, sample),
             None => ctx.emit(
                 &serde_json::json!({ "service": entry.service_name, "awaiting_first_sample": true }),
-                || format!("{:<20} (awaited by subscribers, no sample yet)", entry.service_name),
+                || {
+                    format!(
+                        "{:<20} (awaited by subscribers, no sample yet)",
+                        terminal_safe(&entry.service_name)
+                    )
+                },
             ),
         }
     }
@@ -137,8 +156,8 @@ pub struct SubscribeArgs {
     pub duration: Option<Duration>,
 }
 
-/// `streamhub subscribe NAME`: prints samples until Ctrl-C, reconnecting
-/// with backoff when the server goes away.
+/// `streamhub subscribe NAME`: prints samples until Ctrl-C (see
+/// `main.rs`), reconnecting with backoff when the server goes away.
 pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()> {
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let until_deadline = async {
@@ -149,7 +168,6 @@ pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()>
     };
     tokio::select! {
         result = subscribe_loop(ctx, &args) => result,
-        _ = tokio::signal::ctrl_c() => Ok(()),
         () = until_deadline => Ok(()),
     }
 }
@@ -254,49 +272,114 @@ pub fn simulated(tick: u64) -> (f64, f64) {
     (cpu, memory)
 }
 
-/// `streamhub feed`: streams metrics through LiveFeed and prints alerts.
+/// `streamhub feed`: streams metrics through LiveFeed and prints alerts
+/// until `--count` payloads are sent or Ctrl-C (see `main.rs`),
+/// reconnecting with backoff when the server goes away, as `subscribe`
+/// does. `--count` counts payloads across reconnects.
 pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
     let service = match args.service.clone() {
         Some(name) => name,
         None => sysinfo::System::host_name().unwrap_or_else(|| "localhost".to_owned()),
     };
-    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
-    let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
-    let producer_service = service.clone();
-    let producer = tokio::spawn(produce(producer_service, args, tx));
-    let mut alerts = client
-        .live_feed(ReceiverStream::new(rx))
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    ctx.note(
-        "feeding",
-        &format!("streaming metrics of {service}; alerts follow"),
-    );
+    let ticks = Arc::new(AtomicU64::new(0));
+    let mut backoff = Backoff::new(Duration::from_secs(10));
+    let mut connected_before = false;
     loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            alert = alerts.next() => match alert {
-                Some(Ok(alert)) => print_alert(ctx, &alert),
-                Some(Err(status)) => {
-                    producer.abort();
-                    return Err(status_error(status));
-                }
-                None => break,
-            }
-        }
+        let lost = match feed_once(ctx, &args, &service, &ticks, &mut connected_before).await {
+            Ok(()) => return Ok(()),
+            Err(Lost::Fatal(err)) => return Err(err),
+            Err(Lost::Transient(why)) => why,
+        };
+        ctx.note(
+            "reconnecting",
+            &format!(
+                "connection to {} lost ({lost}); reconnecting in {:.1}s",
+                ctx.server,
+                backoff.delay().as_secs_f64()
+            ),
+        );
+        backoff.wait().await;
     }
-    producer.abort();
-    Ok(())
 }
 
-async fn produce(service: String, args: FeedArgs, tx: mpsc::Sender<MetricsPayload>) {
-    let mut sampler = (!args.simulate).then(HostSampler::new);
-    let mut ticks = tokio::time::interval(Duration::from_millis(args.interval_ms.max(1)));
-    let mut tick = 0u64;
-    while args.count.is_none_or(|n| tick < n) {
-        ticks.tick().await;
-        tick += 1;
+/// One LiveFeed call: payloads from the shared tick counter on, alerts
+/// printed, until the call ends.
+async fn feed_once(
+    ctx: &Context,
+    args: &FeedArgs,
+    service: &str,
+    ticks: &Arc<AtomicU64>,
+    connected_before: &mut bool,
+) -> Result<(), Lost> {
+    let channel = ctx
+        .connect()
+        .await
+        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let mut client = TelemetryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
+    let producer = tokio::spawn(produce(
+        service.to_owned(),
+        args.simulate,
+        args.interval_ms,
+        args.count,
+        Arc::clone(ticks),
+        tx,
+    ));
+    // The producer stops when the call's request stream is dropped.
+    let _producer = AbortOnDrop(producer);
+    let mut alerts = match client.live_feed(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if is_transient(&status) => return Err(Lost::Transient(status_text(&status))),
+        Err(status) => return Err(Lost::Fatal(status_error(status))),
+    };
+    if *connected_before {
+        ctx.note("reconnected", &format!("reconnected to {}", ctx.server));
+    } else {
+        ctx.note(
+            "feeding",
+            &format!("streaming metrics of {service}; alerts follow"),
+        );
+    }
+    *connected_before = true;
+    loop {
+        match alerts.next().await {
+            Some(Ok(alert)) => print_alert(ctx, &alert),
+            Some(Err(status)) if is_transient(&status) => {
+                return Err(Lost::Transient(status_text(&status)));
+            }
+            Some(Err(status)) => return Err(Lost::Fatal(status_error(status))),
+            // The server ends the call once the producer has sent
+            // `--count` payloads and half-closed.
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends payloads every `interval_ms`, numbering them from the shared
+/// `ticks` (so a reconnect goes on where the last call stopped), until
+/// `count` have been sent or the call goes away.
+async fn produce(
+    service: String,
+    simulate: bool,
+    interval_ms: u64,
+    count: Option<u64>,
+    ticks: Arc<AtomicU64>,
+    tx: mpsc::Sender<MetricsPayload>,
+) {
+    let mut sampler = (!simulate).then(HostSampler::new);
+    let mut interval = tokio::time::interval(Duration::from_millis(interval_ms.max(1)));
+    while count.is_none_or(|n| ticks.load(Ordering::Relaxed) < n) {
+        interval.tick().await;
+        let tick = ticks.load(Ordering::Relaxed) + 1;
         let (cpu_usage, memory_mb) = match sampler.as_mut() {
             Some(sampler) => sampler.sample(),
             None => simulated(tick),
@@ -311,6 +394,7 @@ async fn produce(service: String, args: FeedArgs, tx: mpsc::Sender<MetricsPayloa
         if tx.send(payload).await.is_err() {
             return;
         }
+        ticks.store(tick, Ordering::Relaxed);
     }
     // Dropping the sender half-closes the call; the server then ends it.
 }

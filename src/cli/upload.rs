@@ -15,7 +15,7 @@ use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Code, Status, transport::Channel};
 
-use super::{Backoff, Context, format_ms, status_error};
+use super::{Backoff, Context, format_ms, out, status_error, terminal_safe};
 use crate::proto::fileupload::{
     DownloadRequest, FileChunk, ListFilesRequest, QueryUploadRequest, UploadResponse,
     file_upload_service_client::FileUploadServiceClient,
@@ -147,7 +147,7 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 ctx.emit(&view, || {
                     format!(
                         "uploaded {} ({}, {} chunks{}), sha256 {}",
-                        view.filename,
+                        terminal_safe(&view.filename),
                         HumanBytes(view.total_bytes),
                         view.total_chunks,
                         if view.resumed_from > 0 {
@@ -232,6 +232,17 @@ fn progress_bar(ctx: &Context, size: u64) -> ProgressBar {
     bar
 }
 
+/// Starts the progress bar of one attempt at `offset`: rate and ETA count
+/// only the bytes this attempt sends. (indicatif's estimator takes the
+/// bytes between its last reading and the next as sent in that time; on
+/// a resume its last reading is from before the offset, so without a
+/// reading at the offset the resumed bytes would count as just sent.)
+fn start_at(bar: &ProgressBar, offset: u64) {
+    bar.set_position(offset);
+    bar.tick();
+    bar.reset_eta();
+}
+
 enum Attempt {
     /// A local problem, or one retrying cannot fix.
     Fatal(anyhow::Error),
@@ -308,8 +319,7 @@ async fn upload_once(
         });
         held
     };
-    bar.set_position(offset);
-    bar.reset_eta();
+    start_at(bar, offset);
 
     let (tx, rx) = mpsc::channel::<FileChunk>(4);
     let path = args.file.clone();
@@ -410,7 +420,7 @@ pub async fn files(ctx: &Context) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if list.files.is_empty() && !ctx.json {
-        println!("no files stored yet");
+        out("no files stored yet");
     }
     for file in &list.files {
         ctx.emit(
@@ -423,7 +433,7 @@ pub async fn files(ctx: &Context) -> anyhow::Result<()> {
             || {
                 format!(
                     "{:<32} {:>12}  {}  {}",
-                    file.filename,
+                    terminal_safe(&file.filename),
                     HumanBytes(file.size).to_string(),
                     hex::encode(&file.sha256),
                     format_ms(file.modified_ms)
@@ -466,6 +476,9 @@ pub async fn download(ctx: &Context, args: DownloadArgs) -> anyhow::Result<()> {
         .unwrap_or("download");
     let temp = dir.join(format!(".{file_name}.streamhub-part"));
     let mut client = client(ctx.connect().await?);
+    // Removes the partial file however the download ends: failure, or
+    // Ctrl-C dropping this future.
+    let mut partial = Partial(Some(temp.clone()));
     let mut stream = client
         .download(DownloadRequest {
             filename: args.name.clone(),
@@ -512,16 +525,11 @@ pub async fn download(ctx: &Context, args: DownloadArgs) -> anyhow::Result<()> {
     }
     .await;
     drop(out);
-    let (size, digest) = match result {
-        Ok(done) => done,
-        Err(err) => {
-            let _ = tokio::fs::remove_file(&temp).await;
-            return Err(err);
-        }
-    };
+    let (size, digest) = result?;
     tokio::fs::rename(&temp, &target)
         .await
         .with_context(|| format!("cannot move the download to {}", target.display()))?;
+    partial.0 = None;
     ctx.emit(
         &serde_json::json!({
             "filename": args.name,
@@ -533,7 +541,7 @@ pub async fn download(ctx: &Context, args: DownloadArgs) -> anyhow::Result<()> {
         || {
             format!(
                 "downloaded {} to {} ({}), sha256 {} verified",
-                args.name,
+                terminal_safe(&args.name),
                 target.display(),
                 HumanBytes(size),
                 hex::encode(digest)
@@ -543,9 +551,45 @@ pub async fn download(ctx: &Context, args: DownloadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A download's partial file, removed on drop unless it was moved into
+/// place (`None`).
+struct Partial(Option<PathBuf>);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_after_a_resume_counts_only_this_runs_bytes() {
+        const HELD: u64 = 1 << 30;
+        const SENT: u64 = 1 << 20;
+        let bar = ProgressBar::hidden();
+        bar.set_length(4 * HELD);
+        // An earlier attempt moved the bar often (its drawing is rate
+        // limited: a move right after a burst is not read at once).
+        for position in 0..200 {
+            bar.set_position(position);
+        }
+        let started = std::time::Instant::now();
+        start_at(&bar, HELD);
+        std::thread::sleep(Duration::from_millis(20));
+        bar.set_position(HELD + SENT);
+        bar.tick();
+        // Whatever the speed of this machine, bytes per second times the
+        // time since the start is about what this run sent (1 MiB), never
+        // the gigabyte held before it.
+        let counted = bar.per_sec() * started.elapsed().as_secs_f64();
+        assert!(counted < (HELD / 4) as f64, "{counted} bytes counted");
+        assert!(counted > 0.0);
+    }
 
     #[test]
     fn sizes_parse() {

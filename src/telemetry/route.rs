@@ -126,15 +126,30 @@ async fn subscribe(
     let (parts, body) = request.into_parts();
     let decoder = SmallBufferCodec::<MetricsResponse, MetricsRequest>::default().decoder();
     let mut messages = Streaming::new_request(decoder, body, None, Some(max_message_size));
-    let message = messages
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument("the Subscribe call carried no MetricsRequest"))?;
+    // A request stream without its one message is a cardinality
+    // violation: UNIMPLEMENTED, as the gRPC status-code table says.
+    let message = messages.message().await?.ok_or_else(|| {
+        Status::unimplemented("the Subscribe call carried no MetricsRequest; it takes exactly one")
+    })?;
     let request = Request::from_http(http::Request::from_parts(parts, message));
     Ok(Frames {
         updates: service.updates(request, move |sample| frames.frame(sample))?,
+        request: Some(messages),
         ended: false,
     })
+}
+
+/// What followed the one request message: nothing (the client closed its
+/// side), or a second message (UNIMPLEMENTED), or bytes that do not decode
+/// (INTERNAL).
+fn after_request(next: Option<Result<MetricsRequest, Status>>) -> Option<Status> {
+    match next {
+        None => None,
+        Some(Ok(_)) => Some(Status::unimplemented(
+            "the Subscribe call carried a second MetricsRequest; it takes exactly one",
+        )),
+        Some(Err(status)) => Some(status),
+    }
 }
 
 /// The newest frame of each service, shared by its subscribers: a sample
@@ -181,6 +196,9 @@ fn frame(sample: Sample) -> Bytes {
 /// with).
 struct Frames {
     updates: BoxStream<Bytes>,
+    /// The rest of the request stream, until the client closes its side:
+    /// anything more in it ends the call.
+    request: Option<Streaming<MetricsRequest>>,
     ended: bool,
 }
 
@@ -195,10 +213,20 @@ impl http_body::Body for Frames {
         if self.ended {
             return Poll::Ready(None);
         }
-        let status = match ready!(self.updates.as_mut().poll_next(cx)) {
-            Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
-            Some(Err(status)) => status,
-            None => Status::ok(""),
+        let mut failed = None;
+        if let Some(request) = self.request.as_mut()
+            && let Poll::Ready(next) = futures::Stream::poll_next(Pin::new(request), cx)
+        {
+            self.request = None;
+            failed = after_request(next);
+        }
+        let status = match failed {
+            Some(status) => status,
+            None => match ready!(self.updates.as_mut().poll_next(cx)) {
+                Some(Ok(frame)) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+                Some(Err(status)) => status,
+                None => Status::ok(""),
+            },
         };
         self.ended = true;
         let mut trailers = http::HeaderMap::new();
@@ -262,6 +290,7 @@ mod tests {
     async fn frames_of(updates: Vec<Result<Bytes, Status>>) -> Vec<Frame<Bytes>> {
         let mut body = Frames {
             updates: Box::pin(futures::stream::iter(updates)),
+            request: None,
             ended: false,
         };
         let mut all = Vec::new();

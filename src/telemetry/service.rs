@@ -251,7 +251,15 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                         break;
                     }
                     Wake::Next(Err(err)) => {
+                        // An undecodable or oversized payload (or the
+                        // client's reset) ends the call with its status,
+                        // never with OK.
+                        let failed = Status::new(
+                            err.code(),
+                            format!("payload {} could not be read: {}", position + 1, err.message()),
+                        );
                         log.end(format!("client stream failed after {position} payloads: {err}"));
+                        yield Err(failed);
                         break;
                     }
                 };

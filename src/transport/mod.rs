@@ -21,13 +21,10 @@
 //!   when the files change.
 //! - [`fdlimit`]: raises the file-descriptor limit and derives the
 //!   connection cap from it.
-//! - [`grpc_timeout`]: the `grpc-timeout` deadline on the response headers,
-//!   as tonic's server applied it.
 
 pub mod accept;
 pub mod conn;
 pub mod fdlimit;
-pub mod grpc_timeout;
 pub mod handshake;
 pub mod service;
 pub mod tls;

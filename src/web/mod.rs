@@ -58,6 +58,10 @@ pub fn router(state: WebState) -> Router {
 pub fn app(routes: Routes, state: WebState, http: &HttpConfig) -> Router {
     let grpc = routes
         .into_axum_router()
+        // Every call ends as the gRPC spec says (grpc-timeout on every
+        // call, the spec's codes for tonic's codec errors); counted as it
+        // ends, and reached by gRPC-Web too.
+        .layer(crate::rpc::StatusLayer)
         .layer(CallLayer::new(Arc::clone(state.metrics.calls())))
         .layer(tonic_web::GrpcWebLayer::new());
     let app = grpc.merge(router(state)).fallback(fallback);
