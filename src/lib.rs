@@ -12,6 +12,8 @@
 //! - [`shutdown`]: the cancellation token every stream watches.
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
+//! - [`fsx`]: files under the data directory, opened without following
+//!   symbolic links.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`chat`]: chat rooms: durable storage, the room hub, service.
@@ -26,6 +28,7 @@ pub mod chat;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod fsx;
 pub mod proto;
 pub mod rpc;
 pub mod runtime;
