@@ -29,6 +29,8 @@ pub enum Access {
     Read,
     /// Read and write; the file must exist.
     ReadWrite,
+    /// Read and write, created if missing.
+    Create,
     /// Read and write, created if missing and truncated to 0 bytes.
     CreateTruncate,
     /// Write only; the file must not exist.
@@ -136,6 +138,7 @@ impl DirHandle {
         let flags = match access {
             Access::Read => OFlags::RDONLY,
             Access::ReadWrite => OFlags::RDWR,
+            Access::Create => OFlags::RDWR | OFlags::CREATE,
             Access::CreateTruncate => OFlags::RDWR | OFlags::CREATE | OFlags::TRUNC,
             Access::CreateNew => OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
         };
