@@ -610,7 +610,7 @@ fn reopen(shared: &Shared, opener: &Opener, jobs: &mpsc::Receiver<Work>) -> bool
             }
             Err(err) => {
                 // Log the first failures, then every tenth.
-                if attempts <= 3 || attempts % 10 == 0 {
+                if attempts <= 3 || attempts.is_multiple_of(10) {
                     tracing::warn!(%err, attempts, retry_in = ?backoff, "chat storage cannot be reopened yet");
                 }
                 if err.is_full() {
