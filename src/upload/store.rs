@@ -74,6 +74,10 @@ const READ_BUF: usize = 1024 * 1024;
 /// Longest a metadata record may be.
 const META_MAX: u64 = 256;
 
+/// A call that ends this close to its deadline is taken to have ended
+/// because of it (the client's clock started earlier than the server's).
+const DEADLINE_SLACK: Duration = Duration::from_millis(200);
+
 /// How long a new call waits for a quiet holder it has told to stop.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -1003,6 +1007,14 @@ impl Upload {
         self.deadline = deadline;
     }
 
+    /// Whether the call's deadline has passed, or is so close that a
+    /// client ending the call now is doing so because of it (its clock
+    /// started before the request reached the server).
+    pub fn deadline_passed(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| tokio::time::Instant::now() + DEADLINE_SLACK >= deadline)
+    }
+
     /// Appends chunk `index`'s bytes. They are handed to a blocking write
     /// in batches of [`WRITE_BATCH`] bytes, or by [`Upload::flush`]. Waits
     /// while the previous batch is still being written, which pushes back
@@ -1250,10 +1262,7 @@ impl Drop for Upload {
             }
         }
         if !self.settled {
-            let deadline_passed = self
-                .deadline
-                .is_some_and(|deadline| tokio::time::Instant::now() >= deadline);
-            if deadline_passed {
+            if self.deadline_passed() {
                 tracing::warn!(
                     upload = %self.name,
                     peer = %self.peer,
