@@ -5,8 +5,8 @@
 //!   [`Sequence`] checks every call's chunks go through, file name
 //!   validation and the [`UploadError`] of the whole feature.
 //! - [`store`] is the disk side: unfinished uploads under
-//!   `uploads/.streamhub/partial/`, the writer thread that hashes and
-//!   writes, publishing by fsync + atomic rename, leases that keep
+//!   `uploads/.streamhub/partial/`, hashing writes in bounded blocking
+//!   steps, publishing by fsync + atomic rename, leases that keep
 //!   concurrent uploads of one name apart, quota, expiry, listing and
 //!   reading back.
 //! - [`limits`] caps the Upload and Download calls open at once.
