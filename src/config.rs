@@ -591,6 +591,27 @@ mod tests {
     }
 
     #[test]
+    fn upload_limits_have_defaults_and_are_checked() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(config.upload.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.upload.takeover_after, Duration::from_secs(5));
+        assert_eq!(config.upload.max_uploads_per_connection, 32);
+        for bad in [
+            "upload.max_concurrent_uploads=0",
+            "upload.max_downloads_per_connection=0",
+            "upload.max_blocking_io=300",
+            "upload.idle_timeout=0s",
+        ] {
+            let err = Config::load(&Sources {
+                overrides: vec![bad.into()],
+                ..Sources::default()
+            })
+            .expect_err("rejected");
+            assert!(err.to_string().contains("upload."), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_override_is_reported() {
         let err = Config::load(&Sources {
             overrides: vec!["nonsense".into()],

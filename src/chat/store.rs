@@ -914,4 +914,16 @@ mod tests {
         let read = store.read("r", epoch, 1, 10, 10).await.expect("reads");
         assert_eq!(seqs(read), [1, 2, 3, 4]);
     }
+
+    #[test]
+    fn a_database_that_is_a_link_is_never_opened() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let target = outside.path().join("other.redb");
+        std::fs::write(&target, b"not yours").expect("write");
+        std::os::unix::fs::symlink(&target, dir.path().join(DB_FILE)).expect("symlink");
+        let err = Store::open(dir.path(), 64).expect_err("refused");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert_eq!(std::fs::read(&target).expect("read"), b"not yours");
+    }
 }

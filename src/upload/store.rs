@@ -1326,3 +1326,25 @@ impl StoredReader {
 pub fn expires_ms(at: Option<SystemTime>) -> u64 {
     at.map_or(0, unix_ms)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_folders_that_are_links_are_refused_at_open() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let own = data.path().join("uploads").join(RESERVED_NAME);
+        std::fs::create_dir_all(&own).expect("mkdir");
+        std::os::unix::fs::symlink(elsewhere.path(), own.join("partial")).expect("symlink");
+        let err = Store::open(data.path(), UploadConfig::default()).expect_err("refused");
+        assert!(
+            err.to_string().contains("not a directory streamhub made"),
+            "{err}"
+        );
+        std::fs::remove_file(own.join("partial")).expect("unlink");
+        Store::open(data.path(), UploadConfig::default()).expect("opens once it is gone");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).expect("ls").count(), 0);
+    }
+}
