@@ -1159,10 +1159,15 @@ async fn uploads_and_downloads_beyond_their_caps_are_resource_exhausted() {
     })
     .await;
 
-    // A download holds its slot until it ends.
+    // A download holds its slot until it ends (this one cannot end before
+    // its client reads: the file is larger than the HTTP/2 windows).
+    let big = bytes(77, 8 * MIB);
+    send(&mut c, chunks("d.bin", &big, 0, MIB, true))
+        .await
+        .unwrap();
     let mut stream = c
         .download(DownloadRequest {
-            filename: "c.bin".into(),
+            filename: "d.bin".into(),
             chunk_size: 0,
         })
         .await
