@@ -302,6 +302,30 @@ pub struct UploadConfig {
     /// startup).
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Most Upload calls open at once on the whole server; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_uploads: usize,
+    /// Most Upload calls open at once on one connection; more are refused
+    /// with RESOURCE_EXHAUSTED (so one client cannot take every slot).
+    pub max_uploads_per_connection: usize,
+    /// Most Download calls open at once on the whole server.
+    pub max_concurrent_downloads: usize,
+    /// Most Download calls open at once on one connection.
+    pub max_downloads_per_connection: usize,
+    /// An upload that receives no chunk for this long ends with ABORTED
+    /// (its bytes kept for a resume); a download whose client takes no
+    /// chunk for this long is stopped.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A call holding an upload name that has received no chunk for this
+    /// long may be taken over by a new call for the name (the old call
+    /// ends with ABORTED, its bytes kept).
+    #[serde(with = "humantime_serde")]
+    pub takeover_after: Duration,
+    /// Most blocking file operations (writes, reads, fsyncs, re-hashing)
+    /// of uploads and downloads running at once; the rest of tokio's
+    /// blocking threads stay free for look-ups and chat storage.
+    pub max_blocking_io: usize,
 }
 
 impl Default for UploadConfig {
@@ -311,6 +335,13 @@ impl Default for UploadConfig {
             quota: None,
             partial_ttl: Duration::from_secs(24 * 60 * 60),
             sweep_interval: Duration::from_secs(10 * 60),
+            max_concurrent_uploads: 256,
+            max_uploads_per_connection: 32,
+            max_concurrent_downloads: 256,
+            max_downloads_per_connection: 32,
+            idle_timeout: Duration::from_secs(60),
+            takeover_after: Duration::from_secs(5),
+            max_blocking_io: 64,
         }
     }
 }
@@ -531,6 +562,40 @@ impl Config {
         if u.partial_ttl.is_zero() || u.sweep_interval.is_zero() {
             return Err(ConfigError::Inconsistent(
                 "upload.partial_ttl and upload.sweep_interval must be above zero".into(),
+            ));
+        }
+        for (name, value) in [
+            ("upload.max_concurrent_uploads", u.max_concurrent_uploads),
+            (
+                "upload.max_uploads_per_connection",
+                u.max_uploads_per_connection,
+            ),
+            (
+                "upload.max_concurrent_downloads",
+                u.max_concurrent_downloads,
+            ),
+            (
+                "upload.max_downloads_per_connection",
+                u.max_downloads_per_connection,
+            ),
+            ("upload.max_blocking_io", u.max_blocking_io),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Inconsistent(format!(
+                    "{name} must be at least 1"
+                )));
+            }
+        }
+        if u.max_blocking_io > 256 {
+            return Err(ConfigError::Inconsistent(
+                "upload.max_blocking_io must be at most 256, so half of tokio's 512 \
+                 blocking threads stay free for look-ups and chat storage"
+                    .into(),
+            ));
+        }
+        if u.idle_timeout.is_zero() || u.takeover_after.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "upload.idle_timeout and upload.takeover_after must be above zero".into(),
             ));
         }
         let c = &self.chat;
@@ -769,6 +834,27 @@ mod tests {
         assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 6001)));
         assert_eq!(resolve("[::1]:5").expect("v6").port(), 5);
         assert!(resolve("no port").is_err());
+    }
+
+    #[test]
+    fn upload_limits_have_defaults_and_are_checked() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(config.upload.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.upload.takeover_after, Duration::from_secs(5));
+        assert_eq!(config.upload.max_uploads_per_connection, 32);
+        for bad in [
+            "upload.max_concurrent_uploads=0",
+            "upload.max_downloads_per_connection=0",
+            "upload.max_blocking_io=300",
+            "upload.idle_timeout=0s",
+        ] {
+            let err = Config::load(&Sources {
+                overrides: vec![bad.into()],
+                ..Sources::default()
+            })
+            .expect_err("rejected");
+            assert!(err.to_string().contains("upload."), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! - [`server_info`]: the `streamhub.ServerService` (version, uptime,
 //!   connections, open streams).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
+//! - [`fsx`]: files under the data directory, opened without following
+//!   symbolic links.
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`chat`]: chat rooms: durable storage, the room hub, service.
@@ -35,6 +37,7 @@ pub mod chat;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod fsx;
 pub mod proto;
 pub mod rpc;
 pub mod runtime;

@@ -42,6 +42,7 @@ use crate::{
         ChatError, MessageLimits,
         room::{LocalHub, RoomHub},
         service::ChatService,
+        store::StorageHealth,
     },
     config::Config,
     proto,
@@ -157,6 +158,12 @@ where
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
+    shutdown.spawn(report_storage_health(
+        health.clone(),
+        "chat.ChatService",
+        chat.storage_health(),
+        shutdown.token(),
+    ));
     let health_service = HealthServer::new(HealthGate {
         inner: HealthService::from_health_reporter(health.clone()),
         shutdown: shutdown.clone(),
@@ -278,6 +285,36 @@ where
     chat.close();
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Mirrors a store's health into the health service: NOT_SERVING while
+/// its storage is failing and being reopened (the log says why), SERVING
+/// again once it recovered. Stops at shutdown, which sets NOT_SERVING.
+async fn report_storage_health(
+    reporter: HealthReporter,
+    service: &'static str,
+    mut health: tokio::sync::watch::Receiver<StorageHealth>,
+    token: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let status = match &*health.borrow_and_update() {
+            StorageHealth::Serving => ServingStatus::Serving,
+            StorageHealth::Failed { reason } => {
+                tracing::warn!(service, %reason, "{service} is NOT_SERVING: its storage failed");
+                ServingStatus::NotServing
+            }
+        };
+        if token.is_cancelled() {
+            return;
+        }
+        reporter.set_service_status(service, status).await;
+        tokio::select! {
+            () = token.cancelled() => return,
+            changed = health.changed() => if changed.is_err() {
+                return;
+            },
+        }
+    }
 }
 
 /// The standard health service, with Watch streams that end on shutdown

@@ -979,3 +979,613 @@ async fn chunks_up_to_4_mib_fit_the_default_message_limit() {
     assert_eq!(got, data);
     server.stop().await;
 }
+
+// ---- Hardening (issue 11): starvation, caps, idle calls, files that are
+// not what they seem, takeover of a quiet upload, deadlines and sizes. ----
+
+/// An upload call that sent `first` and then stays silent (its sender is
+/// kept open).
+struct Silent {
+    _tx: mpsc::Sender<FileChunk>,
+    call: JoinHandle<Result<UploadResponse, Status>>,
+}
+
+fn silent(client: &Client, first: FileChunk) -> Silent {
+    let (tx, rx) = mpsc::channel(1);
+    tx.try_send(first).unwrap();
+    let mut client = client.clone();
+    let call = tokio::spawn(async move {
+        client
+            .upload(ReceiverStream::new(rx))
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    Silent { _tx: tx, call }
+}
+
+/// The issue's example: 512 silent uploads on one connection must not
+/// hang anybody else's Upload, QueryUpload, ListFiles, CancelUpload,
+/// Download or chat join (today each holds a blocking thread).
+#[tokio::test]
+async fn silent_uploads_on_one_connection_starve_nobody() {
+    let server = TestServer::start().await;
+    let mut other = client(server.channel().await);
+    let data = bytes(70, 300 * KIB);
+    send(&mut other, chunks("before.bin", &data, 0, 64 * KIB, true))
+        .await
+        .unwrap();
+
+    let attacker = client(server.channel().await);
+    let calls: Vec<Silent> = (0..512)
+        .map(|n| silent(&attacker, plain(&format!("idle-{n}"), 0, b"x", false)))
+        .collect();
+    // Beyond the per-connection cap the calls are refused at once; the
+    // others hold their one byte and wait.
+    let cap = test_config().upload.max_uploads_per_connection;
+    let mut held = Vec::new();
+    for (n, call) in calls.into_iter().enumerate() {
+        if call.call.is_finished() {
+            let status = call.call.await.unwrap().unwrap_err();
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                status.message().contains("on this connection"),
+                "{status:?}"
+            );
+        } else {
+            held.push((n, call));
+        }
+    }
+    let mut refused = 512 - held.len();
+    let mut holding = Vec::new();
+    for (n, call) in held {
+        let Silent { _tx, call } = call;
+        let mut call = call;
+        tokio::select! {
+            result = &mut call => {
+                let status = result.unwrap().unwrap_err();
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+            () = async {
+                let mut c = other.clone();
+                wait_for(&mut c, &format!("idle-{n}"), 1, true).await;
+            } => holding.push((_tx, call)),
+        }
+    }
+    assert_eq!(holding.len(), cap);
+    assert_eq!(refused, 512 - cap);
+
+    // Everybody else is served promptly.
+    within(
+        "another client's upload",
+        send(&mut other, chunks("after.bin", &data, 0, 64 * KIB, true)),
+    )
+    .await
+    .unwrap();
+    within(
+        "query",
+        other.query_upload(QueryUploadRequest {
+            filename: "after.bin".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let names = within("list", list_names(&mut other)).await;
+    assert_eq!(names, ["after.bin", "before.bin"]);
+    within(
+        "cancel",
+        other.cancel_upload(CancelUploadRequest {
+            filename: "nothing-held".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut stream = within(
+        "download",
+        other.download(DownloadRequest {
+            filename: "before.bin".into(),
+            chunk_size: 0,
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut got = Vec::new();
+    while let Some(chunk) = within("download chunk", stream.next()).await {
+        got.extend_from_slice(&chunk.unwrap().data);
+    }
+    assert_eq!(got, data);
+    // A chat room nobody has opened yet.
+    use streamhub::proto::chat::{ChatMessage, chat_service_client::ChatServiceClient};
+    let (tx, rx) = mpsc::channel(4);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("chat-room", "fresh-room".parse().unwrap());
+    let mut chat = within(
+        "chat join",
+        ChatServiceClient::new(server.channel().await).chat(request),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    tx.send(ChatMessage {
+        sender: "ann".into(),
+        message: "hello".into(),
+        ..ChatMessage::default()
+    })
+    .await
+    .unwrap();
+    let echoed = within("chat echo", chat.message()).await.unwrap().unwrap();
+    assert_eq!(echoed.message, "hello");
+    drop(holding);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_and_downloads_beyond_their_caps_are_resource_exhausted() {
+    let mut config = test_config();
+    config.upload.max_concurrent_uploads = 2;
+    config.upload.max_uploads_per_connection = 1;
+    config.upload.max_concurrent_downloads = 1;
+    let server = TestServer::start_with(config).await;
+    let a = client(server.channel().await);
+    let b = client(server.channel().await);
+    let mut c = client(server.channel().await);
+
+    let first = silent(&a, plain("a.bin", 0, b"a", false));
+    wait_for(&mut c, "a.bin", 1, true).await;
+    assert_status(
+        send(&mut a.clone(), vec![plain("a2.bin", 0, b"a", true)]).await,
+        Code::ResourceExhausted,
+        "too many uploads open on this connection: the limit is 1",
+    );
+    let second = silent(&b, plain("b.bin", 0, b"b", false));
+    wait_for(&mut c, "b.bin", 1, true).await;
+    assert_status(
+        send(&mut c, vec![plain("c.bin", 0, b"c", true)]).await,
+        Code::ResourceExhausted,
+        "too many uploads open on this server: the limit is 2",
+    );
+    drop((first, second));
+    within("a slot to come free", async {
+        loop {
+            match send(&mut c, vec![plain("c.bin", 0, b"c", true)]).await {
+                Ok(_) => return,
+                Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A download holds its slot until it ends (this one cannot end before
+    // its client reads: the file is larger than the HTTP/2 windows).
+    let big = bytes(77, 8 * MIB);
+    send(&mut c, chunks("d.bin", &big, 0, MIB, true))
+        .await
+        .unwrap();
+    let mut stream = c
+        .download(DownloadRequest {
+            filename: "d.bin".into(),
+            chunk_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = c
+        .download(DownloadRequest {
+            filename: "c.bin".into(),
+            chunk_size: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("downloads"), "{refused:?}");
+    while let Some(chunk) = within("download chunk", stream.next()).await {
+        chunk.unwrap();
+    }
+    within("the download slot to come free", async {
+        loop {
+            if c.download(DownloadRequest {
+                filename: "c.bin".into(),
+                chunk_size: 0,
+            })
+            .await
+            .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_upload_ends_aborted_with_its_offset_and_resumes() {
+    let mut config = test_config();
+    config.upload.idle_timeout = Duration::from_millis(300);
+    let server = TestServer::start_with(config).await;
+    let mut c = client(server.channel().await);
+    let data = bytes(71, 5 * 64 * KIB + 9);
+    let all = chunks("idle.bin", &data, 0, 64 * KIB, true);
+    let feeder = Feeder::start(&c);
+    feeder.feed(all[..3].to_vec()).await;
+    let status = assert_status(
+        within("the idle upload to end", feeder.call).await.unwrap(),
+        Code::Aborted,
+        "resume from offset 196608",
+    );
+    assert!(status.message().contains("idle_timeout"), "{status:?}");
+    wait_for(&mut c, "idle.bin", 3 * 64 * KIB, false).await;
+    // A call that never sends its first chunk ends too.
+    let (_tx, rx) = mpsc::channel::<FileChunk>(1);
+    let status = within(
+        "a call without chunks",
+        c.clone().upload(ReceiverStream::new(rx)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let response = send(
+        &mut c,
+        chunks("idle.bin", &data, 3 * 64 * KIB, 64 * KIB, true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.resumed_from, 3 * 64 * KIB as u64);
+    assert_eq!(stored(server.data_dir.path(), "idle.bin"), data);
+    server.stop().await;
+}
+
+/// A loopback TCP proxy for one connection that can be frozen: it stops
+/// forwarding in both directions but keeps both sockets open, like a
+/// client whose cable was pulled.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    freeze: tokio_util::sync::CancellationToken,
+}
+
+async fn proxy(target: std::net::SocketAddr) -> Proxy {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let freeze = tokio_util::sync::CancellationToken::new();
+    let frozen = freeze.clone();
+    tokio::spawn(async move {
+        let (inbound, _) = listener.accept().await.unwrap();
+        let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (ri, wi) = inbound.into_split();
+        let (ro, wo) = outbound.into_split();
+        let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                    mut to: tokio::net::tcp::OwnedWriteHalf,
+                    frozen: tokio_util::sync::CancellationToken| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = tokio::select! {
+                    () = frozen.cancelled() => break,
+                    n = from.read(&mut buf) => n.unwrap_or(0),
+                };
+                if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            // Frozen: hold both sockets open, forward nothing.
+            std::future::pending::<()>().await;
+            drop((from, to));
+        };
+        tokio::join!(pipe(ri, wo, frozen.clone()), pipe(ro, wi, frozen.clone()));
+    });
+    Proxy { addr, freeze }
+}
+
+/// Issue 11 item 5: the client vanishes without closing its connection;
+/// a new call for the name takes over once the old one has been quiet for
+/// `upload.takeover_after`, and the upload completes from the held offset.
+#[tokio::test]
+async fn a_quiet_holder_is_taken_over_and_the_resume_completes() {
+    let mut config = test_config();
+    config.upload.takeover_after = Duration::from_millis(300);
+    let server = TestServer::start_with(config).await;
+    let mut c = client(server.channel().await);
+    let data = bytes(72, 6 * 64 * KIB + 1);
+    let all = chunks("cable.bin", &data, 0, 64 * KIB, true);
+
+    let proxy = proxy(server.addr).await;
+    let via_proxy = client(common::connect(format!("http://{}", proxy.addr)).await);
+    let feeder = Feeder::start(&via_proxy);
+    feeder.feed(all[..4].to_vec()).await;
+    wait_for(&mut c, "cable.bin", 4 * 64 * KIB, true).await;
+    proxy.freeze.cancel();
+
+    // The holder goes quiet: QueryUpload stops calling it in progress, and
+    // a resume takes the name over.
+    wait_for(&mut c, "cable.bin", 4 * 64 * KIB, false).await;
+    let response = send(
+        &mut c,
+        chunks("cable.bin", &data, 4 * 64 * KIB, 64 * KIB, true),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.resumed_from, 4 * 64 * KIB as u64);
+    assert_eq!(stored(server.data_dir.path(), "cable.bin"), data);
+
+    // A live holder is never displaced.
+    let live = Feeder::start(&c);
+    live.feed(chunks("live.bin", &data, 0, 64 * KIB, true)[..1].to_vec())
+        .await;
+    wait_for(&mut c, "live.bin", 64 * KIB, true).await;
+    assert_status(
+        send(&mut c, chunks("live.bin", &data, 0, 64 * KIB, true)).await,
+        Code::Aborted,
+        "in progress on another call",
+    );
+    drop(live);
+    drop(feeder);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_resource_exhausted_and_keeps_the_bytes() {
+    let server = TestServer::start().await;
+    let mut c = client(server.channel().await);
+    let mut sent = chunks("big.bin", &bytes(73, 128 * KIB), 0, 64 * KIB, false);
+    sent.push(FileChunk {
+        data: vec![7; 5 * MIB],
+        chunk_index: 2,
+        ..FileChunk::default()
+    });
+    let status = assert_status(send(&mut c, sent).await, Code::ResourceExhausted, "");
+    assert!(
+        status.message().contains("resume from offset 131072"),
+        "{status:?}"
+    );
+    assert_eq!(
+        query(&mut c, "big.bin").await.committed_size,
+        128 * KIB as u64
+    );
+    server.stop().await;
+}
+
+/// Reads a spawned server's log (stderr) into a shared buffer.
+fn capture_log(process: &mut ServerProcess) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = process.child.stderr.take().unwrap();
+    let sink = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    log
+}
+
+async fn wait_log(log: &std::sync::Mutex<String>, needle: &str) {
+    within(&format!("log line {needle:?}"), async {
+        while !log.lock().unwrap().contains(needle) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upload_past_its_deadline_keeps_its_bytes_and_says_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process =
+        ServerProcess::spawn_on("127.0.0.1:0", dir.path(), &[], std::process::Stdio::piped());
+    let log = capture_log(&mut process);
+    let mut c = client(common::connect(process.url()).await);
+    let all = chunks("late.bin", &bytes(74, 3 * 64 * KIB), 0, 64 * KIB, true);
+    let (tx, rx) = mpsc::channel(8);
+    for chunk in &all[..2] {
+        tx.send(chunk.clone()).await.unwrap();
+    }
+    // A ready connection, so the call's clock starts when it is sent.
+    query(&mut c, "late.bin").await;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.set_timeout(Duration::from_millis(1000));
+    let status = within("the deadline", c.upload(request)).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    wait_log(&log, "deadline passed during chunk").await;
+    assert!(!log.lock().unwrap().contains("client disconnected"));
+    wait_for(&mut c, "late.bin", 2 * 64 * KIB, false).await;
+    drop(tx);
+}
+
+/// Bytes the process has read with read(2) and friends (Linux).
+fn rchar(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|line| line.strip_prefix("rchar:"))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn downloads_that_never_read_keep_the_server_bounded_and_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = ServerProcess::spawn_on(
+        "127.0.0.1:0",
+        dir.path(),
+        &["--set", "upload.idle_timeout=1s"],
+        std::process::Stdio::piped(),
+    );
+    let log = capture_log(&mut process);
+    let pid = process.child.id();
+    let mut c = client(common::connect(process.url()).await);
+    let big = bytes(75, 64 * MIB);
+    send(&mut c, chunks("big.bin", &big, 0, MIB, true))
+        .await
+        .unwrap();
+    send(&mut c, chunks("small.bin", &big[..MIB], 0, 64 * KIB, true))
+        .await
+        .unwrap();
+
+    let before = rchar(pid);
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut reader = client(common::connect(process.url()).await);
+        let mut stream = reader
+            .download(DownloadRequest {
+                filename: "big.bin".into(),
+                chunk_size: 4 * MIB as u32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = within("first chunk", stream.next()).await.unwrap().unwrap();
+        assert!(first.data.len() <= MIB, "chunk size is clamped to 1 MiB");
+        stalled.push((reader, stream));
+    }
+    // Let the server work on something else meanwhile.
+    let mut stream = c
+        .download(DownloadRequest {
+            filename: "small.bin".into(),
+            chunk_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(chunk) = within("download chunk", stream.next()).await {
+        chunk.unwrap();
+    }
+    let read = rchar(pid) - before;
+    // Each stalled download holds about one chunk beyond the client's
+    // HTTP/2 windows (2 MiB per stream by default), not tens of MiB.
+    assert!(
+        read < 32 * MIB as u64,
+        "the server read {} MiB for downloads nobody reads",
+        read / MIB as u64
+    );
+
+    // Stalled past upload.idle_timeout, each is stopped: the client gets
+    // what was buffered, then ABORTED.
+    wait_log(&log, "download stopped: its client took no data").await;
+    let (_reader, mut stream) = stalled.remove(0);
+    let end = within("the stalled download's end", async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await;
+    // The first stalled stream may have been stopped, or be one whose
+    // watchdog fires later; either way it never completes silently.
+    if let Some(status) = end {
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        assert!(status.message().contains("took no data"), "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn links_fifos_and_directories_under_uploads_are_never_followed_or_served() {
+    let server = TestServer::start().await;
+    let mut c = client(server.channel().await);
+    let data_dir = server.data_dir.path();
+    let uploads = data_dir.join("uploads");
+    let own = uploads.join(".streamhub");
+    let outside_dir = tempfile::tempdir().unwrap();
+    let outside = outside_dir.path().join("secret.txt");
+    std::fs::write(&outside, b"outside secret").unwrap();
+    std::os::unix::fs::symlink(&outside, uploads.join("link")).unwrap();
+    std::fs::create_dir(uploads.join("adir")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(uploads.join("fifo"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    std::os::unix::fs::symlink(&outside, own.join("partial/plink")).unwrap();
+    std::os::unix::fs::symlink(&outside, own.join("meta/m.bin")).unwrap();
+
+    let no_path = |status: &Status| {
+        let message = status.message();
+        assert!(
+            !message.contains(data_dir.to_str().unwrap()) && !message.contains("/tmp"),
+            "{message:?}"
+        );
+    };
+    for name in ["link", "fifo", "adir"] {
+        let status = within(
+            "download",
+            c.download(DownloadRequest {
+                filename: name.into(),
+                chunk_size: 0,
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{name}: {status:?}");
+        no_path(&status);
+        let q = within("query", query(&mut c, name)).await;
+        assert!(
+            !q.stored && q.stored_size == 0 && q.committed_size == 0,
+            "{name}: {q:?}"
+        );
+    }
+    assert!(within("list", list_names(&mut c)).await.is_empty());
+
+    let status = assert_status(
+        send(&mut c, vec![plain("adir", 0, b"x", true)]).await,
+        Code::AlreadyExists,
+        "not a stored file",
+    );
+    no_path(&status);
+
+    // A link in the server's own state is never written through.
+    let q = query(&mut c, "plink").await;
+    assert_eq!(q.committed_size, 0);
+    let status = assert_status(
+        send(&mut c, vec![plain("plink", 0, b"overwrite", true)]).await,
+        Code::FailedPrecondition,
+        "not a regular file",
+    );
+    no_path(&status);
+    let mut resume = plain("plink", 1, b"more", true);
+    resume.offset = Some(14);
+    let status = send(&mut c, vec![resume]).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    no_path(&status);
+    let cancelled = c
+        .cancel_upload(CancelUploadRequest {
+            filename: "plink".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.discarded_bytes, 0);
+
+    // A link where a digest record goes is replaced, not followed.
+    let data = bytes(76, 1000);
+    send(&mut c, chunks("m.bin", &data, 0, 300, true))
+        .await
+        .unwrap();
+    let files = c
+        .list_files(ListFilesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .files;
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].sha256, sha(&data));
+    assert_eq!(std::fs::read(&outside).unwrap(), b"outside secret");
+    assert!(
+        std::fs::symlink_metadata(own.join("partial/plink"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    server.stop().await;
+}

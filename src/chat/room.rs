@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     ChatError, Draft, Kind, Message, RoomName, Start, StoreError, now_ms,
-    store::{Append, Store},
+    store::{Append, StorageHealth, Store},
 };
 use crate::{config::ChatConfig, shutdown::Shutdown};
 
@@ -105,7 +105,12 @@ pub enum EndReason {
     /// The member sent something unacceptable.
     Invalid(ChatError),
     /// Storage failed; the messages of the failed batch were not stored.
-    StorageFailed(String),
+    StorageFailed {
+        /// What failed, without paths.
+        reason: String,
+        /// Whether the disk is full.
+        full: bool,
+    },
     /// The member's inbound stream failed (a message that cannot be
     /// decoded or is over the size limit, or the client went away); the
     /// service layer holds the status the call ends with.
@@ -235,13 +240,24 @@ impl LocalHub {
     /// Opens the store in `dir`; room actors run until `shutdown`.
     pub fn open(dir: &Path, config: ChatConfig, shutdown: Shutdown) -> Result<Self, ChatError> {
         let store = Arc::new(Store::open(dir, config.max_batch)?);
-        Ok(Self {
+        Ok(Self::with_store(store, config, shutdown))
+    }
+
+    /// A hub over an already opened `store`.
+    pub fn with_store(store: Arc<Store>, config: ChatConfig, shutdown: Shutdown) -> Self {
+        Self {
             store,
             config,
             shutdown,
             rooms: Mutex::new(HashMap::new()),
             counters: ChatCounters::default(),
-        })
+        }
+    }
+
+    /// Whether the storage can serve: NOT_SERVING for health while it is
+    /// being reopened after an error.
+    pub fn storage_health(&self) -> tokio::sync::watch::Receiver<StorageHealth> {
+        self.store.health()
     }
 
     /// The hub, feeding `counters`.
@@ -718,10 +734,16 @@ impl Actor {
                 let mut shared = lock(&self.room.shared);
                 shared.closed = Some(Closed::StorageFailed);
                 for (_, slot) in shared.members.drain() {
-                    slot.end.end(EndReason::StorageFailed(err.to_string()));
+                    slot.end.end(EndReason::StorageFailed {
+                        reason: err.to_string(),
+                        full: err.is_full(),
+                    });
                 }
                 for (reply, _) in replies {
-                    let _ = reply.send(Err(ChatError::Store(StoreError::Commit(err.to_string()))));
+                    let _ = reply.send(Err(ChatError::Store(StoreError::Unavailable {
+                        reason: err.to_string(),
+                        full: err.is_full(),
+                    })));
                 }
                 return false;
             }
@@ -915,5 +937,53 @@ mod tests {
             .await
             .expect("joins");
         assert_eq!((recent.replay_from, recent.last), (3, 5));
+    }
+
+    #[tokio::test]
+    async fn rooms_serve_again_after_the_storage_recovers() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (opener, full) = super::super::store::faulty::opener(dir.path());
+        let store = Arc::new(Store::open_with(opener, 64).expect("opens"));
+        let shutdown = Shutdown::new();
+        let hub = LocalHub::with_store(store, ChatConfig::default(), shutdown.clone());
+        let mut health = hub.storage_health();
+        let mut a = hub.join(request("r", Start::Live)).await.expect("joins");
+        a.outbox.submit(draft("kept", "")).await.expect("submits");
+        assert_eq!(recv(&mut a).await.seq, 1);
+
+        full.store(true, Ordering::SeqCst);
+        a.outbox.submit(draft("lost", "")).await.expect("submits");
+        tokio::time::timeout(std::time::Duration::from_secs(10), a.end.ended())
+            .await
+            .expect("the member is told");
+        assert!(matches!(
+            a.end.reason(),
+            Some(EndReason::StorageFailed { full: true, .. })
+        ));
+        // A join while the storage is down fails at once.
+        assert!(matches!(
+            hub.join(request("r", Start::Live)).await,
+            Err(ChatError::Store(_))
+        ));
+
+        full.store(false, Ordering::SeqCst);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            health.wait_for(|h| *h == StorageHealth::Serving),
+        )
+        .await
+        .expect("recovers in time")
+        .expect("health");
+        let mut b = hub
+            .join(request("r", Start::Last(10)))
+            .await
+            .expect("joins again");
+        assert_eq!((b.replay_from, b.last), (1, 1));
+        b.outbox.submit(draft("again", "")).await.expect("submits");
+        assert_eq!(recv(&mut b).await.seq, 2);
+        shutdown.trigger();
+        shutdown.wait_tasks().await;
+        hub.close();
     }
 }

@@ -123,6 +123,7 @@ pub fn status(err: &ChatError) -> Status {
         } => resume_refused(tonic::Code::FailedPrecondition, err, *oldest, *last, *epoch),
         ChatError::TooManyRooms { .. } => Status::resource_exhausted(err.to_string()),
         ChatError::ShuttingDown => shutting_down(),
+        ChatError::Store(store) if store.is_full() => Status::resource_exhausted(err.to_string()),
         ChatError::Store(_) => Status::unavailable(err.to_string()),
     }
 }
@@ -323,10 +324,17 @@ fn end_status(reason: Option<&EndReason>, failure: Option<&Status>, last_sent: u
              {last_sent}; reconnect with chat-after-seq: {last_sent} to miss nothing"
         )),
         Some(EndReason::Invalid(err)) => status(err),
-        Some(EndReason::StorageFailed(err)) => Status::unavailable(format!(
-            "storage failed ({err}); last seq sent {last_sent}; reconnect with \
-             chat-after-seq: {last_sent} and resend what was not acknowledged"
-        )),
+        Some(EndReason::StorageFailed { reason, full }) => Status::new(
+            if *full {
+                tonic::Code::ResourceExhausted
+            } else {
+                tonic::Code::Unavailable
+            },
+            format!(
+                "storage failed ({reason}); last seq sent {last_sent}; reconnect with \
+                 chat-after-seq: {last_sent} and resend what was not acknowledged"
+            ),
+        ),
         Some(EndReason::InboundFailed) => failure
             .cloned()
             .unwrap_or_else(|| Status::internal("a message could not be read")),

@@ -5,15 +5,17 @@
 //!   [`Sequence`] checks every call's chunks go through, file name
 //!   validation and the [`UploadError`] of the whole feature.
 //! - [`store`] is the disk side: unfinished uploads under
-//!   `uploads/.streamhub/partial/`, the writer thread that hashes and
-//!   writes, publishing by fsync + atomic rename, leases that keep
+//!   `uploads/.streamhub/partial/`, hashing writes in bounded blocking
+//!   steps, publishing by fsync + atomic rename, leases that keep
 //!   concurrent uploads of one name apart, quota, expiry, listing and
 //!   reading back.
+//! - [`limits`] caps the Upload and Download calls open at once.
 //! - [`service`] is the gRPC layer: the only part that knows protobuf and
 //!   `tonic::Status`.
 //!
 //! `docs/upload.md` describes the protocol and the invariants.
 
+pub mod limits;
 pub mod service;
 pub mod store;
 
@@ -217,6 +219,35 @@ pub enum UploadError {
     NotFound {
         /// The name asked for.
         name: String,
+    },
+    /// Something other than a stored file (a directory, a link, a FIFO)
+    /// has the name under the uploads directory, so nothing can be
+    /// published there.
+    #[error(
+        "upload {upload} cannot be stored: the server holds something under that name that is not a stored file; choose another name"
+    )]
+    NotAFile {
+        /// The upload.
+        upload: String,
+    },
+    /// The server's own state for the upload is not a regular file (an
+    /// administrator must remove it).
+    #[error(
+        "upload {upload} cannot be written: the server's state for it is not a regular file (details in the server log)"
+    )]
+    BadState {
+        /// The upload.
+        upload: String,
+    },
+    /// Too many calls of one kind are open.
+    #[error("too many {what} open {scope}: the limit is {limit}; try again when one has ended")]
+    TooManyCalls {
+        /// `uploads` or `downloads`.
+        what: &'static str,
+        /// `on this server` or `on this connection`.
+        scope: &'static str,
+        /// The limit.
+        limit: usize,
     },
     /// A file system operation failed.
     #[error("{action} {path}: {source}")]

@@ -2,14 +2,27 @@
 //! maps [`UploadError`]s to statuses, and decides what happens to the bytes
 //! of a call that does not complete (kept for a resume, or discarded).
 
-use std::{pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::Poll,
+    time::Duration,
+};
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::StreamExt;
-use tonic::{Request, Response, Status, Streaming};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 
-use super::{Chunk, Sequence, UploadError, store::Store, store::Upload, store::expires_ms};
+use super::{
+    Chunk, Sequence, UploadError,
+    limits::CallSlot,
+    store::{Store, StoredReader, Upload, expires_ms},
+};
 use crate::{
     proto::fileupload::{
         CancelUploadRequest, CancelUploadResponse, DownloadChunk, DownloadRequest, FileChunk,
@@ -26,6 +39,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// Download chunk size when the request says 0.
 pub const DEFAULT_CHUNK_SIZE: usize = 64 * 1024;
 
+/// Smallest download chunk; smaller requests are raised to it.
+pub const MIN_CHUNK_SIZE: usize = 1024;
+
+/// Largest download chunk; larger requests are lowered to it. A download
+/// holds about one chunk ahead of what its client has taken.
+pub const MAX_CHUNK_SIZE: usize = 1024 * 1024;
+
 /// Room left in a message for the fields around a download chunk's data.
 const MESSAGE_OVERHEAD: usize = 1024;
 
@@ -33,9 +53,6 @@ const MESSAGE_OVERHEAD: usize = 1024;
 /// client to close its side before completing anyway. A chunk arriving in
 /// that time fails the call (data after the last chunk).
 const END_OF_STREAM_GRACE: Duration = Duration::from_secs(5);
-
-/// Download chunks queued ahead of a slow reader.
-const DOWNLOAD_QUEUE: usize = 4;
 
 /// The `fileupload.FileUploadService` implementation.
 #[derive(Debug, Clone)]
@@ -53,7 +70,9 @@ impl UploadService {
         Self {
             store,
             shutdown,
-            max_chunk: max_message_size.saturating_sub(MESSAGE_OVERHEAD).max(1024),
+            max_chunk: max_message_size
+                .saturating_sub(MESSAGE_OVERHEAD)
+                .clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
             bytes: metrics::Counter::noop(),
         }
     }
@@ -90,18 +109,58 @@ fn status(err: &UploadError) -> Status {
         | UploadError::ChunkOffset { .. }
         | UploadError::BadDigest { .. }
         | UploadError::DigestChanged { .. } => Status::invalid_argument(message),
-        UploadError::ResumeOffset { .. } => Status::failed_precondition(message),
+        UploadError::ResumeOffset { .. } | UploadError::BadState { .. } => {
+            Status::failed_precondition(message)
+        }
+        UploadError::NotAFile { .. } => Status::already_exists(message),
         UploadError::Busy { .. } => Status::aborted(message),
         UploadError::TooLarge { .. }
         | UploadError::QuotaExceeded { .. }
-        | UploadError::DiskFull { .. } => Status::resource_exhausted(message),
+        | UploadError::DiskFull { .. }
+        | UploadError::TooManyCalls { .. } => Status::resource_exhausted(message),
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
-        UploadError::Io { .. } | UploadError::Internal(_) => {
+        UploadError::Io { action, source, .. } => {
+            // The message carries a server path: the log gets it, the
+            // client gets what failed without it.
+            tracing::error!(err = %message, "upload storage failure");
+            Status::internal(format!(
+                "upload storage failed to {action}: {}; the server log has the details",
+                source.kind()
+            ))
+        }
+        UploadError::Internal(_) => {
             tracing::error!(err = %message, "upload storage failure");
             Status::internal(message)
         }
     }
+}
+
+/// The deadline a client set with the `grpc-timeout` header, if any,
+/// brought forward by a fifth of the timeout (at most 250 ms).
+fn deadline_of(metadata: &MetadataMap) -> Option<Instant> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(split);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    // End the call a little before the client's own timer does (it
+    // started before the request arrived), so the client gets this
+    // server's status, with the resume offset, rather than its own
+    // CANCELLED.
+    let margin = (timeout / 5).min(Duration::from_millis(250));
+    Instant::now().checked_add(timeout - margin)
 }
 
 impl From<FileChunk> for Chunk {
@@ -123,17 +182,47 @@ enum Next {
     End,
     Failed(Status),
     Shutdown,
+    /// No chunk for `upload.idle_timeout`.
+    Idle,
+    /// A new call took the name over.
+    TakenOver,
+    /// The call's deadline passed.
+    Deadline,
 }
 
-async fn next(stream: &mut Streaming<FileChunk>, shutdown: &Shutdown) -> Next {
+/// What a call waits on besides its next chunk.
+struct Waits<'a> {
+    shutdown: &'a Shutdown,
+    idle: Duration,
+    deadline: Option<Instant>,
+    takeover: Option<CancellationToken>,
+}
+
+async fn next(stream: &mut Streaming<FileChunk>, waits: &Waits<'_>) -> Next {
+    let deadline = async {
+        match waits.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    let taken = async {
+        match &waits.takeover {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    // Biased: a chunk already here is taken without arming a timer.
     tokio::select! {
         biased;
-        () = shutdown.cancelled() => Next::Shutdown,
+        () = waits.shutdown.cancelled() => Next::Shutdown,
+        () = taken => Next::TakenOver,
         item = stream.next() => match item {
             None => Next::End,
             Some(Ok(chunk)) => Next::Chunk(chunk.into()),
             Some(Err(status)) => Next::Failed(status),
         },
+        () = tokio::time::sleep(waits.idle) => Next::Idle,
+        () = deadline => Next::Deadline,
     }
 }
 
@@ -148,10 +237,16 @@ enum Outcome {
     /// The stream ended without a chunk marked `is_last`.
     Ended,
     /// The stream failed: the client went away, or sent something
-    /// undecodable.
+    /// undecodable or too large.
     Failed(Status),
     /// The server is shutting down.
     Shutdown,
+    /// No chunk arrived for `upload.idle_timeout`.
+    Idle,
+    /// A new call took the name over after this one went quiet.
+    TakenOver,
+    /// The call's deadline passed.
+    Deadline,
 }
 
 async fn receive(
@@ -159,7 +254,7 @@ async fn receive(
     upload: &mut Upload,
     first: Chunk,
     stream: &mut Streaming<FileChunk>,
-    shutdown: &Shutdown,
+    waits: &Waits<'_>,
     bytes: &metrics::Counter,
 ) -> Outcome {
     let mut chunk = first;
@@ -176,7 +271,7 @@ async fn receive(
             break;
         }
         // Batch chunks for the writer only while more are already here.
-        let mut following = std::pin::pin!(next(stream, shutdown));
+        let mut following = std::pin::pin!(next(stream, waits));
         let ready = match futures::poll!(following.as_mut()) {
             Poll::Ready(ready) => ready,
             Poll::Pending => {
@@ -191,6 +286,9 @@ async fn receive(
             Next::End => return Outcome::Ended,
             Next::Failed(status) => return Outcome::Failed(status),
             Next::Shutdown => return Outcome::Shutdown,
+            Next::Idle => return Outcome::Idle,
+            Next::TakenOver => return Outcome::TakenOver,
+            Next::Deadline => return Outcome::Deadline,
         };
         if let Err(err) = seq.next(&chunk) {
             return Outcome::Invalid(err);
@@ -199,12 +297,22 @@ async fn receive(
     // The client should now close its side; anything else it sends is
     // data after the last chunk. A client that neither closes nor sends is
     // not waited for long: its upload is complete.
-    match tokio::time::timeout(END_OF_STREAM_GRACE, next(stream, shutdown)).await {
+    match tokio::time::timeout(END_OF_STREAM_GRACE, next(stream, waits)).await {
         Ok(Next::Chunk(extra)) => match seq.next(&extra) {
             Err(err) => Outcome::Invalid(err),
             Ok(()) => Outcome::Complete, // unreachable: the sequence is finished
         },
         _ => Outcome::Complete,
+    }
+}
+
+/// A message over the size limit ends the call with RESOURCE_EXHAUSTED,
+/// as gRPC's status code table says (tonic reports OUT_OF_RANGE).
+fn too_large_is_exhausted(failure: Status) -> Status {
+    if failure.code() == tonic::Code::OutOfRange {
+        Status::resource_exhausted(failure.message().to_owned())
+    } else {
+        failure
     }
 }
 
@@ -222,20 +330,45 @@ impl file_upload_service_server::FileUploadService for UploadService {
     ) -> Result<Response<UploadResponse>, Status> {
         let mut log = StreamLog::open(&request, "Upload", "");
         let peer = peer(&request);
+        let deadline = deadline_of(request.metadata());
+        let _slot: CallSlot = self.store.upload_slot(&peer).map_err(|err| {
+            log.end(format!("refused: {err}"));
+            tracing::warn!(%peer, %err, "upload refused");
+            status(&err)
+        })?;
         let mut stream = request.into_inner();
-        let first = match next(&mut stream, &self.shutdown).await {
+        let mut waits = Waits {
+            shutdown: &self.shutdown,
+            idle: self.store.config().idle_timeout,
+            deadline,
+            takeover: None,
+        };
+        let first = match next(&mut stream, &waits).await {
             Next::Chunk(chunk) => chunk,
             Next::End => {
                 log.end("empty stream");
                 return Err(status(&UploadError::EmptyStream));
             }
-            Next::Failed(status) => {
-                log.end(format!("stream failed before the first chunk: {status}"));
-                return Err(status);
+            Next::Failed(failure) => {
+                log.end(format!("stream failed before the first chunk: {failure}"));
+                return Err(too_large_is_exhausted(failure));
             }
             Next::Shutdown => {
                 log.end("server shutting down");
                 return Err(shutting_down());
+            }
+            Next::Idle | Next::TakenOver => {
+                log.end("no first chunk");
+                return Err(Status::aborted(format!(
+                    "no chunk arrived within {} of the call's start; nothing was stored",
+                    humantime::format_duration(waits.idle)
+                )));
+            }
+            Next::Deadline => {
+                log.end("deadline passed before the first chunk");
+                return Err(Status::deadline_exceeded(
+                    "the call's deadline passed before its first chunk; nothing was stored",
+                ));
             }
         };
         let refuse = |log: &mut StreamLog, err: UploadError| {
@@ -250,6 +383,8 @@ impl file_upload_service_server::FileUploadService for UploadService {
             .await
             .map_err(|e| refuse(&mut log, e))?;
         upload.set_peer(&peer);
+        upload.set_deadline(deadline);
+        waits.takeover = Some(upload.takeover_signal());
         if start.offset > 0 {
             tracing::info!(upload = %start.name, %peer, offset = start.offset, "upload resumed");
         }
@@ -259,7 +394,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
             &mut upload,
             first,
             &mut stream,
-            &self.shutdown,
+            &waits,
             &self.bytes,
         )
         .await;
@@ -327,12 +462,70 @@ impl file_upload_service_server::FileUploadService for UploadService {
                 tracing::warn!(upload = %name, %peer, held, "{message}");
                 Err(Status::aborted(message))
             }
-            Outcome::Failed(failure) => {
+            Outcome::Idle => {
                 let held = upload.suspend().await;
-                if matches!(
+                let message = format!(
+                    "upload {name} received no chunk for {} after chunk {} (upload.idle_timeout); {}",
+                    humantime::format_duration(waits.idle),
+                    seq.last_index(),
+                    resume_hint(&name, held)
+                );
+                log.end(format!("idle; {held} bytes held"));
+                tracing::warn!(upload = %name, %peer, held, "{message}");
+                Err(Status::aborted(message))
+            }
+            Outcome::TakenOver => {
+                let quiet = upload.quiet_for();
+                let held = upload.suspend().await;
+                let message = format!(
+                    "upload {name} was taken over by a newer call after this one sent nothing for {:.1}s; {}",
+                    quiet.as_secs_f64(),
+                    resume_hint(&name, held)
+                );
+                log.end(format!("taken over; {held} bytes held"));
+                tracing::warn!(upload = %name, %peer, held, "{message}");
+                Err(Status::aborted(message))
+            }
+            Outcome::Deadline => {
+                // Logged first: whoever enforces the deadline in front of
+                // this handler may drop it any moment now (the bytes are
+                // kept either way).
+                let held = upload.position();
+                log.end(format!("deadline passed; {held} bytes held"));
+                tracing::warn!(
+                    upload = %name,
+                    %peer,
+                    chunk = during,
+                    held,
+                    "deadline passed during chunk {during} of upload {name}; {held} bytes kept for a resume"
+                );
+                let held = upload.suspend().await;
+                Err(Status::deadline_exceeded(format!(
+                    "the call's deadline passed during chunk {during} of upload {name}; {}",
+                    resume_hint(&name, held)
+                )))
+            }
+            Outcome::Failed(failure) => {
+                if upload.deadline_passed() {
+                    let held = upload.position();
+                    log.end(format!("deadline passed; {held} bytes held"));
+                    tracing::warn!(
+                        upload = %name,
+                        %peer,
+                        chunk = during,
+                        held,
+                        "deadline passed during chunk {during} of upload {name}; {held} bytes kept for a resume"
+                    );
+                    let held = upload.suspend().await;
+                    Err(Status::deadline_exceeded(format!(
+                        "the call's deadline passed during chunk {during} of upload {name}; {}",
+                        resume_hint(&name, held)
+                    )))
+                } else if matches!(
                     failure.code(),
                     tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable
                 ) {
+                    let held = upload.position();
                     log.end(format!("client disconnected; {held} bytes held"));
                     tracing::warn!(
                         upload = %name,
@@ -341,8 +534,11 @@ impl file_upload_service_server::FileUploadService for UploadService {
                         held,
                         "client disconnected during chunk {during} of upload {name}; {held} bytes kept for a resume"
                     );
+                    upload.suspend().await;
                     Err(failure)
                 } else {
+                    let held = upload.suspend().await;
+                    let failure = too_large_is_exhausted(failure);
                     log.end(format!("unreadable chunk: {failure}"));
                     tracing::warn!(upload = %name, %peer, chunk = during, held, %failure, "unreadable chunk");
                     Err(Status::new(
@@ -442,33 +638,87 @@ impl file_upload_service_server::FileUploadService for UploadService {
         request: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let mut log = StreamLog::open(&request, "Download", &request.get_ref().filename);
+        let peer = peer(&request);
         let DownloadRequest {
             filename,
             chunk_size,
         } = request.into_inner();
         let chunk_size = match usize::try_from(chunk_size) {
-            Ok(0) | Err(_) => DEFAULT_CHUNK_SIZE,
+            Ok(0) => DEFAULT_CHUNK_SIZE,
             Ok(n) => n,
+            Err(_) => MAX_CHUNK_SIZE,
         }
-        .min(self.max_chunk);
-        let mut reader = self.store.open_stored(&filename).await.map_err(|e| {
+        .clamp(MIN_CHUNK_SIZE, self.max_chunk);
+        let slot = self.store.download_slot(&peer).map_err(|e| {
+            log.end(format!("refused: {e}"));
+            tracing::warn!(%peer, err = %e, "download refused");
+            status(&e)
+        })?;
+        let reader = self.store.open_stored(&filename).await.map_err(|e| {
             log.end(format!("refused: {e}"));
             status(&e)
         })?;
-        let (tx, mut rx) = mpsc::channel::<Result<DownloadChunk, Status>>(DOWNLOAD_QUEUE);
-        // A blocking reader thread feeds the bounded queue; a failed send
-        // means the client left (or shutdown dropped the stream).
-        tokio::task::spawn_blocking(move || {
+        let idle = self.store.config().idle_timeout;
+        // The open file and the call's slot, taken away by the watchdog
+        // from a download whose client stops taking data.
+        let held = Arc::new(Mutex::new(Some(Held {
+            reader,
+            _slot: slot,
+        })));
+        let progress = Arc::new(AtomicU64::new(0));
+        let done = CancellationToken::new();
+        tokio::spawn(watchdog(
+            Arc::clone(&held),
+            Arc::clone(&progress),
+            done.clone(),
+            idle,
+            filename.clone(),
+        ));
+        let store = Arc::clone(&self.store);
+        let shutdown = self.shutdown.clone();
+        // One chunk is read when the previous one has been taken: a client
+        // that stops reading holds about one chunk, in HTTP/2's buffer.
+        let stream = async_stream::stream! {
+            let _done = done.drop_guard();
+            let mut sent = 0u64;
             loop {
+                progress.fetch_add(1, Ordering::Relaxed);
+                if shutdown.is_triggered() {
+                    log.end("server shutting down");
+                    yield Err(shutting_down());
+                    break;
+                }
+                let taken = held.lock().unwrap_or_else(PoisonError::into_inner).take();
+                let Some(Held { reader, _slot }) = taken else {
+                    log.end("stalled: the client took no data");
+                    yield Err(Status::aborted(format!(
+                        "download of {filename} stopped: the client took no data for {} \
+                         (upload.idle_timeout); {sent} bytes were sent; download again",
+                        humantime::format_duration(idle)
+                    )));
+                    break;
+                };
                 let offset = reader.offset();
-                let data = match reader.read(chunk_size) {
+                let (reader, data) = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        log.end("server shutting down");
+                        yield Err(shutting_down());
+                        break;
+                    }
+                    read = store.read_chunk(reader, chunk_size) => read,
+                };
+                progress.fetch_add(1, Ordering::Relaxed);
+                let data = match data {
                     Ok(data) => data,
                     Err(err) => {
-                        let _ = tx.blocking_send(Err(status(&err)));
-                        return;
+                        log.end(format!("failed: {err}"));
+                        yield Err(status(&err));
+                        break;
                     }
                 };
                 let is_last = reader.is_done();
+                sent = offset + data.len() as u64;
                 let chunk = DownloadChunk {
                     data,
                     offset,
@@ -480,40 +730,57 @@ impl file_upload_service_server::FileUploadService for UploadService {
                         Vec::new()
                     },
                 };
-                if tx.blocking_send(Ok(chunk)).is_err() || is_last {
-                    return;
+                if !is_last {
+                    *held.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Held { reader, _slot });
                 }
-            }
-        });
-        let shutdown = self.shutdown.clone();
-        let stream = async_stream::stream! {
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => {
-                        log.end("server shutting down");
-                        yield Err(shutting_down());
-                        break;
-                    }
-                    item = rx.recv() => match item {
-                        Some(Ok(chunk)) => {
-                            let last = chunk.is_last;
-                            yield Ok(chunk);
-                            if last {
-                                log.end("complete");
-                                break;
-                            }
-                        }
-                        Some(Err(status)) => {
-                            log.end(format!("failed: {}", status.message()));
-                            yield Err(status);
-                            break;
-                        }
-                        None => break,
-                    },
+                yield Ok(chunk);
+                if is_last {
+                    log.end("complete");
+                    break;
                 }
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// What an open download holds: its file and its slot.
+struct Held {
+    reader: StoredReader,
+    _slot: CallSlot,
+}
+
+/// Closes the file and frees the slot of a download whose stream has not
+/// moved for `idle` (its client takes no data, so HTTP/2 flow control
+/// stopped it); the stream then ends with ABORTED when polled again. Ends
+/// with the stream (`done`).
+async fn watchdog(
+    held: Arc<Mutex<Option<Held>>>,
+    progress: Arc<AtomicU64>,
+    done: CancellationToken,
+    idle: Duration,
+    name: String,
+) {
+    let mut seen = progress.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(idle) => {}
+        }
+        let now = progress.load(Ordering::Relaxed);
+        if now == seen {
+            let taken = held.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(stalled) = taken {
+                tracing::warn!(
+                    download = %name,
+                    offset = stalled.reader.offset(),
+                    "download stopped: its client took no data for {}",
+                    humantime::format_duration(idle)
+                );
+                return;
+            }
+        }
+        seen = now;
     }
 }

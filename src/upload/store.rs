@@ -10,48 +10,76 @@
 //!   record is recomputed, so it is a cache, never the truth).
 //! - `.streamhub/tmp/`: scratch files for atomic writes of those records.
 //!
+//! Every one of those directories is held open from startup and every file
+//! is reached relative to it without following symbolic links
+//! ([`crate::fsx`]); anything that is not a regular file is treated as
+//! absent for reads and refused for writes.
+//!
 //! A *lease* (in memory) marks a name as being written by one call; a
 //! second call for the same name is refused with [`UploadError::Busy`], so
-//! two uploads of one name never mix. The lease is held by the writer
-//! thread and released only once that thread has closed the file, so a
-//! resume never races with bytes still being written.
+//! two uploads of one name never mix, unless the holder has received no
+//! chunk for `takeover_after`: then the newcomer ends it (its bytes kept)
+//! and takes the name over. The lease travels with the open file and is
+//! released only once the last write has finished and the file is closed,
+//! so a resume never races with bytes still being written.
 //!
-//! Memory stays flat: chunks go in batches ([`WRITE_BATCH`]) through a
-//! bounded queue ([`WRITE_QUEUE`] batches) to one blocking writer thread
-//! per upload, which hashes and
-//! writes them. Nothing is fsynced until the upload completes; after a
-//! process crash the partial file's length is still exactly what was
-//! written, so it is a correct resume point.
+//! No call holds a thread: chunks go in batches ([`WRITE_BATCH`]) to one
+//! blocking task per batch (hash, `write_all`), which takes the file and
+//! hasher and hands them back. One batch is written while the next is
+//! gathered, so memory per upload stays at about two batches. All blocking
+//! file work of uploads and downloads shares one semaphore
+//! (`upload.max_blocking_io`), so look-ups and chat storage always find a
+//! free blocking thread. Nothing is fsynced until the upload completes;
+//! after a process crash the partial file's length is still exactly what
+//! was written, so it is a correct resume point.
 
 use std::{
     collections::HashMap,
-    fs::{self, File, OpenOptions},
-    io::{self, Read, Write},
+    fs::{File, Metadata},
+    io::{self, Read, Seek, Write},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use sha2::{Digest as _, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Digest, RESERVED_NAME, UploadError, validate_name};
-use crate::config::UploadConfig;
+use super::{
+    Digest, RESERVED_NAME, UploadError,
+    limits::{CallLimit, CallSlot},
+    validate_name,
+};
+use crate::{
+    config::UploadConfig,
+    fsx::{Access, DirHandle, OpenError},
+};
 
-/// Batches queued between the receiving task and the writer thread of one
-/// upload: bounds the memory an upload holds to a few batches.
-pub const WRITE_QUEUE: usize = 4;
-
-/// Chunks are handed to the writer thread in batches of about this many
-/// bytes: one wake-up of the writer per batch instead of per chunk (both
-/// share one core under load).
+/// Chunks are handed to a blocking write in batches of about this many
+/// bytes: one hand-off per batch instead of per chunk (the receiving task
+/// and the writes share one core under load).
 pub const WRITE_BATCH: usize = 1024 * 1024;
 
+/// Held bytes re-read per blocking step when a resume rebuilds the
+/// SHA-256 state.
+const REHASH_STEP: u64 = 64 * 1024 * 1024;
+
 const READ_BUF: usize = 1024 * 1024;
+
+/// Longest a metadata record may be.
+const META_MAX: u64 = 256;
+
+/// A call that ends this close to its deadline is taken to have ended
+/// because of it (the client's clock started earlier than the server's).
+const DEADLINE_SLACK: Duration = Duration::from_millis(200);
+
+/// How long a new call waits for a quiet holder it has told to stop.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A stored (complete) file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +99,9 @@ pub struct StoredFile {
 pub struct UploadStatus {
     /// Bytes of an unfinished upload held: the offset to resume from.
     pub held: u64,
-    /// Whether a call is writing it right now.
+    /// Whether a live call is writing it right now (one that has been
+    /// quiet for `takeover_after` does not count: a new call may take it
+    /// over).
     pub in_progress: bool,
     /// When the held bytes expire, if any are held.
     pub expires_at: Option<SystemTime>,
@@ -92,10 +122,23 @@ pub struct PartialUpload {
     pub expires_at: Option<SystemTime>,
 }
 
+/// The call holding a name: when it last received a chunk, and how to
+/// tell it to stop.
+#[derive(Debug)]
+pub struct Holder {
+    id: u64,
+    /// Milliseconds since the store's `epoch` of the last chunk received.
+    last_active_ms: AtomicU64,
+    /// Cancelled when a new call takes the name over.
+    takeover: CancellationToken,
+    /// Cancelled when the lease is released.
+    released: CancellationToken,
+}
+
 #[derive(Debug, Default)]
 struct State {
-    /// Names being written, with the id of the lease.
-    leases: HashMap<String, u64>,
+    /// Names being written, with their holders.
+    leases: HashMap<String, Arc<Holder>>,
     next_lease: u64,
     /// Bytes counted against the quota for each unfinished upload.
     partials: HashMap<String, u64>,
@@ -119,24 +162,29 @@ impl State {
 /// The upload store of one data directory.
 #[derive(Debug)]
 pub struct Store {
-    uploads: PathBuf,
-    partial_dir: PathBuf,
-    meta_dir: PathBuf,
-    tmp_dir: PathBuf,
+    uploads: DirHandle,
+    partial_dir: DirHandle,
+    meta_dir: DirHandle,
+    tmp_dir: DirHandle,
     config: UploadConfig,
     state: Mutex<State>,
     tmp_counter: AtomicU64,
+    /// Bounds the blocking file work of uploads and downloads.
+    io: Arc<Semaphore>,
+    epoch: Instant,
+    upload_calls: Arc<CallLimit>,
+    download_calls: Arc<CallLimit>,
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> UploadError + 'a {
+fn io_err(action: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> UploadError {
     move |source| UploadError::Io {
         action,
-        path: path.to_path_buf(),
+        path,
         source,
     }
 }
 
-/// Runs blocking file work off the async threads.
+/// Runs short blocking file work (look-ups) off the async threads.
 async fn blocking<T, F>(work: F) -> Result<T, UploadError>
 where
     T: Send + 'static,
@@ -153,84 +201,100 @@ fn unix_ms(time: SystemTime) -> u64 {
 }
 
 /// What a metadata record is checked against: size, inode, mtime (ns).
-fn fingerprint(md: &fs::Metadata) -> String {
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(md);
-    #[cfg(not(unix))]
-    let ino = 0u64;
+fn fingerprint(md: &Metadata) -> String {
     let mtime = md
         .modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    format!("{} {ino} {mtime}", md.len())
+    format!("{} {} {mtime}", md.len(), md.ino())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), UploadError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
-}
-
-fn hash_file(path: &Path) -> Result<(Digest, u64), UploadError> {
-    let mut file = File::open(path).map_err(io_err("open", path))?;
+fn hash_open_file(file: &mut File, path: &Path) -> Result<Digest, UploadError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0; READ_BUF];
-    let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(io_err("read", path))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(io_err("read", path.to_path_buf()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        total += n as u64;
     }
-    Ok((hasher.finalize().into(), total))
+    Ok(hasher.finalize().into())
+}
+
+/// Why a name could not be leased at once.
+enum Taken {
+    /// A live call holds it.
+    Busy,
+    /// The holder has been quiet for `takeover_after`.
+    Stale(Arc<Holder>),
 }
 
 impl Store {
     /// Opens (creating as needed) the store under `<data_dir>/uploads`,
     /// counts what it holds, and discards expired unfinished uploads.
+    /// `uploads` and the server's own folders in it must be real
+    /// directories, not symbolic links.
     pub fn open(data_dir: &Path, config: UploadConfig) -> Result<Arc<Self>, UploadError> {
-        let uploads = data_dir.join("uploads");
-        let own = uploads.join(RESERVED_NAME);
+        let path = data_dir.join("uploads");
+        let uploads =
+            DirHandle::create(&path).map_err(io_err("open the uploads directory", path))?;
+        let own = uploads.subdir(RESERVED_NAME).map_err(io_err(
+            "open the server's upload state directory",
+            uploads.display(RESERVED_NAME),
+        ))?;
+        let sub = |name: &str| {
+            own.subdir(name)
+                .map_err(io_err("open directory", own.display(name)))
+        };
         let store = Self {
-            partial_dir: own.join("partial"),
-            meta_dir: own.join("meta"),
-            tmp_dir: own.join("tmp"),
+            partial_dir: sub("partial")?,
+            meta_dir: sub("meta")?,
+            tmp_dir: sub("tmp")?,
+            io: Arc::new(Semaphore::new(config.max_blocking_io)),
+            epoch: Instant::now(),
+            upload_calls: CallLimit::new(
+                "uploads",
+                config.max_concurrent_uploads,
+                config.max_uploads_per_connection,
+            ),
+            download_calls: CallLimit::new(
+                "downloads",
+                config.max_concurrent_downloads,
+                config.max_downloads_per_connection,
+            ),
             uploads,
             config,
             state: Mutex::new(State::default()),
             tmp_counter: AtomicU64::new(0),
         };
-        for dir in [&store.partial_dir, &store.meta_dir, &store.tmp_dir] {
-            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        }
         // Scratch files of a previous run are garbage.
-        for entry in fs::read_dir(&store.tmp_dir).map_err(io_err("read", &store.tmp_dir))? {
-            let entry = entry.map_err(io_err("read", &store.tmp_dir))?;
-            let _ = fs::remove_file(entry.path());
+        let listing = |dir: &DirHandle| {
+            dir.entries()
+                .map_err(io_err("list directory", dir.path().to_path_buf()))
+        };
+        for (name, _) in listing(&store.tmp_dir)? {
+            let _ = store.tmp_dir.remove(&name);
         }
         let mut used = 0u64;
-        for entry in fs::read_dir(&store.uploads).map_err(io_err("read", &store.uploads))? {
-            let entry = entry.map_err(io_err("read", &store.uploads))?;
-            if let Ok(md) = entry.metadata()
-                && md.is_file()
+        for (name, regular) in listing(&store.uploads)? {
+            if regular
+                && validate_name(&name).is_ok()
+                && let Ok(Some(md)) = store.uploads.stat_regular(&name)
             {
                 used += md.len();
             }
         }
         {
+            let partials = listing(&store.partial_dir)?;
             let mut state = store.state();
             state.used = used;
-            for entry in
-                fs::read_dir(&store.partial_dir).map_err(io_err("read", &store.partial_dir))?
-            {
-                let entry = entry.map_err(io_err("read", &store.partial_dir))?;
-                if let (Ok(md), Some(name)) = (entry.metadata(), entry.file_name().to_str())
-                    && md.is_file()
-                {
-                    state.set_partial(name, md.len());
+            for (name, regular) in partials {
+                if regular && let Ok(Some(md)) = store.partial_dir.stat_regular(&name) {
+                    state.set_partial(&name, md.len());
                 }
             }
         }
@@ -256,38 +320,121 @@ impl Store {
         self.state().used
     }
 
-    fn lease(self: &Arc<Self>, name: &str) -> Result<Lease, UploadError> {
+    /// A slot for one Upload call from connection `peer`, or
+    /// [`UploadError::TooManyCalls`] beyond `upload.max_concurrent_uploads`
+    /// or `upload.max_uploads_per_connection`.
+    pub fn upload_slot(&self, peer: &str) -> Result<CallSlot, UploadError> {
+        self.upload_calls.acquire(peer)
+    }
+
+    /// A slot for one Download call from connection `peer`, or
+    /// [`UploadError::TooManyCalls`] beyond the download caps.
+    pub fn download_slot(&self, peer: &str) -> Result<CallSlot, UploadError> {
+        self.download_calls.acquire(peer)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn quiet_for(&self, holder: &Holder) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(holder.last_active_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    fn lease(self: &Arc<Self>, name: &str) -> Result<Lease, Taken> {
         let mut state = self.state();
-        if state.leases.contains_key(name) {
-            return Err(UploadError::Busy {
-                upload: name.to_owned(),
-            });
+        if let Some(holder) = state.leases.get(name) {
+            if self.quiet_for(holder) >= self.config.takeover_after {
+                return Err(Taken::Stale(Arc::clone(holder)));
+            }
+            return Err(Taken::Busy);
         }
         state.next_lease += 1;
-        let id = state.next_lease;
-        state.leases.insert(name.to_owned(), id);
+        let holder = Arc::new(Holder {
+            id: state.next_lease,
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            takeover: CancellationToken::new(),
+            released: CancellationToken::new(),
+        });
+        state.leases.insert(name.to_owned(), Arc::clone(&holder));
         Ok(Lease {
             store: Arc::clone(self),
             name: name.to_owned(),
-            id,
+            holder,
         })
+    }
+
+    /// Leases `name`, taking it over from a holder that has been quiet for
+    /// `takeover_after` (that call ends, keeping its bytes).
+    async fn acquire(self: &Arc<Self>, name: &str) -> Result<Lease, UploadError> {
+        let busy = || UploadError::Busy {
+            upload: name.to_owned(),
+        };
+        for _ in 0..3 {
+            match self.lease(name) {
+                Ok(lease) => return Ok(lease),
+                Err(Taken::Busy) => return Err(busy()),
+                Err(Taken::Stale(holder)) => {
+                    tracing::info!(
+                        upload = %name,
+                        quiet_ms = u64::try_from(self.quiet_for(&holder).as_millis()).unwrap_or(u64::MAX),
+                        "a new call takes over upload {name} from a call that went quiet"
+                    );
+                    holder.takeover.cancel();
+                    if tokio::time::timeout(TAKEOVER_WAIT, holder.released.cancelled())
+                        .await
+                        .is_err()
+                    {
+                        return Err(busy());
+                    }
+                }
+            }
+        }
+        Err(busy())
+    }
+
+    /// Runs blocking file work of an upload or download, at most
+    /// `upload.max_blocking_io` at once.
+    async fn io_blocking<T, F>(&self, work: F) -> Result<T, UploadError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let permit = Arc::clone(&self.io)
+            .acquire_owned()
+            .await
+            .map_err(|_| UploadError::Internal("the file work limiter is closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| UploadError::Internal(format!("file task failed: {e}")))
     }
 
     /// Starts writing upload `name`: afresh when `offset` is 0 (discarding
     /// any held bytes), else resuming, which needs `offset` to equal the
     /// bytes held. A resume re-reads the held bytes once to restore the
-    /// SHA-256 state.
+    /// SHA-256 state, in steps of 64 MiB.
     pub async fn begin(self: &Arc<Self>, name: &str, offset: u64) -> Result<Upload, UploadError> {
         validate_name(name)?;
-        let lease = self.lease(name)?;
+        let lease = self.acquire(name).await?;
+        let holder = Arc::clone(&lease.holder);
         let store = Arc::clone(self);
-        let owned = name.to_owned();
-        let (file, hasher) = blocking(move || store.open_partial(&owned, offset)).await?;
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let store = Arc::clone(self);
-        let writer = tokio::task::spawn_blocking(move || {
-            write_loop(&store, file, hasher, offset, lease, rx)
-        });
+        let mut writer = self
+            .io_blocking(move || store.open_partial(lease, offset))
+            .await??;
+        while writer.written < offset {
+            writer = self
+                .io_blocking(move || {
+                    let mut writer = writer;
+                    writer.rehash_step(offset).map(|()| writer)
+                })
+                .await??;
+        }
         Ok(Upload {
             store: Arc::clone(self),
             name: name.to_owned(),
@@ -295,116 +442,139 @@ impl Store {
             position: offset,
             chunk: 0,
             peer: String::new(),
-            tx: Some(tx),
             pending: Vec::new(),
             pending_len: 0,
-            writer: Some(writer),
-            ended: None,
+            slot: Slot::Idle(writer),
+            holder,
+            deadline: None,
             settled: false,
         })
     }
 
-    fn open_partial(&self, name: &str, offset: u64) -> Result<(File, Sha256), UploadError> {
-        let path = self.partial_dir.join(name);
-        if offset == 0 {
-            let file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(io_err("create", &path))?;
-            self.state().set_partial(name, 0);
-            return Ok((file, Sha256::new()));
+    /// Opens the partial file of the leased name: created empty when
+    /// `offset` is 0, else checked to hold `offset` bytes. The SHA-256
+    /// state of a resume is rebuilt afterwards by [`Writer::rehash_step`].
+    fn open_partial(&self, lease: Lease, offset: u64) -> Result<Box<Writer>, UploadError> {
+        let name = lease.name.clone();
+        let bad_state = |what: &str| {
+            tracing::error!(
+                upload = %name,
+                path = %self.partial_dir.display(&name).display(),
+                "the held bytes of an upload are {what}; remove it to use the name again"
+            );
+            UploadError::BadState {
+                upload: name.clone(),
+            }
+        };
+        match self.uploads.stat(&name) {
+            Ok(Some(md)) if !md.is_file() => {
+                tracing::warn!(
+                    upload = %name,
+                    path = %self.uploads.display(&name).display(),
+                    "an upload's name is taken by something that is not a stored file"
+                );
+                return Err(UploadError::NotAFile { upload: name });
+            }
+            Ok(_) => {}
+            Err(e) => return Err(io_err("stat", self.uploads.display(&name))(e)),
         }
-        let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+        if offset == 0 {
+            let file = match self.partial_dir.open_file(&name, Access::CreateTruncate) {
+                Ok(file) => file,
+                Err(OpenError::NotRegular) => return Err(bad_state("not a regular file")),
+                Err(e) => return Err(io_err("create", self.partial_dir.display(&name))(e.into())),
+            };
+            self.state().set_partial(&name, 0);
+            return Ok(Box::new(Writer::new(file, lease)));
+        }
+        let file = match self.partial_dir.open_file(&name, Access::ReadWrite) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(OpenError::NotFound) => {
                 return Err(UploadError::ResumeOffset {
-                    upload: name.to_owned(),
+                    upload: name,
                     offset,
                     held: 0,
                 });
             }
-            Err(e) => return Err(io_err("open", &path)(e)),
+            Err(OpenError::NotRegular) => return Err(bad_state("not a regular file")),
+            Err(e) => return Err(io_err("open", self.partial_dir.display(&name))(e.into())),
         };
-        let held = file.metadata().map_err(io_err("stat", &path))?.len();
+        let held = file
+            .metadata()
+            .map_err(io_err("stat", self.partial_dir.display(&name)))?
+            .len();
         if held != offset {
             return Err(UploadError::ResumeOffset {
-                upload: name.to_owned(),
+                upload: name,
                 offset,
                 held,
             });
         }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0; READ_BUF];
-        let mut left = held;
-        while left > 0 {
-            let want = usize::try_from(left.min(READ_BUF as u64)).unwrap_or(READ_BUF);
-            let n = file.read(&mut buf[..want]).map_err(io_err("read", &path))?;
-            if n == 0 {
-                return Err(UploadError::Io {
-                    action: "read",
-                    path,
-                    source: io::ErrorKind::UnexpectedEof.into(),
-                });
-            }
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
         // Restart the expiry clock: the upload is alive.
         let _ = file.set_modified(SystemTime::now());
-        self.state().set_partial(name, held);
-        Ok((file, hasher))
+        self.state().set_partial(&name, held);
+        Ok(Box::new(Writer::new(file, lease)))
     }
 
-    /// What the server holds of upload `name`.
+    /// What the server holds of upload `name`. Only regular files count:
+    /// a link or anything else in their place reveals nothing.
     pub async fn status(self: &Arc<Self>, name: &str) -> Result<UploadStatus, UploadError> {
         validate_name(name)?;
         let store = Arc::clone(self);
         let name = name.to_owned();
         blocking(move || {
-            let partial = store.partial_dir.join(&name);
+            let in_progress = store
+                .state()
+                .leases
+                .get(&name)
+                .is_some_and(|holder| store.quiet_for(holder) < store.config.takeover_after);
             let mut status = UploadStatus {
-                in_progress: store.state().leases.contains_key(&name),
+                in_progress,
                 ..UploadStatus::default()
             };
-            match fs::metadata(&partial) {
-                Ok(md) => {
-                    status.held = md.len();
-                    status.expires_at = md.modified().ok().map(|t| t + store.config.partial_ttl);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("stat", &partial)(e)),
+            let partial = store
+                .partial_dir
+                .stat_regular(&name)
+                .map_err(io_err("stat", store.partial_dir.display(&name)))?;
+            if let Some(md) = partial {
+                status.held = md.len();
+                status.expires_at = md.modified().ok().map(|t| t + store.config.partial_ttl);
             }
-            if let Ok(md) = fs::metadata(store.uploads.join(&name))
-                && md.is_file()
-            {
-                status.stored_size = Some(md.len());
-            }
+            status.stored_size = store
+                .uploads
+                .stat_regular(&name)
+                .map_err(io_err("stat", store.uploads.display(&name)))?
+                .map(|md| md.len());
             Ok(status)
         })
         .await
     }
 
-    /// Every unfinished upload the server holds bytes of, by name.
+    /// Every unfinished upload the server holds bytes of, by name. Only
+    /// regular files count (links and the like are skipped).
     pub async fn partials(self: &Arc<Self>) -> Result<Vec<PartialUpload>, UploadError> {
         let store = Arc::clone(self);
         blocking(move || {
             let dir = &store.partial_dir;
+            let entries = dir
+                .entries()
+                .map_err(io_err("list directory", dir.path().to_path_buf()))?;
             let mut partials = Vec::new();
-            for entry in fs::read_dir(dir).map_err(io_err("read", dir))? {
-                let entry = entry.map_err(io_err("read", dir))?;
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                // Removed (completed, cancelled, expired) while listing:
-                // skip it.
-                let Ok(md) = entry.metadata() else { continue };
-                if !md.is_file() || validate_name(&name).is_err() {
+            for (name, regular) in entries {
+                if !regular || validate_name(&name).is_err() {
                     continue;
                 }
+                // Removed (completed, cancelled, expired) while listing:
+                // skip it.
+                let Ok(Some(md)) = dir.stat_regular(&name) else {
+                    continue;
+                };
+                let in_progress =
+                    store.state().leases.get(&name).is_some_and(|holder| {
+                        store.quiet_for(holder) < store.config.takeover_after
+                    });
                 partials.push(PartialUpload {
-                    in_progress: store.state().leases.contains_key(&name),
+                    in_progress,
                     held: md.len(),
                     expires_at: md.modified().ok().map(|t| t + store.config.partial_ttl),
                     name,
@@ -417,17 +587,17 @@ impl Store {
     }
 
     /// Discards the held bytes of upload `name`; returns how many there
-    /// were. Refused while a call is writing it.
+    /// were. Refused while a live call is writing it (a quiet one is taken
+    /// over).
     pub async fn cancel(self: &Arc<Self>, name: &str) -> Result<u64, UploadError> {
         validate_name(name)?;
-        let lease = self.lease(name)?;
+        let lease = self.acquire(name).await?;
         let store = Arc::clone(self);
         blocking(move || {
-            let path = store.partial_dir.join(&lease.name);
-            let held = match fs::metadata(&path) {
-                Ok(md) => md.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-                Err(e) => return Err(io_err("stat", &path)(e)),
+            let held = match store.partial_dir.stat_regular(&lease.name) {
+                Ok(Some(md)) => md.len(),
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(io_err("stat", store.partial_dir.display(&lease.name))(e)),
             };
             store.remove_partial(&lease.name)?;
             Ok(held)
@@ -436,12 +606,9 @@ impl Store {
     }
 
     fn remove_partial(&self, name: &str) -> Result<(), UploadError> {
-        let path = self.partial_dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &path)(e)),
-        }
+        self.partial_dir
+            .remove(name)
+            .map_err(io_err("remove", self.partial_dir.display(name)))?;
         self.state().drop_partial(name);
         Ok(())
     }
@@ -450,16 +617,20 @@ impl Store {
     /// configured time to live, unless a call is writing them. Returns how
     /// many were discarded.
     pub fn sweep_expired(&self) -> usize {
-        let Ok(entries) = fs::read_dir(&self.partial_dir) else {
+        let Ok(entries) = self.partial_dir.entries() else {
             return 0;
         };
         let now = SystemTime::now();
         let mut expired = 0;
-        for entry in entries.flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+        for (name, regular) in entries {
+            if !regular {
                 continue;
-            };
-            let Ok(modified) = entry.metadata().and_then(|md| md.modified()) else {
+            }
+            let Ok(Some(modified)) = self
+                .partial_dir
+                .stat_regular(&name)
+                .map(|md| md.and_then(|md| md.modified().ok()))
+            else {
                 continue;
             };
             if modified + self.config.partial_ttl > now {
@@ -471,7 +642,7 @@ impl Store {
             if state.leases.contains_key(&name) {
                 continue;
             }
-            if fs::remove_file(entry.path()).is_ok() {
+            if self.partial_dir.remove(&name).is_ok() {
                 state.drop_partial(&name);
                 expired += 1;
                 tracing::info!(upload = %name, "unfinished upload expired; its bytes were discarded");
@@ -499,27 +670,22 @@ impl Store {
     }
 
     /// The stored files, by name, with their digests (computed and
-    /// recorded for files that have no valid record).
+    /// recorded for files that have no valid record). Only regular files
+    /// are listed: links, directories, FIFOs and the like are skipped.
     pub async fn list(self: &Arc<Self>) -> Result<Vec<StoredFile>, UploadError> {
         let store = Arc::clone(self);
         blocking(move || {
             let mut files = Vec::new();
-            let entries = fs::read_dir(&store.uploads).map_err(io_err("read", &store.uploads))?;
-            for entry in entries {
-                let entry = entry.map_err(io_err("read", &store.uploads))?;
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if validate_name(&name).is_err() {
+            let entries = store
+                .uploads
+                .entries()
+                .map_err(io_err("list directory", store.uploads.path().to_path_buf()))?;
+            for (name, regular) in entries {
+                if !regular || validate_name(&name).is_err() {
                     continue;
                 }
-                match store.describe(&name) {
-                    Ok(Some(file)) => files.push(file),
-                    Ok(None) => {}
-                    // Replaced or removed while listing: skip it.
-                    Err(UploadError::Io { source, .. })
-                        if source.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+                if let Some(file) = store.describe(&name)? {
+                    files.push(file);
                 }
             }
             files.sort_by(|a, b| a.name.cmp(&b.name));
@@ -530,17 +696,20 @@ impl Store {
 
     /// Describes stored file `name`, if it is a regular file.
     fn describe(&self, name: &str) -> Result<Option<StoredFile>, UploadError> {
-        let path = self.uploads.join(name);
-        let md = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
-        if !md.is_file() {
-            return Ok(None);
-        }
+        let mut file = match self.uploads.open_file(name, Access::Read) {
+            Ok(file) => file,
+            // Replaced, removed or not a file: skip it.
+            Err(OpenError::NotFound | OpenError::NotRegular) => return Ok(None),
+            Err(e) => return Err(io_err("open", self.uploads.display(name))(e.into())),
+        };
+        let path = self.uploads.display(name);
+        let md = file.metadata().map_err(io_err("stat", path.clone()))?;
         let sha256 = match self.read_meta(name, &md) {
             Some(digest) => digest,
             None => {
-                let (digest, _) = hash_file(&path)?;
+                let digest = hash_open_file(&mut file, &path)?;
                 // Record it only if the file did not change while hashing.
-                if let Ok(now) = fs::metadata(&path)
+                if let Ok(now) = file.metadata()
                     && fingerprint(&now) == fingerprint(&md)
                 {
                     self.write_meta(name, &md, &digest);
@@ -556,8 +725,10 @@ impl Store {
         }))
     }
 
-    fn read_meta(&self, name: &str, md: &fs::Metadata) -> Option<Digest> {
-        let text = fs::read_to_string(self.meta_dir.join(name)).ok()?;
+    fn read_meta(&self, name: &str, md: &Metadata) -> Option<Digest> {
+        let file = self.meta_dir.open_file(name, Access::Read).ok()?;
+        let mut text = String::new();
+        file.take(META_MAX).read_to_string(&mut text).ok()?;
         let (hex_digest, print) = text.trim_end().split_once(' ')?;
         if print != fingerprint(md) {
             return None;
@@ -569,41 +740,43 @@ impl Store {
 
     /// Records the digest of stored file `name` (best effort: a missing
     /// record only costs a re-hash).
-    fn write_meta(&self, name: &str, md: &fs::Metadata, digest: &Digest) {
+    fn write_meta(&self, name: &str, md: &Metadata, digest: &Digest) {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp_dir.join(format!("meta-{n}"));
+        let tmp = format!("meta-{}-{n}", std::process::id());
         let text = format!("{} {}\n", hex::encode(digest), fingerprint(md));
-        let result =
-            fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, self.meta_dir.join(name)));
+        let result = self
+            .tmp_dir
+            .open_file(&tmp, Access::CreateNew)
+            .map_err(io::Error::from)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .and_then(|()| self.tmp_dir.rename(&tmp, &self.meta_dir, name));
         if let Err(err) = result {
-            let _ = fs::remove_file(&tmp);
+            let _ = self.tmp_dir.remove(&tmp);
             tracing::warn!(upload = %name, %err, "cannot record the digest of a stored file");
         }
     }
 
     /// Opens stored file `name` for reading. The open file stays the same
-    /// even if a new upload replaces the name meanwhile.
+    /// even if a new upload replaces the name meanwhile. Anything but a
+    /// regular file (a link, a directory, a FIFO) is [`UploadError::NotFound`].
     pub async fn open_stored(self: &Arc<Self>, name: &str) -> Result<StoredReader, UploadError> {
         validate_name(name)?;
         let store = Arc::clone(self);
         let name = name.to_owned();
         blocking(move || {
-            let path = store.uploads.join(&name);
-            let file = match File::open(&path) {
+            let path = store.uploads.display(&name);
+            let file = match store.uploads.open_file(&name, Access::Read) {
                 Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(OpenError::NotFound | OpenError::NotRegular) => {
                     return Err(UploadError::NotFound { name });
                 }
-                Err(e) => return Err(io_err("open", &path)(e)),
+                Err(e) => return Err(io_err("open", path)(e.into())),
             };
-            let md = file.metadata().map_err(io_err("stat", &path))?;
-            if !md.is_file() {
-                return Err(UploadError::NotFound { name });
-            }
+            let md = file.metadata().map_err(io_err("stat", path.clone()))?;
             let known = store.read_meta(&name, &md);
             Ok(StoredReader {
                 path,
-                file,
+                file: Some(file),
                 size: md.len(),
                 offset: 0,
                 known,
@@ -617,7 +790,9 @@ impl Store {
     /// time), for a reader that needs the digest before the bytes (an
     /// HTTP `ETag`). The digest is the recorded one, or is computed from
     /// the open file (and recorded); the returned file is positioned at 0
-    /// and stays the same even if a new upload replaces the name.
+    /// and stays the same even if a new upload replaces the name. Anything
+    /// but a regular file (a link, a directory, a FIFO) is
+    /// [`UploadError::NotFound`].
     pub async fn open_described(
         self: &Arc<Self>,
         name: &str,
@@ -625,37 +800,29 @@ impl Store {
         validate_name(name)?;
         let store = Arc::clone(self);
         let name = name.to_owned();
-        blocking(move || {
-            let path = store.uploads.join(&name);
-            let mut file = match File::open(&path) {
+        self.io_blocking(move || {
+            let path = store.uploads.display(&name);
+            let mut file = match store.uploads.open_file(&name, Access::Read) {
                 Ok(file) => file,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(OpenError::NotFound | OpenError::NotRegular) => {
                     return Err(UploadError::NotFound { name });
                 }
-                Err(e) => return Err(io_err("open", &path)(e)),
+                Err(e) => return Err(io_err("open", path)(e.into())),
             };
-            let md = file.metadata().map_err(io_err("stat", &path))?;
-            if !md.is_file() {
-                return Err(UploadError::NotFound { name });
-            }
+            let md = file.metadata().map_err(io_err("stat", path.clone()))?;
             let sha256 = match store.read_meta(&name, &md) {
                 Some(digest) => digest,
                 None => {
-                    let mut hasher = Sha256::new();
-                    let mut buf = vec![0; READ_BUF];
-                    loop {
-                        let n = file.read(&mut buf).map_err(io_err("read", &path))?;
-                        if n == 0 {
-                            break;
-                        }
-                        hasher.update(&buf[..n]);
+                    let digest = hash_open_file(&mut file, &path)?;
+                    if let Ok(now) = file.metadata()
+                        && fingerprint(&now) == fingerprint(&md)
+                    {
+                        store.write_meta(&name, &md, &digest);
                     }
-                    io::Seek::rewind(&mut file).map_err(io_err("seek", &path))?;
-                    let digest: Digest = hasher.finalize().into();
-                    store.write_meta(&name, &md, &digest);
                     digest
                 }
             };
+            io::Seek::rewind(&mut file).map_err(io_err("seek", path))?;
             let stored = StoredFile {
                 size: md.len(),
                 sha256,
@@ -664,7 +831,50 @@ impl Store {
             };
             Ok((file, stored))
         })
-        .await
+        .await?
+    }
+
+    /// Reads the next piece (at most `max` bytes) of `reader` on a
+    /// blocking thread, within the file work limit; hands the reader back.
+    pub async fn read_chunk(
+        &self,
+        mut reader: StoredReader,
+        max: usize,
+    ) -> (StoredReader, Result<Vec<u8>, UploadError>) {
+        let path = reader.path.clone();
+        let file = reader.file.take();
+        let size = reader.size;
+        let offset = reader.offset;
+        let done = self
+            .io_blocking(move || {
+                let Some(mut file) = file else {
+                    return (
+                        None,
+                        Err(UploadError::Internal("reader already failed".into())),
+                    );
+                };
+                let left = size.saturating_sub(offset);
+                let want = usize::try_from(left.min(max as u64)).unwrap_or(max);
+                let mut buf = vec![0; want];
+                let result = file.read_exact(&mut buf).map(|()| buf);
+                (Some(file), result.map_err(io_err("read", path)))
+            })
+            .await;
+        match done {
+            Ok((file, Ok(data))) => {
+                reader.file = file;
+                if reader.known.is_none() {
+                    reader.hasher.update(&data);
+                }
+                reader.offset += data.len() as u64;
+                (reader, Ok(data))
+            }
+            Ok((file, Err(err))) => {
+                reader.file = file;
+                (reader, Err(err))
+            }
+            Err(err) => (reader, Err(err)),
+        }
     }
 
     /// Makes a complete upload visible: fsync, rename over any earlier file
@@ -676,22 +886,33 @@ impl Store {
         digest: &Digest,
         size: u64,
     ) -> Result<StoredFile, UploadError> {
-        let partial = self.partial_dir.join(name);
-        file.sync_all().map_err(io_err("fsync", &partial))?;
+        file.sync_all()
+            .map_err(io_err("fsync", self.partial_dir.display(name)))?;
+        let md = file
+            .metadata()
+            .map_err(io_err("stat", self.partial_dir.display(name)))?;
         drop(file);
-        let target = self.uploads.join(name);
-        let replaced = fs::symlink_metadata(&target)
-            .ok()
-            .filter(fs::Metadata::is_file)
-            .map_or(0, |md| md.len());
-        fs::rename(&partial, &target).map_err(io_err("rename into place", &target))?;
+        let replaced = match self.uploads.stat(name) {
+            Ok(Some(old)) if old.is_file() => old.len(),
+            Ok(Some(_)) => {
+                return Err(UploadError::NotAFile {
+                    upload: name.to_owned(),
+                });
+            }
+            Ok(None) => 0,
+            Err(e) => return Err(io_err("stat", self.uploads.display(name))(e)),
+        };
+        self.partial_dir
+            .rename(name, &self.uploads, name)
+            .map_err(io_err("rename into place", self.uploads.display(name)))?;
         {
             let mut state = self.state();
             state.drop_partial(name);
             state.used = state.used.saturating_sub(replaced).saturating_add(size);
         }
-        sync_dir(&self.uploads)?;
-        let md = fs::metadata(&target).map_err(io_err("stat", &target))?;
+        self.uploads
+            .sync()
+            .map_err(io_err("fsync directory", self.uploads.path().to_path_buf()))?;
         self.write_meta(name, &md, digest);
         Ok(StoredFile {
             name: name.to_owned(),
@@ -725,61 +946,105 @@ impl Store {
 struct Lease {
     store: Arc<Store>,
     name: String,
-    id: u64,
+    holder: Arc<Holder>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut state = self.store.state();
-        if state.leases.get(&self.name) == Some(&self.id) {
-            state.leases.remove(&self.name);
+        {
+            let mut state = self.store.state();
+            if state
+                .leases
+                .get(&self.name)
+                .is_some_and(|h| h.id == self.holder.id)
+            {
+                state.leases.remove(&self.name);
+            }
         }
+        self.holder.released.cancel();
     }
 }
 
-/// What the writer thread hands back when its queue closes.
-struct WriterEnd {
+/// The open partial file of one upload with its running SHA-256 and the
+/// lease on its name. It moves into each blocking write and back, so no
+/// thread is held between batches.
+struct Writer {
     file: File,
     hasher: Sha256,
+    /// Bytes in the file (hashed so far, while a resume re-reads them).
     written: u64,
     error: Option<io::Error>,
     lease: Lease,
 }
 
-fn write_loop(
-    store: &Store,
-    mut file: File,
-    mut hasher: Sha256,
-    mut written: u64,
-    lease: Lease,
-    mut rx: mpsc::Receiver<Vec<Vec<u8>>>,
-) -> WriterEnd {
-    let mut error = None;
-    'batches: while let Some(batch) = rx.blocking_recv() {
-        for data in batch {
-            if let Err(err) = file.write_all(&data) {
-                error = Some(err);
-                break 'batches;
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("written", &self.written)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    fn new(file: File, lease: Lease) -> Self {
+        Self {
+            file,
+            hasher: Sha256::new(),
+            written: 0,
+            error: None,
+            lease,
+        }
+    }
+
+    /// Re-reads up to [`REHASH_STEP`] held bytes into the hasher, towards
+    /// `held` (blocking).
+    fn rehash_step(&mut self, held: u64) -> Result<(), UploadError> {
+        let path = || self.lease.store.partial_dir.display(&self.lease.name);
+        let mut buf = vec![0; READ_BUF];
+        let stop = held.min(self.written + REHASH_STEP);
+        while self.written < stop {
+            let want =
+                usize::try_from((stop - self.written).min(READ_BUF as u64)).unwrap_or(READ_BUF);
+            let n = self
+                .file
+                .read(&mut buf[..want])
+                .map_err(|e| io_err("read", path())(e))?;
+            if n == 0 {
+                return Err(io_err("read", path())(io::ErrorKind::UnexpectedEof.into()));
             }
-            hasher.update(&data);
-            written += data.len() as u64;
+            self.hasher.update(&buf[..n]);
+            self.written += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hashes and writes one batch (blocking). After a failed write the
+    /// file's length is what is held.
+    fn write_batch(&mut self, batch: Vec<Vec<u8>>) {
+        if self.error.is_some() {
+            return;
+        }
+        for data in batch {
+            if let Err(err) = self.file.write_all(&data) {
+                if let Ok(end) = self.file.stream_position() {
+                    self.written = end;
+                }
+                self.error = Some(err);
+                return;
+            }
+            self.hasher.update(&data);
+            self.written += data.len() as u64;
         }
     }
-    if error.is_some() {
-        // A failed write may have left part of a chunk: the file's length
-        // is what is held.
-        if let Ok(md) = file.metadata() {
-            written = md.len();
-        }
-    }
-    store.state().set_partial(&lease.name, written);
-    WriterEnd {
-        file,
-        hasher,
-        written,
-        error,
-        lease,
-    }
+}
+
+/// Where an upload's writer is: between batches, or in a blocking write.
+#[derive(Debug)]
+enum Slot {
+    Idle(Box<Writer>),
+    Busy(tokio::task::JoinHandle<Box<Writer>>),
+    Closed,
 }
 
 /// An upload being written by one call. Dropping it keeps the bytes
@@ -792,22 +1057,13 @@ pub struct Upload {
     position: u64,
     chunk: u32,
     peer: String,
-    tx: Option<mpsc::Sender<Vec<Vec<u8>>>>,
-    /// Accepted chunks not yet handed to the writer, and their bytes.
+    /// Accepted chunks not yet handed to a write, and their bytes.
     pending: Vec<Vec<u8>>,
     pending_len: usize,
-    writer: Option<tokio::task::JoinHandle<WriterEnd>>,
-    ended: Option<WriterEnd>,
+    slot: Slot,
+    holder: Arc<Holder>,
+    deadline: Option<tokio::time::Instant>,
     settled: bool,
-}
-
-impl std::fmt::Debug for WriterEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriterEnd")
-            .field("written", &self.written)
-            .field("error", &self.error)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Upload {
@@ -826,13 +1082,46 @@ impl Upload {
         self.position
     }
 
-    /// Appends chunk `index`'s bytes. They are handed to the writer in
-    /// batches of [`WRITE_BATCH`] bytes, or by [`Upload::flush`]. Waits
-    /// when the writer is a few batches behind, which pushes back on the
-    /// client through HTTP/2 flow control.
+    /// Cancelled when a new call takes this upload's name over (this call
+    /// has received no chunk for `upload.takeover_after`).
+    pub fn takeover_signal(&self) -> CancellationToken {
+        self.holder.takeover.clone()
+    }
+
+    /// How long since the last chunk arrived.
+    pub fn quiet_for(&self) -> Duration {
+        self.store.quiet_for(&self.holder)
+    }
+
+    /// Names the peer in the log line written if the call is dropped.
+    pub fn set_peer(&mut self, peer: &str) {
+        peer.clone_into(&mut self.peer);
+    }
+
+    /// The call's deadline, if it has one: a call dropped after it is
+    /// logged as having passed its deadline, not as a disconnection.
+    pub fn set_deadline(&mut self, deadline: Option<tokio::time::Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Whether the call's deadline has passed, or is so close that a
+    /// client ending the call now is doing so because of it (its clock
+    /// started before the request reached the server).
+    pub fn deadline_passed(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| tokio::time::Instant::now() + DEADLINE_SLACK >= deadline)
+    }
+
+    /// Appends chunk `index`'s bytes. They are handed to a blocking write
+    /// in batches of [`WRITE_BATCH`] bytes, or by [`Upload::flush`]. Waits
+    /// while the previous batch is still being written, which pushes back
+    /// on the client through HTTP/2 flow control.
     pub async fn write(&mut self, index: u32, data: Vec<u8>) -> Result<(), UploadError> {
         // Until it is accepted, this chunk is the one in flight.
         self.chunk = index;
+        self.holder
+            .last_active_ms
+            .store(self.store.now_ms(), Ordering::Relaxed);
         let len = data.len() as u64;
         let limit = self.store.config.max_file_size;
         if self.position.saturating_add(len) > limit {
@@ -845,95 +1134,106 @@ impl Upload {
         if len == 0 {
             return Ok(());
         }
-        if self.tx.is_none() {
-            return Err(self.writer_stopped().await);
+        if matches!(self.slot, Slot::Closed) {
+            return Err(self.stopped());
         }
         self.store.reserve(&self.name, index, len)?;
         self.pending_len += data.len();
         self.pending.push(data);
         self.position += len;
         self.chunk = index.saturating_add(1);
-        if self.pending_len >= WRITE_BATCH && !self.send_pending().await {
-            return Err(self.writer_stopped().await);
+        if self.pending_len >= WRITE_BATCH {
+            self.send_pending().await?;
         }
         Ok(())
     }
 
-    /// Hands the accepted chunks to the writer now. The receiving side
-    /// calls it whenever no further chunk is ready, so bytes are batched
-    /// only while more are already arriving and held bytes never lag an
-    /// idle stream.
+    /// Hands the accepted chunks to a write now. The receiving side calls
+    /// it whenever no further chunk is ready, so bytes are batched only
+    /// while more are already arriving and held bytes never lag an idle
+    /// stream.
     pub async fn flush(&mut self) -> Result<(), UploadError> {
-        if self.send_pending().await {
-            Ok(())
-        } else {
-            Err(self.writer_stopped().await)
+        self.send_pending().await
+    }
+
+    /// Waits for the write in progress, if any; fails if a write failed.
+    /// Cancel-safe: the write stays in the slot until it has finished.
+    async fn idle_writer(&mut self) -> Result<(), UploadError> {
+        if let Slot::Busy(handle) = &mut self.slot {
+            match handle.await {
+                Ok(writer) => self.slot = Slot::Idle(writer),
+                Err(e) => {
+                    self.slot = Slot::Closed;
+                    return Err(UploadError::Internal(format!("upload write failed: {e}")));
+                }
+            }
+        }
+        match &self.slot {
+            Slot::Idle(writer) => match &writer.error {
+                Some(err) => Err(self.write_error(err)),
+                None => Ok(()),
+            },
+            Slot::Busy(_) | Slot::Closed => Err(self.stopped()),
         }
     }
 
-    /// Hands the pending chunks to the writer; false if it has stopped.
-    /// Cancel-safe: until a queue slot is granted the chunks stay pending
-    /// (and [`Drop`] hands them over).
-    async fn send_pending(&mut self) -> bool {
+    /// Starts writing the pending chunks once the previous write is done.
+    /// Cancel-safe: until the write starts the chunks stay pending (and
+    /// [`Drop`] writes them).
+    async fn send_pending(&mut self) -> Result<(), UploadError> {
         if self.pending.is_empty() {
-            return true;
+            return Ok(());
         }
-        let Some(tx) = &self.tx else {
-            return false;
-        };
-        match tx.reserve().await {
-            Ok(permit) => {
-                permit.send(std::mem::take(&mut self.pending));
-                self.pending_len = 0;
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    async fn writer_stopped(&mut self) -> UploadError {
-        match self.stop_writer().await {
-            Ok(end) => {
-                let err = self.write_error(end.error.as_ref());
-                self.ended = Some(end);
-                err
-            }
-            Err(err) => err,
-        }
-    }
-
-    /// Names the peer in the log line written if the call is dropped.
-    pub fn set_peer(&mut self, peer: &str) {
-        peer.clone_into(&mut self.peer);
-    }
-
-    fn write_error(&self, error: Option<&io::Error>) -> UploadError {
-        match error {
-            Some(e) if e.kind() == io::ErrorKind::StorageFull => UploadError::DiskFull {
-                upload: self.name.clone(),
-            },
-            Some(e) => UploadError::Io {
-                action: "write",
-                path: self.store.partial_dir.join(&self.name),
-                source: io::Error::new(e.kind(), e.to_string()),
-            },
-            None => UploadError::Internal(format!("the writer of upload {} stopped", self.name)),
-        }
-    }
-
-    async fn stop_writer(&mut self) -> Result<WriterEnd, UploadError> {
-        if let Some(end) = self.ended.take() {
-            return Ok(end);
-        }
-        self.send_pending().await;
-        self.tx = None;
-        let writer = self
-            .writer
-            .take()
-            .ok_or_else(|| UploadError::Internal("upload writer already stopped".into()))?;
-        writer
+        self.idle_writer().await?;
+        let permit = Arc::clone(&self.store.io)
+            .acquire_owned()
             .await
-            .map_err(|e| UploadError::Internal(format!("upload writer failed: {e}")))
+            .map_err(|_| UploadError::Internal("the file work limiter is closed".into()))?;
+        let Slot::Idle(mut writer) = std::mem::replace(&mut self.slot, Slot::Closed) else {
+            return Err(self.stopped());
+        };
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_len = 0;
+        self.slot = Slot::Busy(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            writer.write_batch(batch);
+            writer
+        }));
+        Ok(())
+    }
+
+    fn stopped(&self) -> UploadError {
+        UploadError::Internal(format!("the writer of upload {} stopped", self.name))
+    }
+
+    fn write_error(&self, error: &io::Error) -> UploadError {
+        if matches!(
+            error.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+        ) {
+            UploadError::DiskFull {
+                upload: self.name.clone(),
+            }
+        } else {
+            UploadError::Io {
+                action: "write",
+                path: self.store.partial_dir.display(&self.name),
+                source: io::Error::new(error.kind(), error.to_string()),
+            }
+        }
+    }
+
+    /// Writes what is pending, waits for the last write and takes the
+    /// writer out; corrects the quota count to what the file holds.
+    async fn close(&mut self) -> Result<Box<Writer>, UploadError> {
+        let sent = self.send_pending().await;
+        // A failed write is reported by the caller from the writer itself.
+        let _ = self.idle_writer().await;
+        let Slot::Idle(writer) = std::mem::replace(&mut self.slot, Slot::Closed) else {
+            return Err(sent.err().unwrap_or_else(|| self.stopped()));
+        };
+        self.store.state().set_partial(&self.name, writer.written);
+        Ok(writer)
     }
 
     /// Completes the upload: checks the digest against `expected` (if
@@ -941,25 +1241,30 @@ impl Upload {
     /// discarded and nothing is published.
     pub async fn finish(mut self, expected: Option<Digest>) -> Result<StoredFile, UploadError> {
         self.settled = true;
-        let end = self.stop_writer().await?;
-        if end.error.is_some() {
-            let err = self.write_error(end.error.as_ref());
-            self.remove(end).await?;
+        let writer = self.close().await?;
+        if let Some(err) = &writer.error {
+            let err = self.write_error(err);
+            self.remove(writer).await?;
             return Err(err);
         }
-        let WriterEnd {
+        let Writer {
             file,
             hasher,
             written,
             lease,
             ..
-        } = end;
+        } = *writer;
         let digest: Digest = hasher.finalize().into();
         if let Some(expected) = expected
             && expected != digest
         {
             let store = Arc::clone(&self.store);
-            blocking(move || store.remove_partial(&lease.name)).await?;
+            self.store
+                .io_blocking(move || {
+                    drop(file);
+                    store.remove_partial(&lease.name)
+                })
+                .await??;
             return Err(UploadError::DigestMismatch {
                 upload: self.name.clone(),
                 size: written,
@@ -968,20 +1273,26 @@ impl Upload {
             });
         }
         let store = Arc::clone(&self.store);
-        blocking(move || {
-            let stored = store.publish(&lease.name, file, &digest, written);
-            drop(lease);
-            stored
-        })
-        .await
+        self.store
+            .io_blocking(move || {
+                let stored = store.publish(&lease.name, file, &digest, written);
+                drop(lease);
+                stored
+            })
+            .await?
     }
 
     /// Stops writing and keeps the bytes for a resume; returns how many
     /// are held. The name is free for another call once this returns.
     pub async fn suspend(mut self) -> u64 {
         self.settled = true;
-        match self.stop_writer().await {
-            Ok(end) => end.written,
+        match self.close().await {
+            Ok(writer) => {
+                let held = writer.written;
+                // Closing a file may block (NFS): not on an async thread.
+                let _ = self.store.io_blocking(move || drop(writer)).await;
+                held
+            }
             Err(err) => {
                 tracing::error!(upload = %self.name, %err, "cannot stop the upload writer");
                 self.position
@@ -992,59 +1303,92 @@ impl Upload {
     /// Stops writing and discards the bytes.
     pub async fn discard(mut self) -> Result<(), UploadError> {
         self.settled = true;
-        let end = self.stop_writer().await?;
-        self.remove(end).await
+        let writer = self.close().await?;
+        self.remove(writer).await
     }
 
-    async fn remove(&self, end: WriterEnd) -> Result<(), UploadError> {
+    async fn remove(&self, writer: Box<Writer>) -> Result<(), UploadError> {
         let store = Arc::clone(&self.store);
-        blocking(move || {
-            drop(end.file);
-            let removed = store.remove_partial(&end.lease.name);
-            drop(end.lease);
-            removed
-        })
-        .await
+        self.store
+            .io_blocking(move || {
+                let Writer { file, lease, .. } = *writer;
+                drop(file);
+                let removed = store.remove_partial(&lease.name);
+                drop(lease);
+                removed
+            })
+            .await?
     }
 }
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take()
-            && !self.pending.is_empty()
-        {
-            // Chunks accepted but not yet handed over: they belong to the
-            // bytes held for a resume.
-            let batch = std::mem::take(&mut self.pending);
-            if let Err(mpsc::error::TrySendError::Full(batch)) = tx.try_send(batch)
-                && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            {
-                runtime.spawn(async move {
-                    let _ = tx.send(batch).await;
-                });
+        let slot = std::mem::replace(&mut self.slot, Slot::Closed);
+        let pending = std::mem::take(&mut self.pending);
+        if !matches!(slot, Slot::Closed) {
+            // Chunks accepted but not yet written belong to the bytes held
+            // for a resume: finish writing them, then close the file and
+            // free the name.
+            let store = Arc::clone(&self.store);
+            let name = self.name.clone();
+            let finish = async move {
+                let writer = match slot {
+                    Slot::Busy(handle) => handle.await.ok(),
+                    Slot::Idle(writer) => Some(writer),
+                    Slot::Closed => None,
+                };
+                let Some(mut writer) = writer else {
+                    return;
+                };
+                let io = Arc::clone(&store);
+                let _ = io
+                    .io_blocking(move || {
+                        if !pending.is_empty() {
+                            writer.write_batch(pending);
+                        }
+                        store.state().set_partial(&name, writer.written);
+                        drop(writer);
+                    })
+                    .await;
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(finish);
+                }
+                Err(_) => tracing::warn!(upload = %self.name, "upload dropped outside the runtime"),
             }
         }
         if !self.settled {
-            // tonic dropped the call mid-await: its client went away. The
-            // writer thread drains its queue, closes the file and frees the
-            // name on its own.
-            tracing::warn!(
-                upload = %self.name,
-                peer = %self.peer,
-                chunk = self.chunk,
-                held = self.position,
-                "client disconnected during chunk {} of upload {}; {} bytes kept for a resume",
-                self.chunk, self.name, self.position
-            );
+            if self.deadline_passed() {
+                tracing::warn!(
+                    upload = %self.name,
+                    peer = %self.peer,
+                    chunk = self.chunk,
+                    held = self.position,
+                    "deadline passed during chunk {} of upload {}; {} bytes kept for a resume",
+                    self.chunk, self.name, self.position
+                );
+            } else {
+                // tonic dropped the call mid-await: its client went away.
+                tracing::warn!(
+                    upload = %self.name,
+                    peer = %self.peer,
+                    chunk = self.chunk,
+                    held = self.position,
+                    "client disconnected during chunk {} of upload {}; {} bytes kept for a resume",
+                    self.chunk, self.name, self.position
+                );
+            }
         }
     }
 }
 
-/// A stored file being read back, with its digest.
+/// A stored file being read back, with its digest. Reads go through
+/// [`Store::read_chunk`], one blocking step per chunk.
 #[derive(Debug)]
 pub struct StoredReader {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
     size: u64,
     offset: u64,
     known: Option<Digest>,
@@ -1067,21 +1411,6 @@ impl StoredReader {
         self.offset >= self.size
     }
 
-    /// Reads the next piece of at most `max` bytes (blocking).
-    pub fn read(&mut self, max: usize) -> Result<Vec<u8>, UploadError> {
-        let left = self.size - self.offset;
-        let want = usize::try_from(left.min(max as u64)).unwrap_or(max);
-        let mut buf = vec![0; want];
-        self.file
-            .read_exact(&mut buf)
-            .map_err(io_err("read", &self.path))?;
-        if self.known.is_none() {
-            self.hasher.update(&buf);
-        }
-        self.offset += want as u64;
-        Ok(buf)
-    }
-
     /// The file's SHA-256: recorded at upload, or computed from the bytes
     /// read (call after reading everything).
     pub fn digest(&self) -> Digest {
@@ -1093,4 +1422,26 @@ impl StoredReader {
 /// How long after `modified` held bytes expire, as Unix ms.
 pub fn expires_ms(at: Option<SystemTime>) -> u64 {
     at.map_or(0, unix_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_folders_that_are_links_are_refused_at_open() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let own = data.path().join("uploads").join(RESERVED_NAME);
+        std::fs::create_dir_all(&own).expect("mkdir");
+        std::os::unix::fs::symlink(elsewhere.path(), own.join("partial")).expect("symlink");
+        let err = Store::open(data.path(), UploadConfig::default()).expect_err("refused");
+        assert!(
+            err.to_string().contains("not a directory streamhub made"),
+            "{err}"
+        );
+        std::fs::remove_file(own.join("partial")).expect("unlink");
+        Store::open(data.path(), UploadConfig::default()).expect("opens once it is gone");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).expect("ls").count(), 0);
+    }
 }
