@@ -48,6 +48,29 @@ pub struct Config {
     pub chat: ChatConfig,
     /// How the server's async runtime is built.
     pub runtime: RuntimeConfig,
+    /// Server-side TLS (certificate, key, client CA for mTLS).
+    pub tls: TlsConfig,
+    /// Authentication: static tokens, JWT, client certificates.
+    pub auth: crate::auth::AuthConfig,
+}
+
+/// Server-side TLS. TLS is on when `cert` and `key` are both set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the server presents (leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates client certificates must chain to (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the server serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
 }
 
 impl Default for Config {
@@ -61,6 +84,8 @@ impl Default for Config {
             upload: UploadConfig::default(),
             chat: ChatConfig::default(),
             runtime: RuntimeConfig::default(),
+            tls: TlsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -128,6 +153,10 @@ pub struct Limits {
     /// Largest HTTP/2 frame payload the server accepts, in bytes (16 KiB
     /// to 16 MiB - 1).
     pub max_frame_size: u32,
+    /// Calls one authenticated identity may have open at once (every RPC
+    /// counts while it runs); beyond it, RESOURCE_EXHAUSTED. 0 = no limit.
+    /// Applies only while authentication is on.
+    pub max_streams_per_identity: usize,
 }
 
 impl Default for Limits {
@@ -148,6 +177,7 @@ impl Default for Limits {
             // instead of 16 KiB pieces: +21 % upload throughput at 1 MiB
             // chunks (BENCHMARKS.md, Tuning).
             max_frame_size: 1024 * 1024,
+            max_streams_per_identity: 0,
         }
     }
 }
@@ -212,6 +242,9 @@ pub struct UploadConfig {
     /// Most bytes all stored files and unfinished uploads may take together;
     /// none by default (only the disk's own size).
     pub quota: Option<u64>,
+    /// Most bytes the stored files and unfinished uploads of one identity
+    /// may take (applies while authentication is on); none by default.
+    pub quota_per_identity: Option<u64>,
     /// How long the bytes of an unfinished upload are kept for a resume
     /// after its last write.
     #[serde(with = "humantime_serde")]
@@ -227,6 +260,7 @@ impl Default for UploadConfig {
         Self {
             max_file_size: 16 * 1024 * 1024 * 1024,
             quota: None,
+            quota_per_identity: None,
             partial_ttl: Duration::from_secs(24 * 60 * 60),
             sweep_interval: Duration::from_secs(10 * 60),
         }
@@ -308,7 +342,17 @@ pub struct Sources {
 
 /// Environment variables that belong to the client or to clap, not to the
 /// server configuration.
-const CLIENT_ENV: &[&str] = &["server", "config", "json", "set"];
+const CLIENT_ENV: &[&str] = &[
+    "server",
+    "config",
+    "json",
+    "set",
+    "token",
+    "token_file",
+    "ca",
+    "cert",
+    "key",
+];
 
 impl Config {
     /// Loads the configuration from `sources` over the embedded defaults.
@@ -408,6 +452,12 @@ impl Config {
                 "limits.max_message_size must be at least 1024 bytes".into(),
             ));
         }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Inconsistent(
+                "tls.cert and tls.key go together: set both (or neither)".into(),
+            ));
+        }
+        self.auth.validate().map_err(ConfigError::Inconsistent)?;
         Ok(())
     }
 }

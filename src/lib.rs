@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: identities, credentials, scopes, the auth layer.
 //! - [`server`]: wiring of services, health, reflection, limits, shutdown.
 //! - [`config`]: settings from defaults, file, environment and flags.
 //! - [`runtime`]: the server's tokio runtime (flavour, workers).
+//! - [`server_info`]: `streamhub.ServerService` (WhoAmI, GetServerInfo).
 //! - [`shutdown`]: the cancellation token every stream watches.
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`broker`]: latest-value pub/sub, no gRPC types.
@@ -20,6 +22,7 @@
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 //! - [`bench`]: the benchmark suite behind `streamhub bench`.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod chat;
@@ -30,6 +33,7 @@ pub mod proto;
 pub mod rpc;
 pub mod runtime;
 pub mod server;
+pub mod server_info;
 pub mod shutdown;
 pub mod telemetry;
 pub mod upload;

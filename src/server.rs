@@ -29,6 +29,7 @@ use tonic_health::{
 };
 
 use crate::{
+    auth,
     chat::{
         ChatError, MessageLimits,
         room::{LocalHub, RoomHub},
@@ -37,6 +38,7 @@ use crate::{
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
+    server_info::ServerInfoService,
     shutdown::Shutdown,
     telemetry::{self, Hub, service::TelemetryService},
     upload::{self, service::UploadService},
@@ -68,6 +70,9 @@ pub enum ServerError {
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
+    /// The authentication settings cannot be used (e.g. a key file).
+    #[error("cannot set up authentication: {0}")]
+    Auth(#[from] crate::auth::SetupError),
 }
 
 /// Names of the gRPC services served, as health knows them.
@@ -75,6 +80,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     "telemetry.TelemetryService",
     "fileupload.FileUploadService",
     "chat.ChatService",
+    "streamhub.ServerService",
 ];
 
 /// Runs a server on `listener` until `signal` completes, then shuts down
@@ -89,6 +95,10 @@ where
         source,
     })?;
 
+    let auth = Arc::new(auth::Authenticator::from_config(&config.auth)?);
+    if auth.enabled() {
+        tracing::info!(?auth, "authentication on");
+    }
     let shutdown = Shutdown::new();
     let hub = Arc::new(Hub::new(config.telemetry.clone()));
     shutdown.spawn(telemetry::host::report_self(
@@ -147,6 +157,10 @@ where
 
     let router = builder
         .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()))
+        .layer(auth::AuthLayer::new(
+            Arc::clone(&auth),
+            limits.max_streams_per_identity,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -165,7 +179,8 @@ where
                 shutdown.clone(),
             )
             .into_server(limits.max_message_size),
-        );
+        )
+        .add_service(ServerInfoService::new(auth.enabled()).into_server());
 
     // serve_with_incoming ignores the builder's TCP options: set them here.
     let incoming = TcpIncoming::from(listener)

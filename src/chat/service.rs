@@ -22,6 +22,7 @@ use super::{
     validate_name,
 };
 use crate::{
+    auth::{self, Action, Identity, Resource},
     proto::chat::{self as pb, chat_service_server},
     rpc::{StreamLog, shutting_down},
     shutdown::{SHUTTING_DOWN, Shutdown},
@@ -106,6 +107,7 @@ fn resume_refused(
 pub fn status(err: &ChatError) -> Status {
     match err {
         ChatError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+        ChatError::NotYourName { .. } => Status::permission_denied(err.to_string()),
         ChatError::HistoryGap {
             oldest,
             last,
@@ -192,7 +194,34 @@ pub fn join_request(map: &MetadataMap) -> Result<JoinRequest, ChatError> {
     })
 }
 
-fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatError> {
+/// With authentication on (`identity` given), a member's name is its
+/// identity: an empty one is filled in, another one is refused.
+fn bind_name(
+    field: &'static str,
+    given: &mut String,
+    identity: Option<&Identity>,
+) -> Result<(), ChatError> {
+    let Some(identity) = identity else {
+        return Ok(());
+    };
+    if given.is_empty() {
+        identity.name().clone_into(given);
+    } else if given != identity.name() {
+        return Err(ChatError::NotYourName {
+            field,
+            given: std::mem::take(given),
+            identity: identity.name().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn draft(
+    mut message: pb::ChatMessage,
+    limits: MessageLimits,
+    identity: Option<&Identity>,
+) -> Result<Draft, ChatError> {
+    bind_name("sender", &mut message.sender, identity)?;
     if message.kind != i32::from(pb::MessageKind::KindMember) {
         return Err(ChatError::invalid(
             "kind",
@@ -217,6 +246,7 @@ async fn read_inbound(
     limits: MessageLimits,
     shutdown: Shutdown,
     room: RoomName,
+    identity: Option<Identity>,
 ) {
     let mut received = 0u64;
     loop {
@@ -238,7 +268,12 @@ async fn read_inbound(
             }
         };
         received += 1;
-        match draft(message, limits) {
+        // The auth layer ends the call at expiry; nothing read after it
+        // is submitted meanwhile.
+        if identity.as_ref().is_some_and(Identity::is_expired) {
+            return;
+        }
+        match draft(message, limits, identity.as_ref()) {
             Ok(draft) => {
                 if outbox.submit(draft).await.is_err() {
                     return;
@@ -313,11 +348,24 @@ impl chat_service_server::ChatService for ChatService {
         request: Request<Streaming<pb::ChatMessage>>,
     ) -> Result<Response<Self::ChatStream>, Status> {
         let mut log = StreamLog::open(&request, "Chat", "");
-        let join = join_request(request.metadata()).map_err(|err| {
+        let identity = auth::layer::identity(request.extensions());
+        let mut join = join_request(request.metadata()).map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
         })?;
         log.set_subject(join.room.as_str());
+        // Before joining: a join opens the room and announces the member.
+        auth::authorize(&identity, Resource::Chat, Action::Join, join.room.as_str())
+            .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
+        let bound = identity.is_authenticated().then_some(&identity);
+        if bound.is_some() {
+            let mut member = join.member.take().unwrap_or_default();
+            bind_name(MEMBER_KEY, &mut member, bound).map_err(|err| {
+                log.end(format!("refused: {err}"));
+                status(&err)
+            })?;
+            join.member = Some(member);
+        }
         let membership = self.hub.join(join).await.map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
@@ -338,6 +386,7 @@ impl chat_service_server::ChatService for ChatService {
             self.limits,
             self.shutdown.clone(),
             room.clone(),
+            bound.cloned(),
         ));
 
         let mut headers = MetadataMap::new();
@@ -478,7 +527,27 @@ mod tests {
             kind: pb::MessageKind::KindJoined.into(),
             ..pb::ChatMessage::default()
         };
-        let err = draft(forged, limits).expect_err("refused");
+        let err = draft(forged, limits, None).expect_err("refused");
         assert!(err.to_string().starts_with("kind"), "{err}");
+    }
+
+    #[test]
+    fn authenticated_members_speak_under_their_identity() {
+        let limits = MessageLimits {
+            max_text_bytes: 100,
+        };
+        let alice = Identity::new("alice", auth::Scopes::all(), auth::Method::Token, None);
+        let message = |sender: &str| pb::ChatMessage {
+            sender: sender.into(),
+            message: "hi".into(),
+            ..pb::ChatMessage::default()
+        };
+        let filled = draft(message(""), limits, Some(&alice)).expect("filled in");
+        assert_eq!(filled.sender, "alice");
+        assert!(draft(message("alice"), limits, Some(&alice)).is_ok());
+        let spoofed = draft(message("bob"), limits, Some(&alice)).expect_err("spoof");
+        assert_eq!(status(&spoofed).code(), tonic::Code::PermissionDenied);
+        // Without authentication the sender is the client's to choose.
+        assert!(draft(message("bob"), limits, None).is_ok());
     }
 }

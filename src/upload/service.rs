@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Chunk, Sequence, UploadError, store::Store, store::Upload, store::expires_ms};
 use crate::{
+    auth::{self, Action, Resource},
     proto::fileupload::{
         CancelUploadRequest, CancelUploadResponse, DownloadChunk, DownloadRequest, FileChunk,
         FileInfo, ListFilesRequest, ListFilesResponse, QueryUploadRequest, QueryUploadResponse,
@@ -208,6 +209,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
     ) -> Result<Response<UploadResponse>, Status> {
         let mut log = StreamLog::open(&request, "Upload", "");
         let peer = peer(&request);
+        let identity = auth::layer::identity(request.extensions());
         let mut stream = request.into_inner();
         let first = match next(&mut stream, &self.shutdown).await {
             Next::Chunk(chunk) => chunk,
@@ -230,6 +232,9 @@ impl file_upload_service_server::FileUploadService for UploadService {
         };
         let (mut seq, start) = Sequence::first(&first).map_err(|e| refuse(&mut log, e))?;
         log.set_subject(&start.name);
+        // Before the store is touched: no byte of a refused upload is written.
+        auth::authorize(&identity, Resource::Upload, Action::Write, &start.name)
+            .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
         let mut upload = self
             .store
             .begin(&start.name, start.offset)
@@ -355,7 +360,9 @@ impl file_upload_service_server::FileUploadService for UploadService {
         &self,
         request: Request<QueryUploadRequest>,
     ) -> Result<Response<QueryUploadResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let name = request.into_inner().filename;
+        auth::authorize(&identity, Resource::Upload, Action::Write, &name)?;
         let held = self.store.status(&name).await.map_err(|e| status(&e))?;
         Ok(Response::new(QueryUploadResponse {
             filename: name,
@@ -371,7 +378,9 @@ impl file_upload_service_server::FileUploadService for UploadService {
         &self,
         request: Request<CancelUploadRequest>,
     ) -> Result<Response<CancelUploadResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let name = request.into_inner().filename;
+        auth::authorize(&identity, Resource::Upload, Action::Write, &name)?;
         let discarded_bytes = self.store.cancel(&name).await.map_err(|e| status(&e))?;
         tracing::info!(upload = %name, discarded_bytes, "unfinished upload cancelled");
         Ok(Response::new(CancelUploadResponse { discarded_bytes }))
@@ -379,12 +388,15 @@ impl file_upload_service_server::FileUploadService for UploadService {
 
     async fn list_files(
         &self,
-        _request: Request<ListFilesRequest>,
+        request: Request<ListFilesRequest>,
     ) -> Result<Response<ListFilesResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let files = self.store.list().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListFilesResponse {
             files: files
                 .into_iter()
+                // Only the files the caller may read.
+                .filter(|f| identity.allows(Resource::Upload, Action::Read, &f.name))
                 .map(|f| FileInfo {
                     filename: f.name,
                     size: f.size,
@@ -395,6 +407,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
         }))
     }
 
+    // ListUploads needs upload:write and lists only the names it matches.
     async fn list_uploads(
         &self,
         _request: Request<crate::proto::fileupload::ListUploadsRequest>,
@@ -409,6 +422,14 @@ impl file_upload_service_server::FileUploadService for UploadService {
         request: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let mut log = StreamLog::open(&request, "Download", &request.get_ref().filename);
+        let identity = auth::layer::identity(request.extensions());
+        auth::authorize(
+            &identity,
+            Resource::Upload,
+            Action::Read,
+            &request.get_ref().filename,
+        )
+        .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
         let DownloadRequest {
             filename,
             chunk_size,
