@@ -169,7 +169,7 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            UploadService::new(uploads, shutdown.clone(), limits.max_message_size)
+            upload_service(uploads, &config, &shutdown, auth.enabled())?
                 .into_server(limits.max_message_size),
         )
         .add_service(
@@ -225,6 +225,22 @@ where
     chat.close();
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The upload service; with authentication on, it records who owns each
+/// upload (for `upload.quota_per_identity`).
+fn upload_service(
+    store: Arc<upload::Store>,
+    config: &Config,
+    shutdown: &Shutdown,
+    auth_enabled: bool,
+) -> Result<UploadService, ServerError> {
+    let service = UploadService::new(store, shutdown.clone(), config.limits.max_message_size);
+    if !auth_enabled {
+        return Ok(service);
+    }
+    let owners = upload::owners::Owners::open(&config.data_dir)?;
+    Ok(service.with_owners(owners))
 }
 
 /// The standard health service, with Watch streams that end on shutdown

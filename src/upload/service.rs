@@ -9,7 +9,9 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Chunk, Sequence, UploadError, store::Store, store::Upload, store::expires_ms};
+use super::{
+    Chunk, Sequence, UploadError, owners::Owners, store::Store, store::Upload, store::expires_ms,
+};
 use crate::{
     auth::{self, Action, Resource},
     proto::fileupload::{
@@ -43,6 +45,7 @@ pub struct UploadService {
     store: Arc<Store>,
     shutdown: Shutdown,
     max_chunk: usize,
+    owners: Option<Arc<Owners>>,
 }
 
 impl UploadService {
@@ -53,6 +56,7 @@ impl UploadService {
             store,
             shutdown,
             max_chunk: max_message_size.saturating_sub(MESSAGE_OVERHEAD).max(1024),
+            owners: None,
         }
     }
 
@@ -64,6 +68,79 @@ impl UploadService {
         file_upload_service_server::FileUploadServiceServer::new(self)
             .max_decoding_message_size(max_message_size)
             .max_encoding_message_size(max_message_size)
+    }
+
+    /// Records who writes each upload in `owners`, and enforces
+    /// `upload.quota_per_identity` for authenticated callers.
+    pub fn with_owners(mut self, owners: Arc<Owners>) -> Self {
+        self.owners = Some(owners);
+        self
+    }
+
+    /// The bytes an authenticated caller may still write in this call
+    /// (`None` = no per-identity quota), checked before anything is
+    /// written; records the caller as the upload's owner.
+    async fn identity_allowance(
+        &self,
+        identity: &crate::auth::Identity,
+        name: &str,
+        offset: u64,
+    ) -> Result<Option<Allowance>, UploadError> {
+        let Some(owners) = self.owners.as_ref().filter(|_| identity.is_authenticated()) else {
+            return Ok(None);
+        };
+        let allowance = match self.store.config().quota_per_identity {
+            None => None,
+            Some(quota) => {
+                let mut used = owners.usage(&self.store, identity.name()).await?;
+                if offset == 0 && owners.owns_partial(name, identity.name()) {
+                    // A fresh start discards the bytes held of this name.
+                    used = used.saturating_sub(self.store.status(name).await?.held);
+                }
+                if used >= quota {
+                    return Err(UploadError::IdentityQuotaExceeded {
+                        upload: name.to_owned(),
+                        identity: identity.name().to_owned(),
+                        index: 0,
+                        quota,
+                        used,
+                    });
+                }
+                Some(Allowance {
+                    identity: identity.name().to_owned(),
+                    quota,
+                    used,
+                    written: 0,
+                })
+            }
+        };
+        owners.begin(name, identity.name());
+        Ok(allowance)
+    }
+}
+
+/// What one call may still write under its identity's quota.
+#[derive(Debug)]
+struct Allowance {
+    identity: String,
+    quota: u64,
+    used: u64,
+    written: u64,
+}
+
+impl Allowance {
+    fn take(&mut self, upload: &str, index: u32, len: u64) -> Result<(), UploadError> {
+        if self.used.saturating_add(self.written).saturating_add(len) > self.quota {
+            return Err(UploadError::IdentityQuotaExceeded {
+                upload: upload.to_owned(),
+                identity: self.identity.clone(),
+                index,
+                quota: self.quota,
+                used: self.used,
+            });
+        }
+        self.written += len;
+        Ok(())
     }
 }
 
@@ -84,6 +161,7 @@ fn status(err: &UploadError) -> Status {
         UploadError::Busy { .. } => Status::aborted(message),
         UploadError::TooLarge { .. }
         | UploadError::QuotaExceeded { .. }
+        | UploadError::IdentityQuotaExceeded { .. }
         | UploadError::DiskFull { .. } => Status::resource_exhausted(message),
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
@@ -150,9 +228,15 @@ async fn receive(
     first: Chunk,
     stream: &mut Streaming<FileChunk>,
     shutdown: &Shutdown,
+    mut allowance: Option<Allowance>,
 ) -> Outcome {
     let mut chunk = first;
     loop {
+        if let Some(allowance) = &mut allowance
+            && let Err(err) = allowance.take(seq.name(), chunk.index, chunk.data.len() as u64)
+        {
+            return Outcome::Storage(err);
+        }
         if let Err(err) = upload
             .write(chunk.index, std::mem::take(&mut chunk.data))
             .await
@@ -235,6 +319,10 @@ impl file_upload_service_server::FileUploadService for UploadService {
         // Before the store is touched: no byte of a refused upload is written.
         auth::authorize(&identity, Resource::Upload, Action::Write, &start.name)
             .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
+        let allowance = self
+            .identity_allowance(&identity, &start.name, start.offset)
+            .await
+            .map_err(|e| refuse(&mut log, e))?;
         let mut upload = self
             .store
             .begin(&start.name, start.offset)
@@ -245,7 +333,15 @@ impl file_upload_service_server::FileUploadService for UploadService {
             tracing::info!(upload = %start.name, %peer, offset = start.offset, "upload resumed");
         }
         let name = start.name;
-        let outcome = receive(&mut seq, &mut upload, first, &mut stream, &self.shutdown).await;
+        let outcome = receive(
+            &mut seq,
+            &mut upload,
+            first,
+            &mut stream,
+            &self.shutdown,
+            allowance,
+        )
+        .await;
         // The chunk that was in flight when the stream stopped.
         let during = u64::from(seq.last_index()) + 1;
         match outcome {
@@ -253,6 +349,11 @@ impl file_upload_service_server::FileUploadService for UploadService {
                 let resumed_from = upload.start();
                 match upload.finish(seq.expected_digest()).await {
                     Ok(stored) => {
+                        if let Some(owners) =
+                            self.owners.as_ref().filter(|_| identity.is_authenticated())
+                        {
+                            owners.published(&stored.name);
+                        }
                         log.end("complete");
                         tracing::info!(
                             upload = %name,
