@@ -158,6 +158,11 @@ impl Owners {
         self.index().partial_owner.get(name).map(String::as_str) == Some(identity)
     }
 
+    /// Whether the stored file `name` is `identity`'s.
+    pub fn owns_stored(&self, name: &str, identity: &str) -> bool {
+        self.index().stored_owner.get(name).map(String::as_str) == Some(identity)
+    }
+
     /// Records that `identity` is writing upload `name`.
     pub fn begin(&self, name: &str, identity: &str) {
         let path = self.partial_dir.join(name);

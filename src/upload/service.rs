@@ -93,9 +93,14 @@ impl UploadService {
             None => None,
             Some(quota) => {
                 let mut used = owners.usage(&self.store, identity.name()).await?;
+                let status = self.store.status(name).await?;
                 if offset == 0 && owners.owns_partial(name, identity.name()) {
                     // A fresh start discards the bytes held of this name.
-                    used = used.saturating_sub(self.store.status(name).await?.held);
+                    used = used.saturating_sub(status.held);
+                }
+                if owners.owns_stored(name, identity.name()) {
+                    // Completing replaces the caller's own file of that name.
+                    used = used.saturating_sub(status.stored_size.unwrap_or(0));
                 }
                 if used >= quota {
                     return Err(UploadError::IdentityQuotaExceeded {
