@@ -55,6 +55,8 @@ pub struct Config {
     /// Plain HTTP routes and browser access (`/metrics`, `/files/`, the
     /// dashboard, gRPC-Web).
     pub http: HttpConfig,
+    /// Authentication: static tokens, JWT, client certificates.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
             runtime: RuntimeConfig::default(),
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -90,6 +93,13 @@ pub struct TlsConfig {
     /// reloads at once); zero checks only on SIGHUP.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    /// Whether the server serves TLS (`cert` and `key` both set).
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
 }
 
 impl Default for TlsConfig {
@@ -197,6 +207,10 @@ pub struct Limits {
     /// for its whole life); a call that would pass it ends with
     /// RESOURCE_EXHAUSTED. At least `max_message_size`.
     pub connection_message_budget: usize,
+    /// Calls one authenticated identity may have open at once (every RPC
+    /// counts while it runs); beyond it, RESOURCE_EXHAUSTED. 0 = no limit.
+    /// Applies only while authentication is on.
+    pub max_streams_per_identity: usize,
 }
 
 impl Default for Limits {
@@ -222,6 +236,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(5 * 60),
             max_connections: 10_000,
             connection_message_budget: 64 * 1024 * 1024,
+            max_streams_per_identity: 0,
         }
     }
 }
@@ -294,6 +309,9 @@ pub struct UploadConfig {
     /// Most bytes all stored files and unfinished uploads may take together;
     /// none by default (only the disk's own size).
     pub quota: Option<u64>,
+    /// Most bytes the stored files and unfinished uploads of one identity
+    /// may take (applies while authentication is on); none by default.
+    pub quota_per_identity: Option<u64>,
     /// How long the bytes of an unfinished upload are kept for a resume
     /// after its last write.
     #[serde(with = "humantime_serde")]
@@ -333,6 +351,7 @@ impl Default for UploadConfig {
         Self {
             max_file_size: 16 * 1024 * 1024 * 1024,
             quota: None,
+            quota_per_identity: None,
             partial_ttl: Duration::from_secs(24 * 60 * 60),
             sweep_interval: Duration::from_secs(10 * 60),
             max_concurrent_uploads: 256,
@@ -470,6 +489,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "runtime",
     "tls",
     "http",
+    "auth",
 ];
 
 impl Config {
@@ -628,6 +648,12 @@ impl Config {
                 "limits.max_message_size must be at least 1024 bytes".into(),
             ));
         }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Inconsistent(
+                "tls.cert and tls.key go together: set both (or neither)".into(),
+            ));
+        }
+        self.auth.validate().map_err(ConfigError::Inconsistent)?;
         self.validate_transport()?;
         Ok(())
     }

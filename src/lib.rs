@@ -6,11 +6,13 @@
 //!
 //! # Layout
 //!
+//! - [`auth`]: identities, credentials, scopes, the auth layer.
 //! - [`server`]: wiring of services, health, reflection, limits, shutdown.
 //! - [`transport`]: connections: accept loop, TLS, handshake and idle
 //!   timeouts, connection cap, graceful drain.
 //! - [`config`]: settings from defaults, file, environment and flags.
 //! - [`runtime`]: the server's tokio runtime (flavour, workers).
+//! - [`server_info`]: `streamhub.ServerService` (WhoAmI, GetServerInfo).
 //! - [`shutdown`]: the cancellation token every stream watches.
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`calls`]: open calls per method, finished RPCs, open connections.
@@ -30,6 +32,7 @@
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
 //! - [`bench`]: the benchmark suite behind `streamhub bench`.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod calls;

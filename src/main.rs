@@ -21,6 +21,22 @@ struct Cli {
     /// Print one JSON object per line instead of human-readable text.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token sent with every call (see `streamhub token new`).
+    #[arg(long, global = true, env = "STREAMHUB_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "STREAMHUB_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate to verify an https:// server with, instead of
+    /// the system's roots.
+    #[arg(long, global = true, env = "STREAMHUB_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// PEM client certificate to present (mTLS); needs --key.
+    #[arg(long, global = true, env = "STREAMHUB_CERT")]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, env = "STREAMHUB_KEY")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +64,11 @@ enum Command {
     Chat(cli::chat::ChatArgs),
     /// A short tour of every streaming pattern against a running server.
     Demo(cli::demo::DemoArgs),
+    /// Static tokens: `token new` prints a fresh one and its config entry.
+    #[command(subcommand)]
+    Token(cli::token::TokenCommand),
+    /// Print the identity and scopes the server sees for your credentials.
+    Whoami,
     /// Run a benchmark scenario and write its results as JSON.
     Bench(Box<cli::bench::BenchArgs>),
 }
@@ -78,7 +99,14 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => return cli::serve::run(args),
         command => command,
     };
-    let ctx = Context::new(cli.server, cli.json)?;
+    let security = cli::Security {
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+        token: cli.token,
+        token_file: cli.token_file,
+    };
+    let ctx = Context::new(cli.server, cli.json, security)?;
     match command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Snapshot(args) => block_on(cli::telemetry::snapshot(&ctx, args)),
@@ -99,6 +127,8 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Files => block_on(cli::upload::files(&ctx)),
         Command::Demo(args) => until_ctrl_c(cli::demo::run(&ctx, args), None),
+        Command::Token(command) => cli::token::run(&ctx, command),
+        Command::Whoami => block_on(cli::token::whoami(&ctx)),
         // The load generator pins itself, then builds its runtime.
         Command::Bench(args) => cli::bench::run(&ctx.server, *args),
     }

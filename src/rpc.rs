@@ -32,13 +32,15 @@ pub fn peer<T>(request: &tonic::Request<T>) -> String {
         .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
 }
 
-/// Logs one line when a stream opens and one when it closes, with why.
+/// Logs one line when a stream opens and one when it closes, with why and
+/// the caller's identity.
 ///
 /// The close line is written on drop, so a stream dropped by tonic because
 /// the client went away, or because its deadline passed, is logged too.
 #[derive(Debug)]
 pub struct StreamLog {
     peer: String,
+    identity: String,
     method: &'static str,
     subject: String,
     reason: Option<String>,
@@ -52,13 +54,15 @@ impl StreamLog {
     pub fn open<T>(request: &tonic::Request<T>, method: &'static str, subject: &str) -> Self {
         let log = Self {
             peer: peer(request),
+            identity: crate::auth::Identity::of(request.extensions())
+                .map_or_else(|| "unknown".to_owned(), |who| who.name().to_owned()),
             method,
             subject: subject.to_owned(),
             reason: None,
             opened: Instant::now(),
             deadline: request.extensions().get::<Deadline>().copied(),
         };
-        tracing::info!(peer = %log.peer, method, subject, "stream opened");
+        tracing::info!(peer = %log.peer, identity = %log.identity, method, subject, "stream opened");
         log
     }
 
@@ -90,6 +94,7 @@ impl Drop for StreamLog {
         });
         tracing::info!(
             peer = %self.peer,
+            identity = %self.identity,
             method = self.method,
             subject = %self.subject,
             reason,

@@ -38,6 +38,7 @@ use tonic_health::{
 };
 
 use crate::{
+    auth,
     chat::{
         ChatError, MessageLimits,
         room::{LocalHub, RoomHub},
@@ -82,6 +83,9 @@ pub enum ServerError {
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
+    /// The authentication settings cannot be used (e.g. a key file).
+    #[error("cannot set up authentication: {0}")]
+    Auth(#[from] crate::auth::SetupError),
 }
 
 /// Names of the gRPC services served, as health knows them.
@@ -127,6 +131,10 @@ where
     // (e.g. a metrics route built here).
     let conn_stats = transport.stats();
 
+    let auth = Arc::new(auth::Authenticator::from_config(&config.auth)?);
+    if auth.enabled() {
+        tracing::info!(?auth, "authentication on");
+    }
     let shutdown = Shutdown::new();
     let open = conn_stats.clone();
     let metrics = Arc::new(Metrics::new(Arc::new(move || open.open())));
@@ -188,13 +196,9 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            UploadService::new(
-                Arc::clone(&uploads),
-                shutdown.clone(),
-                limits.max_message_size,
-            )
-            .with_bytes_counter(metrics.upload_bytes())
-            .into_server(limits.max_message_size),
+            upload_service(Arc::clone(&uploads), &config, &shutdown, auth.enabled())?
+                .with_bytes_counter(metrics.upload_bytes())
+                .into_server(limits.max_message_size),
         )
         .add_service(
             ChatService::new(
@@ -211,6 +215,7 @@ where
                     Arc::new(move || open.open())
                 },
                 Arc::clone(metrics.calls()),
+                auth.enabled(),
             )
             .into_server(),
         );
@@ -219,10 +224,9 @@ where
         grpc.routes().prepare(),
         WebState { metrics, uploads },
         &config.http,
+        &auth::AuthLayer::new(Arc::clone(&auth), limits.max_streams_per_identity),
     )
     .layer(GateLayer::new(shutdown.token(), hub.rpc_counter()));
-    // Layers every request passes (authentication) go with `.layer(…)`
-    // after this line.
     let app = tower::ServiceBuilder::new()
         // What tonic's server did around the routes: a service error
         // becomes a gRPC status.
@@ -315,6 +319,22 @@ async fn report_storage_health(
             },
         }
     }
+}
+
+/// The upload service; with authentication on, it records who owns each
+/// upload (for `upload.quota_per_identity`).
+fn upload_service(
+    store: Arc<upload::Store>,
+    config: &Config,
+    shutdown: &Shutdown,
+    auth_enabled: bool,
+) -> Result<UploadService, ServerError> {
+    let service = UploadService::new(store, shutdown.clone(), config.limits.max_message_size);
+    if !auth_enabled {
+        return Ok(service);
+    }
+    let owners = upload::owners::Owners::open(&config.data_dir)?;
+    Ok(service.with_owners(owners))
 }
 
 /// The standard health service, with Watch streams that end on shutdown

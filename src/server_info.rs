@@ -1,13 +1,14 @@
 //! `streamhub.ServerService`: what the server says about itself: version,
 //! start time, open connections and open calls per method
-//! (`GetServerInfo`), and who the caller is (`WhoAmI`, answered by the
-//! authentication layer once it exists; UNIMPLEMENTED until then).
+//! (`GetServerInfo`, scope `server:read:info`), and who the caller is
+//! (`WhoAmI`, open to every authenticated caller).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{self, Action, Resource},
     calls::CallStats,
     proto::streamhub::{
         MethodStreams, ServerInfoRequest, ServerInfoResponse, WhoAmIRequest, WhoAmIResponse,
@@ -17,6 +18,9 @@ use crate::{
     telemetry::now_ms,
 };
 
+/// The name GetServerInfo is authorized under: scope `server:read:info`.
+pub const INFO_NAME: &str = "info";
+
 /// The `streamhub.ServerService` implementation.
 #[derive(Clone)]
 pub struct ServerService {
@@ -24,6 +28,7 @@ pub struct ServerService {
     connections: ConnectionCount,
     calls: Arc<CallStats>,
     node: String,
+    auth_enabled: bool,
 }
 
 impl std::fmt::Debug for ServerService {
@@ -38,8 +43,10 @@ impl std::fmt::Debug for ServerService {
 impl ServerService {
     /// The service of a server started now, reading open connections from
     /// `connections` and open calls from `calls`.
-    pub fn new(connections: ConnectionCount, calls: Arc<CallStats>) -> Self {
+    /// `auth_enabled` says whether authentication is on.
+    pub fn new(connections: ConnectionCount, calls: Arc<CallStats>, auth_enabled: bool) -> Self {
         Self {
+            auth_enabled,
             started_at_ms: now_ms(),
             connections,
             calls,
@@ -57,15 +64,28 @@ impl ServerService {
 impl server_service_server::ServerService for ServerService {
     async fn who_am_i(
         &self,
-        _request: Request<WhoAmIRequest>,
+        request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
-        Err(Status::unimplemented("WhoAmI is not implemented yet"))
+        let identity = auth::layer::identity(request.extensions());
+        let expires_at_ms = identity
+            .expires_at()
+            .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Ok(Response::new(WhoAmIResponse {
+            identity: identity.name().to_owned(),
+            scopes: identity.scopes().texts(),
+            auth_enabled: self.auth_enabled,
+            method: identity.method().as_str().to_owned(),
+            expires_at_ms,
+        }))
     }
 
     async fn get_server_info(
         &self,
-        _request: Request<ServerInfoRequest>,
+        request: Request<ServerInfoRequest>,
     ) -> Result<Response<ServerInfoResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
+        auth::authorize(&identity, Resource::Server, Action::Read, INFO_NAME)?;
         let streams = self
             .calls
             .open_by_method()
@@ -82,7 +102,7 @@ impl server_service_server::ServerService for ServerService {
             open_connections: (self.connections)(),
             streams,
             node: self.node.clone(),
-            auth_enabled: false,
+            auth_enabled: self.auth_enabled,
         }))
     }
 }

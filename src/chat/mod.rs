@@ -202,6 +202,19 @@ pub enum ChatError {
         /// Newest stored seq.
         last: u64,
     },
+    /// A name in a message or the metadata is not the caller's identity.
+    #[error(
+        "{field} {given:?} is not the authenticated identity {identity:?}: a member speaks only \
+         under its own name (leave {field} empty to have it filled in)"
+    )]
+    NotYourName {
+        /// The field (`sender` or `chat-member`).
+        field: &'static str,
+        /// The name sent.
+        given: String,
+        /// The caller's identity.
+        identity: String,
+    },
     /// The server holds its limit of open rooms.
     #[error("too many rooms open: the limit is {limit}")]
     TooManyRooms {

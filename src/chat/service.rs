@@ -25,6 +25,7 @@ use super::{
     validate_name,
 };
 use crate::{
+    auth::{self, Action, Identity, Resource},
     proto::chat::{self as pb, chat_service_server},
     rpc::{StreamLog, shutting_down},
     shutdown::{SHUTTING_DOWN, Shutdown},
@@ -109,6 +110,7 @@ fn resume_refused(
 pub fn status(err: &ChatError) -> Status {
     match err {
         ChatError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+        ChatError::NotYourName { .. } => Status::permission_denied(err.to_string()),
         ChatError::HistoryGap {
             oldest,
             last,
@@ -224,7 +226,34 @@ pub fn watch_request(request: pb::WatchRoomRequest) -> Result<JoinRequest, ChatE
     })
 }
 
-fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatError> {
+/// With authentication on (`identity` given), a member's name is its
+/// identity: an empty one is filled in, another one is refused.
+fn bind_name(
+    field: &'static str,
+    given: &mut String,
+    identity: Option<&Identity>,
+) -> Result<(), ChatError> {
+    let Some(identity) = identity else {
+        return Ok(());
+    };
+    if given.is_empty() {
+        identity.name().clone_into(given);
+    } else if given != identity.name() {
+        return Err(ChatError::NotYourName {
+            field,
+            given: std::mem::take(given),
+            identity: identity.name().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn draft(
+    mut message: pb::ChatMessage,
+    limits: MessageLimits,
+    identity: Option<&Identity>,
+) -> Result<Draft, ChatError> {
+    bind_name("sender", &mut message.sender, identity)?;
     if message.kind != i32::from(pb::MessageKind::KindMember) {
         return Err(ChatError::invalid(
             "kind",
@@ -239,20 +268,35 @@ fn draft(message: pb::ChatMessage, limits: MessageLimits) -> Result<Draft, ChatE
     )
 }
 
+/// What the reader of one member's inbound messages needs.
+struct Inbound {
+    outbox: Outbox,
+    end: Arc<EndSignal>,
+    /// Where a failed read leaves the status the call ends with.
+    failure: Arc<OnceLock<Status>>,
+    limits: MessageLimits,
+    shutdown: Shutdown,
+    room: RoomName,
+    /// The member's identity, with authentication on: its messages'
+    /// sender.
+    identity: Option<Identity>,
+}
+
 /// Reads a member's messages and submits them to the room until the
 /// client half-closes or leaves, the member's delivery ends, or the server
 /// shuts down (after which nothing new is accepted). A message that cannot
 /// be read (undecodable, over the size limit) ends the member's call with
 /// the reading's status, left in `failure`.
-async fn read_inbound(
-    mut inbound: Streaming<pb::ChatMessage>,
-    outbox: Outbox,
-    end: Arc<EndSignal>,
-    failure: Arc<OnceLock<Status>>,
-    limits: MessageLimits,
-    shutdown: Shutdown,
-    room: RoomName,
-) {
+async fn read_inbound(mut inbound: Streaming<pb::ChatMessage>, member: Inbound) {
+    let Inbound {
+        outbox,
+        end,
+        failure,
+        limits,
+        shutdown,
+        room,
+        identity,
+    } = member;
     let mut received = 0u64;
     loop {
         let next = tokio::select! {
@@ -282,7 +326,12 @@ async fn read_inbound(
             }
         };
         received += 1;
-        match draft(message, limits) {
+        // The auth layer ends the call at expiry; nothing read after it
+        // is submitted meanwhile.
+        if identity.as_ref().is_some_and(Identity::is_expired) {
+            return;
+        }
+        match draft(message, limits, identity.as_ref()) {
             Ok(draft) => {
                 if outbox.submit(draft).await.is_err() {
                     return;
@@ -340,6 +389,20 @@ fn end_status(reason: Option<&EndReason>, failure: Option<&Status>, last_sent: u
             .unwrap_or_else(|| Status::internal("a message could not be read")),
     };
     with_last_seq(status, last_sent)
+}
+
+/// Lets `identity` join as `join` asks, before anything happens (a join
+/// opens the room and announces the member): it needs `chat:join` on the
+/// room, and with authentication on, the announced member name is the
+/// identity's own (filled in when empty, refused when another).
+fn admit(identity: &Identity, join: &mut JoinRequest) -> Result<(), Status> {
+    auth::authorize(identity, Resource::Chat, Action::Join, join.room.as_str())?;
+    if identity.is_authenticated() {
+        let mut member = join.member.take().unwrap_or_default();
+        bind_name(MEMBER_KEY, &mut member, Some(identity)).map_err(|err| status(&err))?;
+        join.member = Some(member);
+    }
+    Ok(())
 }
 
 impl ChatService {
@@ -456,11 +519,15 @@ impl chat_service_server::ChatService for ChatService {
         request: Request<pb::WatchRoomRequest>,
     ) -> Result<Response<Self::WatchRoomStream>, Status> {
         let mut log = StreamLog::open(&request, "WatchRoom", &request.get_ref().room);
-        let join = watch_request(request.into_inner()).map_err(|err| {
+        let identity = auth::layer::identity(request.extensions());
+        let mut join = watch_request(request.into_inner()).map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
         })?;
         log.set_subject(join.room.as_str());
+        admit(&identity, &mut join).inspect_err(|refused| {
+            log.end(format!("refused: {}", refused.message()));
+        })?;
         let membership = self.hub.join(join).await.map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
@@ -472,12 +539,16 @@ impl chat_service_server::ChatService for ChatService {
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::ChatMessage>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let pb::SendRequest { room, message } = request.into_inner();
         let room = RoomName::parse(if room.is_empty() { DEFAULT_ROOM } else { &room })
             .map_err(|err| status(&err))?;
+        // Before anything is stored or broadcast.
+        auth::authorize(&identity, Resource::Chat, Action::Join, room.as_str())?;
         let message = message
             .ok_or_else(|| Status::invalid_argument("message is missing: nothing to send"))?;
-        let draft = draft(message, self.limits).map_err(|err| status(&err))?;
+        let bound = identity.is_authenticated().then_some(&identity);
+        let draft = draft(message, self.limits, bound).map_err(|err| status(&err))?;
         let stored = self
             .hub
             .send(room, draft)
@@ -491,11 +562,16 @@ impl chat_service_server::ChatService for ChatService {
         request: Request<Streaming<pb::ChatMessage>>,
     ) -> Result<Response<Self::ChatStream>, Status> {
         let mut log = StreamLog::open(&request, "Chat", "");
-        let join = join_request(request.metadata()).map_err(|err| {
+        let identity = auth::layer::identity(request.extensions());
+        let mut join = join_request(request.metadata()).map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
         })?;
         log.set_subject(join.room.as_str());
+        admit(&identity, &mut join).inspect_err(|refused| {
+            log.end(format!("refused: {}", refused.message()));
+        })?;
+        let bound = identity.is_authenticated().then_some(&identity);
         let membership = self.hub.join(join).await.map_err(|err| {
             log.end(format!("refused: {err}"));
             status(&err)
@@ -512,12 +588,15 @@ impl chat_service_server::ChatService for ChatService {
         let failure = Arc::new(OnceLock::new());
         self.shutdown.spawn(read_inbound(
             request.into_inner(),
-            membership.outbox.clone(),
-            Arc::clone(&membership.end),
-            Arc::clone(&failure),
-            self.limits,
-            self.shutdown.clone(),
-            room.clone(),
+            Inbound {
+                outbox: membership.outbox.clone(),
+                end: Arc::clone(&membership.end),
+                failure: Arc::clone(&failure),
+                limits: self.limits,
+                shutdown: self.shutdown.clone(),
+                room: room.clone(),
+                identity: bound.cloned(),
+            },
         ));
 
         Ok(self.deliver(membership, failure, log))
@@ -574,7 +653,27 @@ mod tests {
             kind: pb::MessageKind::KindJoined.into(),
             ..pb::ChatMessage::default()
         };
-        let err = draft(forged, limits).expect_err("refused");
+        let err = draft(forged, limits, None).expect_err("refused");
         assert!(err.to_string().starts_with("kind"), "{err}");
+    }
+
+    #[test]
+    fn authenticated_members_speak_under_their_identity() {
+        let limits = MessageLimits {
+            max_text_bytes: 100,
+        };
+        let alice = Identity::new("alice", auth::Scopes::all(), auth::Method::Token, None);
+        let message = |sender: &str| pb::ChatMessage {
+            sender: sender.into(),
+            message: "hi".into(),
+            ..pb::ChatMessage::default()
+        };
+        let filled = draft(message(""), limits, Some(&alice)).expect("filled in");
+        assert_eq!(filled.sender, "alice");
+        assert!(draft(message("alice"), limits, Some(&alice)).is_ok());
+        let spoofed = draft(message("bob"), limits, Some(&alice)).expect_err("spoof");
+        assert_eq!(status(&spoofed).code(), tonic::Code::PermissionDenied);
+        // Without authentication the sender is the client's to choose.
+        assert!(draft(message("bob"), limits, None).is_ok());
     }
 }

@@ -32,8 +32,9 @@ use crate::{
 /// Arguments of `streamhub chat`.
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
-    /// Your name in the room.
-    #[arg(long, env = "STREAMHUB_CHAT_NAME")]
+    /// Your name in the room; with credentials, your identity (the
+    /// default then; another name is refused by the server).
+    #[arg(long, env = "STREAMHUB_CHAT_NAME", default_value = "")]
     pub name: String,
     /// The room to join.
     #[arg(long, env = "STREAMHUB_CHAT_ROOM", default_value = "lobby")]
@@ -163,7 +164,16 @@ enum Outcome {
 }
 
 /// `streamhub chat`.
-pub async fn run(ctx: &Context, args: ChatArgs) -> anyhow::Result<()> {
+pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
+    if args.name.is_empty() {
+        if ctx.security.token.is_none()
+            && ctx.security.token_file.is_none()
+            && ctx.security.cert.is_none()
+        {
+            anyhow::bail!("give --name (or credentials, whose identity is then your name)");
+        }
+        args.name = super::token::identity(ctx).await?.identity;
+    }
     crate::chat::RoomName::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: {e}"))?;
     crate::chat::validate_name("--name", &args.name).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (lines_tx, mut lines) = mpsc::channel::<String>(64);

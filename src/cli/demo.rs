@@ -161,11 +161,7 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
 
 /// The seed's upload: the whole file in chunks, the server acks at the end
 /// with the stored file's SHA-256.
-async fn upload_step(
-    ctx: &Context,
-    channel: tonic::transport::Channel,
-    size: usize,
-) -> anyhow::Result<()> {
+async fn upload_step(ctx: &Context, channel: super::Channel, size: usize) -> anyhow::Result<()> {
     use sha2::Digest as _;
 
     // Recognisable, not compressible: a simple xorshift sequence.
@@ -232,11 +228,7 @@ async fn upload_step(
 
 /// The chat seed: two members talking at once over one bidirectional call
 /// each, both seeing one order.
-async fn chat_step(
-    ctx: &Context,
-    channel: tonic::transport::Channel,
-    lines: usize,
-) -> anyhow::Result<()> {
+async fn chat_step(ctx: &Context, channel: super::Channel, lines: usize) -> anyhow::Result<()> {
     let room = format!("demo-{}", std::process::id());
     step(
         ctx,
@@ -265,7 +257,7 @@ async fn chat_step(
 /// One demo chat member: sends `lines` messages while reading, until it has
 /// received `expect` members' messages (its own included).
 async fn chat_member(
-    channel: tonic::transport::Channel,
+    channel: super::Channel,
     room: &str,
     name: &str,
     lines: usize,

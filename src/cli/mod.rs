@@ -9,48 +9,200 @@ pub mod chat;
 pub mod demo;
 pub mod serve;
 pub mod telemetry;
+pub mod token;
 pub mod upload;
 
 use std::{
     borrow::Cow,
     io::{ErrorKind, Write as _},
+    path::PathBuf,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+};
+
+/// A connection to the server whose every call carries the credentials.
+pub type Channel = InterceptedService<tonic::transport::Channel, Credentials>;
 
 /// Settings every client subcommand shares.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Context {
-    /// The server URL, e.g. `http://127.0.0.1:50051`.
+    /// The server URL, e.g. `http://127.0.0.1:50051` or `https://hub:50051`.
     pub server: String,
     /// Print one JSON object per line instead of text.
     pub json: bool,
+    /// How the client proves who it is and checks the server.
+    pub security: Security,
+}
+
+/// The client's TLS and credential settings (`--ca`, `--cert`, `--key`,
+/// `--token`, `--token-file`).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// PEM CA certificate(s) to verify the server with, instead of the
+    /// system roots.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain, for mTLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Adds `authorization: Bearer <token>` to every call, if there is a token.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Credentials")
+            .field("token", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Security {
+    /// The bearer token, from `--token` or `--token-file`.
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => anyhow::bail!("give --token or --token-file, not both"),
+            (Some(token), None) => Ok(Some(token.trim().to_owned())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+                Ok(Some(text.trim().to_owned()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The interceptor sending the token.
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        let authorization = match self.token()? {
+            None => None,
+            Some(token) if token.is_empty() => anyhow::bail!("the token is empty"),
+            Some(token) => {
+                let mut value: AsciiMetadataValue =
+                    MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                        anyhow::anyhow!(
+                            "the token holds characters that cannot be sent (printable ASCII only)"
+                        )
+                    })?;
+                // Kept out of HPACK's table and out of Debug output.
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(Credentials { authorization })
+    }
+
+    /// The TLS settings for an `https://` server whose host is `host`.
+    fn tls(&self, host: &str) -> anyhow::Result<ClientTlsConfig> {
+        let mut tls = ClientTlsConfig::new().domain_name(host);
+        tls = match &self.ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read --ca {}", path.display()))?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let cert = std::fs::read(cert)
+                    .with_context(|| format!("cannot read --cert {}", cert.display()))?;
+                let key = std::fs::read(key)
+                    .with_context(|| format!("cannot read --key {}", key.display()))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--cert and --key go together: give both for a client certificate"),
+        }
+        Ok(tls)
+    }
 }
 
 impl Context {
     /// The settings of a client command; `server` must be an `http://` or
     /// `https://` URL (any other scheme, or none, is an error rather than
     /// a guess, so a request never goes out in plaintext by surprise).
-    pub fn new(server: String, json: bool) -> anyhow::Result<Self> {
+    pub fn new(server: String, json: bool, security: Security) -> anyhow::Result<Self> {
         check_server_url(&server)?;
-        Ok(Self { server, json })
+        Ok(Self {
+            server,
+            json,
+            security,
+        })
     }
 
-    /// Opens a channel to the server.
+    /// Opens a channel to the server: TLS for an `https://` URL (verified
+    /// against `--ca` or the system roots, presenting `--cert`/`--key`),
+    /// and the token on every call.
     pub async fn connect(&self) -> anyhow::Result<Channel> {
-        let endpoint = Endpoint::from_shared(self.server.clone())
+        let credentials = self.security.credentials()?;
+        let mut endpoint = Endpoint::from_shared(self.server.clone())
             .with_context(|| format!("invalid server URL {:?}", self.server))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", self.server))
+        let uri = endpoint.uri().clone();
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        match uri.scheme_str() {
+            Some("https") => endpoint = endpoint.tls_config(self.security.tls(&host)?)?,
+            _ if self.security.ca.is_some() || self.security.cert.is_some() => anyhow::bail!(
+                "--ca, --cert and --key apply to TLS: use an https:// server URL (not {})",
+                self.server
+            ),
+            _ => {}
+        }
+        let channel = endpoint.connect().await.map_err(|err| {
+            let chain = format!("{:#}", anyhow::Error::from(err));
+            if chain.contains("certificate") || chain.contains("Certificate") {
+                anyhow::anyhow!(
+                    "cannot connect to {}: the server's TLS certificate was not accepted \
+                     (it must be valid for the name {host:?} and signed by {}): {chain}",
+                    self.server,
+                    self.security.ca.as_ref().map_or_else(
+                        || "a CA the system trusts".to_owned(),
+                        |ca| format!("the CA in {}", ca.display())
+                    )
+                )
+            } else {
+                anyhow::anyhow!("cannot connect to {}: {chain}", self.server)
+            }
+        })?;
+        Ok(InterceptedService::new(channel, credentials))
     }
 
     /// Prints `value` as a JSON line, or `human` as text. Text that came
@@ -182,6 +334,11 @@ pub fn is_transient(status: &tonic::Status) -> bool {
 /// A call's failure as text: its code and the server's message (made
 /// safe for a terminal).
 pub fn status_text(status: &tonic::Status) -> String {
+    if status.code() == tonic::Code::Unauthenticated
+        && status.message() == crate::auth::layer::TOKEN_EXPIRED
+    {
+        return "the token expired: get a new token and run the command again".to_owned();
+    }
     format!("{:?}: {}", status.code(), terminal_safe(status.message()))
 }
 

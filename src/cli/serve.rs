@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// back) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Listen on a non-loopback address without TLS and authentication
+    /// (e.g. behind a proxy that provides both). Logs a warning.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl ServeArgs {
@@ -97,8 +101,42 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("cannot print the configuration")?;
         return Ok(());
     }
+    check_exposure(&config, args.insecure)?;
     let rt = runtime::build(&config.runtime).context("cannot start the async runtime")?;
     rt.block_on(serve(config))
+}
+
+/// Refuses a non-loopback listen address unless both TLS and
+/// authentication are configured, or `insecure` is given (then warns).
+pub fn check_exposure(config: &Config, insecure: bool) -> anyhow::Result<()> {
+    let (tls, auth) = (config.tls.enabled(), config.auth.enabled());
+    if config.listen.ip().is_loopback() || (tls && auth) {
+        return Ok(());
+    }
+    let missing = match (tls, auth) {
+        (false, false) => "TLS and authentication",
+        (false, true) => "TLS",
+        _ => "authentication",
+    };
+    if insecure {
+        tracing::warn!(
+            listen = %config.listen,
+            "--insecure: listening on a non-loopback address without {missing}; anyone who \
+             can reach it can read, overwrite and publish anything"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {} without {missing}: anyone who can reach that address \
+         could read and overwrite every file, publish under any name and chat as anyone.\n\
+         Set up both (see SECURITY.md):\n\
+         \x20 1. `streamhub token new --identity NAME --scope SCOPE...` and add the printed \
+         [[auth.tokens]] entry to the --config file;\n\
+         \x20 2. serve with `--tls-cert FILE --tls-key FILE` (config tls.cert, tls.key).\n\
+         Or listen on 127.0.0.1, or pass --insecure if something in front of streamhub \
+         provides both.",
+        config.listen
+    )
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

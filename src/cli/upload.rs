@@ -13,7 +13,9 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
+
+use super::Channel;
 
 use super::{Backoff, Context, format_ms, out, status_error, terminal_safe};
 use crate::proto::fileupload::{

@@ -15,6 +15,7 @@ use super::{
     watch::{Pattern, WatchError, WatchItem, WatchOptions},
 };
 use crate::{
+    auth::{self, Action, Resource},
     config::AlertRuleConfig,
     proto::telemetry::{
         AlertEvent, AlertResponse, HistoryRequest, HistoryResponse, ListServicesRequest,
@@ -67,6 +68,15 @@ impl TelemetryService {
         message: impl Fn(Sample) -> M + Send + 'static,
     ) -> Result<BoxStream<M>, Status> {
         let mut log = StreamLog::open(&request, "Subscribe", &request.get_ref().service_name);
+        let identity = auth::layer::identity(request.extensions());
+        // Before subscribing: a subscription to an unknown name registers it.
+        auth::authorize(
+            &identity,
+            Resource::Telemetry,
+            Action::Read,
+            &request.get_ref().service_name,
+        )
+        .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
         let MetricsRequest {
             service_name,
             interval_ms,
@@ -201,7 +211,9 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         &self,
         request: Request<MetricsRequest>,
     ) -> Result<Response<MetricsResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let name = request.into_inner().service_name;
+        auth::authorize(&identity, Resource::Telemetry, Action::Read, &name)?;
         let sample = self.hub.snapshot(&name).map_err(|e| status(&e))?;
         Ok(Response::new(sample.into()))
     }
@@ -223,6 +235,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         request: Request<Streaming<MetricsPayload>>,
     ) -> Result<Response<Self::LiveFeedStream>, Status> {
         let mut log = StreamLog::open(&request, "LiveFeed", "");
+        let identity = auth::layer::identity(request.extensions());
         let mut inbound = request.into_inner();
         let hub = Arc::clone(&self.hub);
         let shutdown = self.shutdown.clone();
@@ -266,6 +279,16 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                 position += 1;
                 log.set_subject(&payload.service_name);
                 let name = payload.service_name.clone();
+                // Before publishing: publishing also registers the name.
+                if let Err(denied) = auth::authorize(&identity, Resource::Telemetry, Action::Publish, &name) {
+                    let denied = Status::permission_denied(format!(
+                        "payload {position} (service {name:?}): {}",
+                        denied.message()
+                    ));
+                    log.end(denied.message().to_owned());
+                    yield Err(denied);
+                    break;
+                }
                 match hub.ingest(payload.into()) {
                     Ok(sample) => {
                         for alert in engine.evaluate(&sample) {
@@ -291,12 +314,15 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
 
     async fn list_services(
         &self,
-        _request: Request<ListServicesRequest>,
+        request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
+        // Only the names the caller may read.
         let services = self
             .hub
             .services()
             .into_iter()
+            .filter(|(name, _)| identity.allows(Resource::Telemetry, Action::Read, name))
             .map(|(service_name, latest)| ServiceEntry {
                 service_name,
                 latest: latest.map(MetricsResponse::from),
@@ -306,6 +332,9 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
     }
 
     type WatchStream = BoxStream<WatchEvent>;
+
+    // Watch and GetHistory need the scope telemetry:read for each name;
+    // Watch delivers only names the caller may read (SECURITY.md).
 
     async fn watch(
         &self,
@@ -422,10 +451,13 @@ mod tests {
             timestamp_ms: 4,
         };
         let sample = hub.ingest(report).unwrap();
-        let request = Request::new(MetricsRequest {
+        let mut request = Request::new(MetricsRequest {
             service_name: "edge".into(),
             interval_ms: 0,
         });
+        request
+            .extensions_mut()
+            .insert(crate::auth::Identity::anonymous());
         let mut updates = telemetry_service_server::TelemetryService::subscribe(&service, request)
             .await
             .unwrap()
@@ -433,13 +465,25 @@ mod tests {
         let first = updates.next().await.unwrap().unwrap();
         assert_eq!(first, MetricsResponse::from(sample));
 
-        let refused = telemetry_service_server::TelemetryService::subscribe(
-            &service,
-            Request::new(MetricsRequest::default()),
-        )
-        .await
-        .err()
-        .unwrap();
+        let mut empty = Request::new(MetricsRequest::default());
+        empty
+            .extensions_mut()
+            .insert(crate::auth::Identity::anonymous());
+        let refused = telemetry_service_server::TelemetryService::subscribe(&service, empty)
+            .await
+            .err()
+            .unwrap();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+        // Without the auth layer's identity, nothing is allowed.
+        let bare = Request::new(MetricsRequest {
+            service_name: "edge".into(),
+            interval_ms: 0,
+        });
+        let denied = telemetry_service_server::TelemetryService::subscribe(&service, bare)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     }
 }

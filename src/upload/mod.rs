@@ -16,6 +16,7 @@
 //! `docs/upload.md` describes the protocol and the invariants.
 
 pub mod limits;
+pub mod owners;
 pub mod service;
 pub mod store;
 
@@ -192,6 +193,23 @@ pub enum UploadError {
         /// The quota.
         quota: u64,
         /// Bytes in use before the chunk.
+        used: u64,
+    },
+    /// The identity's own quota (`upload.quota_per_identity`) is used up.
+    #[error(
+        "upload {upload} exhausts the quota of {quota} bytes of identity {identity:?} at chunk \
+         {index} ({used} bytes in use); its bytes were discarded"
+    )]
+    IdentityQuotaExceeded {
+        /// The upload.
+        upload: String,
+        /// The identity.
+        identity: String,
+        /// The chunk that crossed the quota.
+        index: u32,
+        /// The quota.
+        quota: u64,
+        /// Bytes the identity held when the upload started.
         used: u64,
     },
     /// The disk is full.

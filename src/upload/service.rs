@@ -21,9 +21,11 @@ use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
 use super::{
     Chunk, Sequence, UploadError,
     limits::CallSlot,
+    owners::Owners,
     store::{Store, StoredReader, Upload, expires_ms},
 };
 use crate::{
+    auth::{self, Action, Resource},
     proto::fileupload::{
         CancelUploadRequest, CancelUploadResponse, DownloadChunk, DownloadRequest, FileChunk,
         FileInfo, ListFilesRequest, ListFilesResponse, ListUploadsRequest, ListUploadsResponse,
@@ -61,6 +63,7 @@ pub struct UploadService {
     shutdown: Shutdown,
     max_chunk: usize,
     bytes: metrics::Counter,
+    owners: Option<Arc<Owners>>,
 }
 
 impl UploadService {
@@ -74,6 +77,7 @@ impl UploadService {
                 .saturating_sub(MESSAGE_OVERHEAD)
                 .clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE),
             bytes: metrics::Counter::noop(),
+            owners: None,
         }
     }
 
@@ -93,6 +97,84 @@ impl UploadService {
         file_upload_service_server::FileUploadServiceServer::new(self)
             .max_decoding_message_size(max_message_size)
             .max_encoding_message_size(max_message_size)
+    }
+
+    /// Records who writes each upload in `owners`, and enforces
+    /// `upload.quota_per_identity` for authenticated callers.
+    pub fn with_owners(mut self, owners: Arc<Owners>) -> Self {
+        self.owners = Some(owners);
+        self
+    }
+
+    /// The bytes an authenticated caller may still write in this call
+    /// (`None` = no per-identity quota), checked before anything is
+    /// written; records the caller as the upload's owner.
+    async fn identity_allowance(
+        &self,
+        identity: &crate::auth::Identity,
+        name: &str,
+        offset: u64,
+    ) -> Result<Option<Allowance>, UploadError> {
+        let Some(owners) = self.owners.as_ref().filter(|_| identity.is_authenticated()) else {
+            return Ok(None);
+        };
+        let allowance = match self.store.config().quota_per_identity {
+            None => None,
+            Some(quota) => {
+                let mut used = owners.usage(&self.store, identity.name()).await?;
+                let status = self.store.status(name).await?;
+                if offset == 0 && owners.owns_partial(name, identity.name()) {
+                    // A fresh start discards the bytes held of this name.
+                    used = used.saturating_sub(status.held);
+                }
+                if owners.owns_stored(name, identity.name()) {
+                    // Completing replaces the caller's own file of that name.
+                    used = used.saturating_sub(status.stored_size.unwrap_or(0));
+                }
+                if used >= quota {
+                    return Err(UploadError::IdentityQuotaExceeded {
+                        upload: name.to_owned(),
+                        identity: identity.name().to_owned(),
+                        index: 0,
+                        quota,
+                        used,
+                    });
+                }
+                Some(Allowance {
+                    identity: identity.name().to_owned(),
+                    quota,
+                    used,
+                    written: 0,
+                })
+            }
+        };
+        owners.begin(name, identity.name());
+        Ok(allowance)
+    }
+}
+
+/// What one call may still write under its identity's quota.
+#[derive(Debug)]
+struct Allowance {
+    identity: String,
+    quota: u64,
+    used: u64,
+    written: u64,
+}
+
+impl Allowance {
+    fn take(&mut self, upload: &str, index: u32, len: u64) -> Result<(), UploadError> {
+        if self.used.saturating_add(self.written).saturating_add(len) > self.quota {
+            return Err(UploadError::IdentityQuotaExceeded {
+                upload: upload.to_owned(),
+                identity: self.identity.clone(),
+                index,
+                quota: self.quota,
+                used: self.used,
+            });
+        }
+        self.written += len;
+        Ok(())
     }
 }
 
@@ -117,6 +199,7 @@ fn status(err: &UploadError) -> Status {
         UploadError::TooLarge { .. }
         | UploadError::QuotaExceeded { .. }
         | UploadError::DiskFull { .. }
+        | UploadError::IdentityQuotaExceeded { .. }
         | UploadError::TooManyCalls { .. } => Status::resource_exhausted(message),
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
@@ -256,9 +339,15 @@ async fn receive(
     stream: &mut Streaming<FileChunk>,
     waits: &Waits<'_>,
     bytes: &metrics::Counter,
+    mut allowance: Option<Allowance>,
 ) -> Outcome {
     let mut chunk = first;
     loop {
+        if let Some(allowance) = &mut allowance
+            && let Err(err) = allowance.take(seq.name(), chunk.index, chunk.data.len() as u64)
+        {
+            return Outcome::Storage(err);
+        }
         let len = chunk.data.len() as u64;
         if let Err(err) = upload
             .write(chunk.index, std::mem::take(&mut chunk.data))
@@ -330,6 +419,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
     ) -> Result<Response<UploadResponse>, Status> {
         let mut log = StreamLog::open(&request, "Upload", "");
         let peer = peer(&request);
+        let identity = auth::layer::identity(request.extensions());
         let deadline = deadline_of(request.metadata());
         let _slot: CallSlot = self.store.upload_slot(&peer).map_err(|err| {
             log.end(format!("refused: {err}"));
@@ -377,6 +467,13 @@ impl file_upload_service_server::FileUploadService for UploadService {
         };
         let (mut seq, start) = Sequence::first(&first).map_err(|e| refuse(&mut log, e))?;
         log.set_subject(&start.name);
+        // Before the store is touched: no byte of a refused upload is written.
+        auth::authorize(&identity, Resource::Upload, Action::Write, &start.name)
+            .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
+        let allowance = self
+            .identity_allowance(&identity, &start.name, start.offset)
+            .await
+            .map_err(|e| refuse(&mut log, e))?;
         let mut upload = self
             .store
             .begin(&start.name, start.offset)
@@ -396,6 +493,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
             &mut stream,
             &waits,
             &self.bytes,
+            allowance,
         )
         .await;
         // The chunk that was in flight when the stream stopped.
@@ -405,6 +503,11 @@ impl file_upload_service_server::FileUploadService for UploadService {
                 let resumed_from = upload.start();
                 match upload.finish(seq.expected_digest()).await {
                     Ok(stored) => {
+                        if let Some(owners) =
+                            self.owners.as_ref().filter(|_| identity.is_authenticated())
+                        {
+                            owners.published(&stored.name);
+                        }
                         log.end("complete");
                         tracing::info!(
                             upload = %name,
@@ -573,7 +676,9 @@ impl file_upload_service_server::FileUploadService for UploadService {
         &self,
         request: Request<QueryUploadRequest>,
     ) -> Result<Response<QueryUploadResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let name = request.into_inner().filename;
+        auth::authorize(&identity, Resource::Upload, Action::Write, &name)?;
         let held = self.store.status(&name).await.map_err(|e| status(&e))?;
         Ok(Response::new(QueryUploadResponse {
             filename: name,
@@ -589,7 +694,9 @@ impl file_upload_service_server::FileUploadService for UploadService {
         &self,
         request: Request<CancelUploadRequest>,
     ) -> Result<Response<CancelUploadResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let name = request.into_inner().filename;
+        auth::authorize(&identity, Resource::Upload, Action::Write, &name)?;
         let discarded_bytes = self.store.cancel(&name).await.map_err(|e| status(&e))?;
         tracing::info!(upload = %name, discarded_bytes, "unfinished upload cancelled");
         Ok(Response::new(CancelUploadResponse { discarded_bytes }))
@@ -597,12 +704,15 @@ impl file_upload_service_server::FileUploadService for UploadService {
 
     async fn list_files(
         &self,
-        _request: Request<ListFilesRequest>,
+        request: Request<ListFilesRequest>,
     ) -> Result<Response<ListFilesResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let files = self.store.list().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListFilesResponse {
             files: files
                 .into_iter()
+                // Only the files the caller may read.
+                .filter(|f| identity.allows(Resource::Upload, Action::Read, &f.name))
                 .map(|f| FileInfo {
                     filename: f.name,
                     size: f.size,
@@ -613,6 +723,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
         }))
     }
 
+    // ListUploads needs upload:write and lists only the names it matches.
     async fn list_uploads(
         &self,
         _request: Request<ListUploadsRequest>,
@@ -639,6 +750,14 @@ impl file_upload_service_server::FileUploadService for UploadService {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let mut log = StreamLog::open(&request, "Download", &request.get_ref().filename);
         let peer = peer(&request);
+        let identity = auth::layer::identity(request.extensions());
+        auth::authorize(
+            &identity,
+            Resource::Upload,
+            Action::Read,
+            &request.get_ref().filename,
+        )
+        .inspect_err(|denied| log.end(format!("refused: {}", denied.message())))?;
         let DownloadRequest {
             filename,
             chunk_size,

@@ -33,7 +33,11 @@ use axum::{
 use tonic::service::Routes;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::{calls::CallLayer, config::HttpConfig, server_metrics::Metrics, upload};
+use tower_http::map_response_body::MapResponseBodyLayer;
+
+use crate::{
+    auth::AuthLayer, calls::CallLayer, config::HttpConfig, server_metrics::Metrics, upload,
+};
 
 /// What the plain HTTP routes need.
 #[derive(Debug, Clone)]
@@ -55,16 +59,30 @@ pub fn router(state: WebState) -> Router {
 /// The whole application: the gRPC `routes` (counted, and reachable over
 /// gRPC-Web), the plain HTTP routes, the embedded dashboard, and CORS as
 /// `http` configures it.
-pub fn app(routes: Routes, state: WebState, http: &HttpConfig) -> Router {
+///
+/// `auth` authenticates every gRPC call (native or gRPC-Web) and the
+/// `/metrics` and `/files/` routes; the dashboard's own files are open
+/// (they carry no data, and the page must load to ask for a token).
+pub fn app(routes: Routes, state: WebState, http: &HttpConfig, auth: &AuthLayer) -> Router {
     let grpc = routes
         .into_axum_router()
         // Every call ends as the gRPC spec says (grpc-timeout on every
-        // call, the spec's codes for tonic's codec errors); counted as it
-        // ends, and reached by gRPC-Web too.
-        .layer(crate::rpc::StatusLayer)
+        // call, the spec's codes for tonic's codec errors); authenticated
+        // before any handler runs; counted as it ends; reached by gRPC-Web
+        // too.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(auth.clone())
+                .layer(crate::rpc::StatusLayer),
+        )
         .layer(CallLayer::new(Arc::clone(state.metrics.calls())))
         .layer(tonic_web::GrpcWebLayer::new());
-    let app = grpc.merge(router(state)).fallback(fallback);
+    let http_routes = router(state).layer(
+        tower::ServiceBuilder::new()
+            .layer(auth.clone())
+            .layer(MapResponseBodyLayer::new(tonic::body::Body::new)),
+    );
+    let app = grpc.merge(http_routes).fallback(fallback);
     match cors(http) {
         Some(cors) => app.layer(cors),
         None => app,
