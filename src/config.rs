@@ -48,6 +48,8 @@ pub struct Config {
     pub chat: ChatConfig,
     /// How the server's async runtime is built.
     pub runtime: RuntimeConfig,
+    /// Cluster mode over NATS (off unless `cluster.nats` lists a server).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -61,7 +63,63 @@ impl Default for Config {
             upload: UploadConfig::default(),
             chat: ChatConfig::default(),
             runtime: RuntimeConfig::default(),
+            cluster: ClusterConfig::default(),
         }
+    }
+}
+
+/// Cluster mode: several nodes sharing telemetry, chat and upload leases
+/// through NATS (see `docs/cluster.md`). Off while `nats` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://HOST:PORT`, or `tls://…`); empty means a
+    /// single node with the in-process broker and local storage.
+    pub nats: Vec<String>,
+    /// A NATS `.creds` file (JWT and nkey seed) to authenticate with.
+    pub nats_creds: Option<PathBuf>,
+    /// A PEM file of CA certificates to verify the NATS servers' TLS with.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// This node's name, in logs and in NATS' connection list; empty means
+    /// the host name plus the listen port (`host:50051`).
+    pub node: String,
+    /// JetStream replicas of the streams and buckets streamhub creates
+    /// (1 for a single nats-server; 3 for a three-server NATS cluster).
+    /// Applies when a stream is first created.
+    pub replicas: usize,
+    /// How long JetStream remembers a chat message's idempotency key
+    /// across nodes (its duplicate window).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long an upload's lease on its name outlives its node: a crashed
+    /// node's lease lapses after this. A live node renews it every third.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How long connecting to NATS at start, and each cluster request
+    /// (JetStream publish, stream look-up), may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats: Vec::new(),
+            nats_creds: None,
+            nats_tls_ca: None,
+            node: String::new(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            lease_ttl: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
     }
 }
 
@@ -220,6 +278,9 @@ pub struct UploadConfig {
     /// startup).
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Where uploads are stored; default `<data_dir>/uploads`. Nodes of a
+    /// cluster pointed at one shared directory resume each other's uploads.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for UploadConfig {
@@ -229,6 +290,7 @@ impl Default for UploadConfig {
             quota: None,
             partial_ttl: Duration::from_secs(24 * 60 * 60),
             sweep_interval: Duration::from_secs(10 * 60),
+            dir: None,
         }
     }
 }
@@ -402,6 +464,17 @@ impl Config {
                  within limits.max_message_size ({})",
                 c.max_text_bytes, self.limits.max_message_size
             )));
+        }
+        let k = &self.cluster;
+        if k.enabled() && (k.replicas == 0 || k.lease_ttl < Duration::from_secs(3)) {
+            return Err(ConfigError::Inconsistent(
+                "cluster.replicas must be at least 1 and cluster.lease_ttl at least 3s".into(),
+            ));
+        }
+        if k.enabled() && (k.request_timeout.is_zero() || k.duplicate_window.is_zero()) {
+            return Err(ConfigError::Inconsistent(
+                "cluster.request_timeout and cluster.duplicate_window must be above zero".into(),
+            ));
         }
         if self.limits.max_message_size < 1024 {
             return Err(ConfigError::Inconsistent(

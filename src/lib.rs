@@ -15,6 +15,8 @@
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`chat`]: chat rooms: durable storage, the room hub, service.
+//! - [`cluster`]: cluster mode: NATS implementations of the broker, the
+//!   room hub and the upload leases.
 //! - [`proto`]: generated protobuf code.
 //! - [`codec`]: the telemetry service's codec (small per-call buffers).
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
@@ -24,6 +26,7 @@ pub mod bench;
 pub mod broker;
 pub mod chat;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod proto;

@@ -34,6 +34,7 @@ use crate::{
         room::{LocalHub, RoomHub},
         service::ChatService,
     },
+    cluster::{self, Cluster, ClusterError, chat::NatsHub, lease::NatsLeases, telemetry::NatsBroker},
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
@@ -68,6 +69,9 @@ pub enum ServerError {
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
+    /// Cluster mode could not start (NATS unreachable, streams refused).
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// Names of the gRPC services served, as health knows them.
@@ -90,19 +94,42 @@ where
     })?;
 
     let shutdown = Shutdown::new();
-    let hub = Arc::new(Hub::new(config.telemetry.clone()));
+    // One node: the in-process broker and local storage. Cluster mode: the
+    // same interfaces implemented over NATS (src/cluster/).
+    let cluster = if config.cluster.enabled() {
+        Some(Cluster::connect(&config.cluster, local_addr).await?)
+    } else {
+        None
+    };
+    let hub = Arc::new(match &cluster {
+        Some(c) => {
+            let max = config.telemetry.max_services;
+            let broker = NatsBroker::start(Arc::clone(c), max, &shutdown).await?;
+            Hub::with_broker(config.telemetry.clone(), broker)
+        }
+        None => Hub::new(config.telemetry.clone()),
+    });
     shutdown.spawn(telemetry::host::report_self(
         Arc::clone(&hub),
         shutdown.token(),
     ));
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
+    if let Some(c) = &cluster {
+        uploads.set_shared_leases(NatsLeases::start(Arc::clone(c)).await?);
+    }
     shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
 
-    let chat = Arc::new(LocalHub::open(
-        &config.data_dir.join("chat"),
-        config.chat.clone(),
-        shutdown.clone(),
-    )?);
+    let (chat, chat_store): (Arc<dyn RoomHub>, Option<Arc<LocalHub>>) = match &cluster {
+        Some(c) => {
+            let hub = NatsHub::new(Arc::clone(c), config.chat.clone(), shutdown.clone());
+            (Arc::new(hub), None)
+        }
+        None => {
+            let dir = config.data_dir.join("chat");
+            let local = Arc::new(LocalHub::open(&dir, config.chat.clone(), shutdown.clone())?);
+            (Arc::clone(&local) as Arc<dyn RoomHub>, Some(local))
+        }
+    };
     let chat_limits = MessageLimits {
         max_text_bytes: config.chat.max_text_bytes,
     };
@@ -113,6 +140,15 @@ where
         health
             .set_service_status(*name, ServingStatus::Serving)
             .await;
+    }
+    if let Some(c) = &cluster {
+        // Every service needs the cluster: NOT_SERVING while NATS is lost.
+        shutdown.spawn(cluster::report_health(
+            c.link(),
+            health.clone(),
+            SERVICE_NAMES,
+            shutdown.token(),
+        ));
     }
     let health_service = HealthServer::new(HealthGate {
         inner: HealthService::from_health_reporter(health.clone()),
@@ -159,12 +195,8 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            ChatService::new(
-                Arc::clone(&chat) as Arc<dyn RoomHub>,
-                chat_limits,
-                shutdown.clone(),
-            )
-            .into_server(limits.max_message_size),
+            ChatService::new(Arc::clone(&chat), chat_limits, shutdown.clone())
+                .into_server(limits.max_message_size),
         );
 
     // serve_with_incoming ignores the builder's TCP options: set them here.
@@ -207,7 +239,9 @@ where
     }
     // Every room actor has stored what it accepted (or been abandoned):
     // let the storage writer finish and release the database.
-    chat.close();
+    if let Some(store) = chat_store {
+        store.close();
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -120,7 +120,7 @@ pub fn status(err: &ChatError) -> Status {
         } => resume_refused(tonic::Code::FailedPrecondition, err, *oldest, *last, *epoch),
         ChatError::TooManyRooms { .. } => Status::resource_exhausted(err.to_string()),
         ChatError::ShuttingDown => shutting_down(),
-        ChatError::Store(_) => Status::unavailable(err.to_string()),
+        ChatError::Store(_) | ChatError::Unavailable(_) => Status::unavailable(err.to_string()),
     }
 }
 

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// (repeatable; wins over file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Join a cluster: NATS server URLs, comma-separated or repeated, e.g.
+    /// `nats://10.0.0.5:4222` (config `cluster.nats`; see docs/cluster.md).
+    #[arg(long, value_name = "NATS_URL", value_delimiter = ',')]
+    pub cluster: Vec<String>,
     /// Print the effective configuration as TOML-like JSON and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -53,6 +57,9 @@ impl ServeArgs {
         }
         if let Some(timeout) = self.drain_timeout {
             config.drain_timeout = timeout;
+        }
+        if !self.cluster.is_empty() {
+            config.cluster.nats.clone_from(&self.cluster);
         }
         Ok(config)
     }

@@ -86,6 +86,7 @@ fn status(err: &UploadError) -> Status {
         | UploadError::DiskFull { .. } => Status::resource_exhausted(message),
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
+        UploadError::Unavailable(_) => Status::unavailable(message),
         UploadError::Io { .. } | UploadError::Internal(_) => {
             tracing::error!(err = %message, "upload storage failure");
             Status::internal(message)

@@ -12,7 +12,9 @@
 //!
 //! A *lease* (in memory) marks a name as being written by one call; a
 //! second call for the same name is refused with [`UploadError::Busy`], so
-//! two uploads of one name never mix. The lease is held by the writer
+//! two uploads of one name never mix. In cluster mode, where several
+//! servers share one upload directory, a [`SharedLeases`] implementation
+//! (`crate::cluster::lease`) adds a lease every server sees. The lease is held by the writer
 //! thread and released only once that thread has closed the file, so a
 //! resume never races with bytes still being written.
 //!
@@ -25,6 +27,7 @@
 
 use std::{
     collections::HashMap,
+    sync::OnceLock,
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
     path::{Path, PathBuf},
@@ -35,6 +38,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use futures::future::BoxFuture;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -103,9 +107,26 @@ impl State {
     }
 }
 
+/// Leases on upload names held outside this process: in cluster mode, one
+/// writer per name across every server sharing the upload directory. The
+/// store takes one after its own in-memory lease, and drops it with that.
+pub trait SharedLeases: Send + Sync + std::fmt::Debug + 'static {
+    /// Takes the lease on `name`: [`UploadError::Busy`] if another server
+    /// holds it, [`UploadError::Unavailable`] if the leases cannot be
+    /// reached. The lease is released when the returned value is dropped.
+    fn acquire(&self, name: &str) -> BoxFuture<'_, Result<SharedLease, UploadError>>;
+
+    /// Whether some server holds the lease on `name`.
+    fn held(&self, name: &str) -> BoxFuture<'_, Result<bool, UploadError>>;
+}
+
+/// A held [`SharedLeases`] lease; dropping it releases it.
+pub type SharedLease = Box<dyn std::fmt::Debug + Send + Sync>;
+
 /// The upload store of one data directory.
 #[derive(Debug)]
 pub struct Store {
+    shared: OnceLock<Arc<dyn SharedLeases>>,
     uploads: PathBuf,
     partial_dir: PathBuf,
     meta_dir: PathBuf,
@@ -176,12 +197,17 @@ fn hash_file(path: &Path) -> Result<(Digest, u64), UploadError> {
 }
 
 impl Store {
-    /// Opens (creating as needed) the store under `<data_dir>/uploads`,
-    /// counts what it holds, and discards expired unfinished uploads.
+    /// Opens (creating as needed) the store under `upload.dir` (default
+    /// `<data_dir>/uploads`), counts what it holds, and discards expired
+    /// unfinished uploads.
     pub fn open(data_dir: &Path, config: UploadConfig) -> Result<Arc<Self>, UploadError> {
-        let uploads = data_dir.join("uploads");
+        let uploads = config
+            .dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("uploads"));
         let own = uploads.join(RESERVED_NAME);
         let store = Self {
+            shared: OnceLock::new(),
             partial_dir: own.join("partial"),
             meta_dir: own.join("meta"),
             tmp_dir: own.join("tmp"),
@@ -243,6 +269,21 @@ impl Store {
         self.state().used
     }
 
+    /// Adds leases shared with other servers (cluster mode); set once,
+    /// before the store is used. Returns false if some were set already.
+    pub fn set_shared_leases(&self, leases: Arc<dyn SharedLeases>) -> bool {
+        self.shared.set(leases).is_ok()
+    }
+
+    /// This process's lease on `name`, then the shared one if any.
+    async fn lease_everywhere(self: &Arc<Self>, name: &str) -> Result<Lease, UploadError> {
+        let mut lease = self.lease(name)?;
+        if let Some(shared) = self.shared.get() {
+            lease.shared = Some(shared.acquire(name).await?);
+        }
+        Ok(lease)
+    }
+
     fn lease(self: &Arc<Self>, name: &str) -> Result<Lease, UploadError> {
         let mut state = self.state();
         if state.leases.contains_key(name) {
@@ -257,6 +298,7 @@ impl Store {
             store: Arc::clone(self),
             name: name.to_owned(),
             id,
+            shared: None,
         })
     }
 
@@ -266,7 +308,7 @@ impl Store {
     /// SHA-256 state.
     pub async fn begin(self: &Arc<Self>, name: &str, offset: u64) -> Result<Upload, UploadError> {
         validate_name(name)?;
-        let lease = self.lease(name)?;
+        let lease = self.lease_everywhere(name).await?;
         let store = Arc::clone(self);
         let owned = name.to_owned();
         let (file, hasher) = blocking(move || store.open_partial(&owned, offset)).await?;
@@ -347,12 +389,16 @@ impl Store {
     /// What the server holds of upload `name`.
     pub async fn status(self: &Arc<Self>, name: &str) -> Result<UploadStatus, UploadError> {
         validate_name(name)?;
+        let elsewhere = match self.shared.get() {
+            Some(shared) => shared.held(name).await?,
+            None => false,
+        };
         let store = Arc::clone(self);
         let name = name.to_owned();
         blocking(move || {
             let partial = store.partial_dir.join(&name);
             let mut status = UploadStatus {
-                in_progress: store.state().leases.contains_key(&name),
+                in_progress: elsewhere || store.state().leases.contains_key(&name),
                 ..UploadStatus::default()
             };
             match fs::metadata(&partial) {
@@ -377,7 +423,7 @@ impl Store {
     /// were. Refused while a call is writing it.
     pub async fn cancel(self: &Arc<Self>, name: &str) -> Result<u64, UploadError> {
         validate_name(name)?;
-        let lease = self.lease(name)?;
+        let lease = self.lease_everywhere(name).await?;
         let store = Arc::clone(self);
         blocking(move || {
             let path = store.partial_dir.join(&lease.name);
@@ -623,12 +669,14 @@ impl Store {
     }
 }
 
-/// Marks a name as being written; released on drop.
+/// Marks a name as being written; released on drop (the shared lease,
+/// if any, with it).
 #[derive(Debug)]
 struct Lease {
     store: Arc<Store>,
     name: String,
     id: u64,
+    shared: Option<SharedLease>,
 }
 
 impl Drop for Lease {
