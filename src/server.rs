@@ -34,7 +34,9 @@ use crate::{
         room::{LocalHub, RoomHub},
         service::ChatService,
     },
-    cluster::{self, Cluster, ClusterError, chat::NatsHub, lease::NatsLeases, telemetry::NatsBroker},
+    cluster::{
+        self, Cluster, ClusterError, chat::NatsHub, lease::NatsLeases, telemetry::NatsBroker,
+    },
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},

@@ -68,6 +68,8 @@ impl NatsLeases {
         let config = async_nats::jetstream::stream::Config {
             max_messages_per_subject: 1,
             max_age: ttl,
+            // JetStream refuses a duplicate window longer than max_age.
+            duplicate_window: ttl.min(cluster.config().duplicate_window),
             allow_rollup: true,
             deny_delete: true,
             discard: DiscardPolicy::New,

@@ -175,13 +175,14 @@ impl Cluster {
                 }
             });
         if let Some(creds) = &config.nats_creds {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|source| ClusterError::File {
-                    what: "cluster.nats_creds",
-                    source,
-                })?;
+            options =
+                options
+                    .credentials_file(creds)
+                    .await
+                    .map_err(|source| ClusterError::File {
+                        what: "cluster.nats_creds",
+                        source,
+                    })?;
         }
         if let Some(ca) = &config.nats_tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);

@@ -184,12 +184,7 @@ impl NatsBroker {
                     }
                 };
                 let subject = sample_subject(&sample.service);
-                if let Err(err) = self
-                    .cluster
-                    .client()
-                    .publish(subject, payload.into())
-                    .await
-                {
+                if let Err(err) = self.cluster.client().publish(subject, payload.into()).await {
                     tracing::warn!(%err, service = %sample.service, "cluster: publishing a sample failed");
                 }
             }
@@ -215,7 +210,10 @@ impl NatsBroker {
             };
             let Ok(generation) = connected else { return };
             let attempt = async {
-                let stream = self.cluster.ensure_stream(stream_config(&self.cluster)).await?;
+                let stream = self
+                    .cluster
+                    .ensure_stream(stream_config(&self.cluster))
+                    .await?;
                 let info = stream.cached_info();
                 let messages = self
                     .cluster
@@ -291,7 +289,10 @@ impl NatsBroker {
     }
 
     fn apply(&self, applied: &mut HashMap<Arc<str>, u64>, seq: u64, sample: Sample) {
-        if applied.get(&sample.service).is_some_and(|&last| last >= seq) {
+        if applied
+            .get(&sample.service)
+            .is_some_and(|&last| last >= seq)
+        {
             return;
         }
         let topic = Arc::clone(&sample.service);

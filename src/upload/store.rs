@@ -27,10 +27,10 @@
 
 use std::{
     collections::HashMap,
-    sync::OnceLock,
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
     path::{Path, PathBuf},
+    sync::OnceLock,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
