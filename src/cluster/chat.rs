@@ -32,7 +32,10 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -61,6 +64,10 @@ pub const STREAM_PREFIX: &str = "STREAMHUB_CHAT_";
 
 /// Prefix of the rooms' subjects.
 pub const SUBJECT_PREFIX: &str = "streamhub.chat";
+
+/// How long the feed may stay behind what JetStream acknowledged to this
+/// node before its consumer is taken for stuck and recreated.
+const STALL: Duration = Duration::from_secs(2);
 
 /// A stored chat message's payload (JSON).
 #[derive(Debug, Serialize, Deserialize)]
@@ -156,6 +163,9 @@ struct Room {
     shared: Mutex<Shared>,
     /// The last seq the feed delivered.
     delivered: watch::Sender<u64>,
+    /// The highest seq this node's publisher had acknowledged: if the feed
+    /// stays behind it, the feed's consumer is stuck and is recreated.
+    published: AtomicU64,
     /// Stops the feed once the publisher is done.
     done: CancellationToken,
 }
@@ -244,6 +254,7 @@ impl NatsHub {
                 closed: None,
             }),
             delivered,
+            published: AtomicU64::new(0),
             done: CancellationToken::new(),
         });
         tracing::debug!(room = %name, epoch, last, "cluster: room opened");
@@ -551,10 +562,27 @@ impl Room {
                 return;
             }
             tokio::pin!(messages);
+            let mut watchdog = tokio::time::interval_at(tokio::time::Instant::now() + STALL, STALL);
+            watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut at_last_tick = *self.delivered.borrow();
             loop {
                 let next = tokio::select! {
                     biased;
                     () = self.done.cancelled() => return,
+                    _ = watchdog.tick() => {
+                        // A consumer whose server went away can stall
+                        // without an error: if JetStream stored messages
+                        // this node has not received for a whole period,
+                        // start a new one where this one stopped.
+                        let delivered = *self.delivered.borrow();
+                        let behind = self.published.load(Ordering::Relaxed) > delivered;
+                        if behind && delivered == at_last_tick {
+                            tracing::warn!(room = %self.name, delivered, "cluster: room consumer stalled; recreating it");
+                            break;
+                        }
+                        at_last_tick = delivered;
+                        continue;
+                    }
                     changed = link.changed() => {
                         if changed.is_err() { return; }
                         let now = *link.borrow_and_update();
@@ -681,7 +709,10 @@ impl Room {
                             .await;
                     }
                 }
-                Ok(ack) => highest = highest.max(ack.sequence),
+                Ok(ack) => {
+                    highest = highest.max(ack.sequence);
+                    self.published.fetch_max(ack.sequence, Ordering::Relaxed);
+                }
                 Err(err) => {
                     tracing::warn!(room = %self.name, %err, "cluster: storing a chat message failed");
                     if let Some(member) = member {
