@@ -813,3 +813,29 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     let _ = a.0.send(());
     b.stop().await;
 }
+
+#[tokio::test]
+async fn the_cli_fails_over_to_the_next_server_url() {
+    let server = TestServer::start().await;
+    publish(server.channel().await, "cli-svc", 7.0).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["--server".to_owned(), format!("{dead},{}", server.url())],
+        vec![
+            "--server".to_owned(),
+            dead.clone(),
+            "--server".to_owned(),
+            server.url(),
+        ],
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+            .args(&args)
+            .args(["--json", "snapshot", "cli-svc"])
+            .output();
+        let output = within("the CLI", output).await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        assert!(stdout.contains("cli-svc"), "{stdout}");
+    }
+    server.stop().await;
+}

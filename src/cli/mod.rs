@@ -11,7 +11,13 @@ pub mod serve;
 pub mod telemetry;
 pub mod upload;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -20,25 +26,58 @@ use tonic::transport::{Channel, Endpoint};
 /// Settings every client subcommand shares.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The server URL, e.g. `http://127.0.0.1:50051`.
+    /// The server URL, e.g. `http://127.0.0.1:50051` (the first of
+    /// `servers`).
     pub server: String,
+    /// Every server URL given: the nodes of a cluster, tried in turn.
+    pub servers: Vec<String>,
     /// Print one JSON object per line instead of text.
     pub json: bool,
+    /// The index in `servers` of the last one that answered.
+    current: Arc<AtomicUsize>,
 }
 
 impl Context {
-    /// Opens a channel to the server.
+    /// A context for `servers` (at least one; an empty list means the
+    /// default `http://127.0.0.1:50051`).
+    pub fn new(servers: Vec<String>, json: bool) -> Self {
+        let mut servers: Vec<String> = servers
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            servers.push("http://127.0.0.1:50051".to_owned());
+        }
+        Self {
+            server: servers[0].clone(),
+            servers,
+            json,
+            current: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Opens a channel to a server: the one that answered last, else each
+    /// of the others in turn (failover between the nodes of a cluster).
     pub async fn connect(&self) -> anyhow::Result<Channel> {
-        let endpoint = Endpoint::from_shared(self.server.clone())
-            .with_context(|| format!("invalid server URL {:?}", self.server))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", self.server))
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for step in 0..self.servers.len() {
+            let index = (start + step) % self.servers.len();
+            match connect_to(&self.servers[index]).await {
+                Ok(channel) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no server URL given")))
+    }
+
+    /// The URL of the server last connected to (or to be tried first).
+    pub fn current_server(&self) -> &str {
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()]
     }
 
     /// Prints `value` as a JSON line, or `human` as text.
@@ -64,6 +103,19 @@ impl Context {
             eprintln!("{text}");
         }
     }
+}
+
+async fn connect_to(server: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(server.to_owned())
+        .with_context(|| format!("invalid server URL {server:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {server}"))
 }
 
 /// Formats a Unix-millisecond timestamp as RFC 3339 (UTC).
