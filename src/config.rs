@@ -599,6 +599,34 @@ mod tests {
     }
 
     #[test]
+    fn cluster_is_off_by_default_and_checked_when_on() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert!(!config.cluster.enabled());
+        assert_eq!(config.upload.dir, None);
+        let config = Config::load(&Sources {
+            overrides: vec![
+                "cluster.nats=[\"nats://a:4222\", \"nats://b:4222\"]".into(),
+                "cluster.replicas=3".into(),
+                "upload.dir=/srv/shared".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(config.cluster.nats.len(), 2);
+        assert_eq!(config.cluster.replicas, 3);
+        assert_eq!(config.upload.dir, Some(PathBuf::from("/srv/shared")));
+        let err = Config::load(&Sources {
+            overrides: vec![
+                "cluster.nats=[\"nats://a:4222\"]".into(),
+                "cluster.lease_ttl=1s".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect_err("too short a lease");
+        assert!(err.to_string().contains("cluster.lease_ttl"), "{err}");
+    }
+
+    #[test]
     fn bad_override_is_reported() {
         let err = Config::load(&Sources {
             overrides: vec!["nonsense".into()],
