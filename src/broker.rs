@@ -7,9 +7,10 @@
 //! number of subscribers, and wakes each waiting subscriber's task.
 //!
 //! The [`LatestBroker`] trait is what the telemetry service depends on; the
-//! in-process [`MemoryBroker`] implements it. A clustered broker (NATS) can
-//! implement the same trait by feeding a local [`MemoryBroker`] from its
-//! subscriptions, so the service layer does not change.
+//! in-process [`MemoryBroker`] implements it. The clustered broker
+//! (`crate::cluster::telemetry::NatsBroker`) implements the same trait by
+//! feeding a local [`MemoryBroker`] from a NATS JetStream consumer, so the
+//! service layer does not change.
 //!
 //! No tonic or protobuf types appear here.
 
@@ -35,6 +36,10 @@ pub enum BrokerError {
     /// The broker was closed (the server is shutting down).
     #[error("the broker is closed")]
     Closed,
+    /// A clustered broker cannot reach its peers: what it holds may be
+    /// stale, so it serves nothing as live. The text says why.
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A latest-value pub/sub broker.
@@ -52,6 +57,14 @@ pub trait LatestBroker<T>: Send + Sync + 'static {
 
     /// Every topic with its newest value, sorted by name.
     fn topics(&self) -> Vec<(String, Option<T>)>;
+
+    /// Whether the broker's values are live right now. The in-process
+    /// broker always is; a clustered one cut off from its peers returns
+    /// [`BrokerError::Unavailable`], and callers then refuse to serve
+    /// [`LatestBroker::latest`] or [`LatestBroker::topics`] as current.
+    fn check(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 
     /// Closes the broker: every subscription's `next` returns `None`, and
     /// later publishes and subscribes fail with [`BrokerError::Closed`].
@@ -85,6 +98,26 @@ impl<T: Clone + Send + Sync + 'static> MemoryBroker<T> {
             max_topics,
             closed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether `topic` exists (has a value or a subscriber).
+    pub fn contains(&self, topic: &str) -> bool {
+        lock(&self.topics).contains_key(topic)
+    }
+
+    /// Number of topics.
+    pub fn len(&self) -> usize {
+        lock(&self.topics).len()
+    }
+
+    /// Whether there is no topic.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most topics this broker holds.
+    pub fn max_topics(&self) -> usize {
+        self.max_topics
     }
 
     /// Number of subscriptions currently open across all topics.

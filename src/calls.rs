@@ -11,7 +11,6 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    io,
     pin::Pin,
     sync::{
         Arc, OnceLock,
@@ -24,8 +23,6 @@ use bytes::Bytes;
 use http_body::Frame;
 use metrics::{Counter, Recorder};
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 
 /// gRPC status codes by number, as `streamhub_rpcs_total`'s `code` label.
 const CODES: [&str; 17] = [
@@ -308,88 +305,6 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// Open connections, counted by [`CountedIo`] (until the transport's own
-/// accept loop, which counts them itself, serves the server).
-#[derive(Debug, Clone, Default)]
-pub struct Connections(Arc<AtomicU64>);
-
-impl Connections {
-    /// Open connections right now.
-    pub fn open(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// Counts `io` as open until it is dropped.
-    pub fn count<T>(&self, io: T) -> CountedIo<T> {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        CountedIo {
-            io,
-            open: Arc::clone(&self.0),
-        }
-    }
-}
-
-/// A connection counted open while it lives.
-#[derive(Debug)]
-pub struct CountedIo<T> {
-    io: T,
-    open: Arc<AtomicU64>,
-}
-
-impl<T> Drop for CountedIo<T> {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl<T: Connected> Connected for CountedIo<T> {
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

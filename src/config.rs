@@ -57,6 +57,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Authentication: static tokens, JWT, client certificates.
     pub auth: crate::auth::AuthConfig,
+    /// Cluster mode over NATS (off unless `cluster.nats` lists a server).
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -113,6 +116,54 @@ impl Default for TlsConfig {
     }
 }
 
+/// Cluster mode: several nodes sharing telemetry, chat and upload leases
+/// through NATS (see `docs/cluster.md`). Off while `nats` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://HOST:PORT`, or `tls://…`); empty means a
+    /// single node with the in-process broker and local storage.
+    pub nats: Vec<String>,
+    /// A NATS `.creds` file (JWT and nkey seed) to authenticate with.
+    pub nats_creds: Option<PathBuf>,
+    /// A PEM file of CA certificates to verify the NATS servers' TLS with.
+    pub nats_tls_ca: Option<PathBuf>,
+    /// This node's name, in logs and in NATS' connection list; empty means
+    /// the host name plus the listen port (`host:50051`).
+    pub node: String,
+    /// JetStream replicas of the streams and buckets streamhub creates
+    /// (1 for a single nats-server; 3 for a three-server NATS cluster).
+    /// Applies when a stream is first created.
+    pub replicas: usize,
+    /// How long JetStream remembers a chat message's idempotency key
+    /// across nodes (its duplicate window).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long an upload's lease on its name outlives its node: a crashed
+    /// node's lease lapses after this. A live node renews it every third.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How long connecting to NATS at start, and each cluster request
+    /// (JetStream publish, stream look-up), may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats: Vec::new(),
+            nats_creds: None,
+            nats_tls_ca: None,
+            node: String::new(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            lease_ttl: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Plain HTTP and browser settings (see [`crate::web`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -121,6 +172,13 @@ pub struct HttpConfig {
     /// server from a browser (CORS), besides the server's own origin. Empty:
     /// same-origin only. `*` allows any origin.
     pub cors_origins: Vec<String>,
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
 }
 
 /// How the server's tokio runtime is built (see [`crate::runtime`]).
@@ -344,6 +402,9 @@ pub struct UploadConfig {
     /// of uploads and downloads running at once; the rest of tokio's
     /// blocking threads stay free for look-ups and chat storage.
     pub max_blocking_io: usize,
+    /// Where uploads are stored; default `<data_dir>/uploads`. Nodes of a
+    /// cluster pointed at one shared directory resume each other's uploads.
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for UploadConfig {
@@ -361,6 +422,7 @@ impl Default for UploadConfig {
             idle_timeout: Duration::from_secs(60),
             takeover_after: Duration::from_secs(5),
             max_blocking_io: 64,
+            dir: None,
         }
     }
 }
@@ -490,6 +552,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "tls",
     "http",
     "auth",
+    "cluster",
 ];
 
 impl Config {
@@ -642,6 +705,17 @@ impl Config {
                  within limits.max_message_size ({})",
                 c.max_text_bytes, self.limits.max_message_size
             )));
+        }
+        let k = &self.cluster;
+        if k.enabled() && (k.replicas == 0 || k.lease_ttl < Duration::from_secs(3)) {
+            return Err(ConfigError::Inconsistent(
+                "cluster.replicas must be at least 1 and cluster.lease_ttl at least 3s".into(),
+            ));
+        }
+        if k.enabled() && (k.request_timeout.is_zero() || k.duplicate_window.is_zero()) {
+            return Err(ConfigError::Inconsistent(
+                "cluster.request_timeout and cluster.duplicate_window must be above zero".into(),
+            ));
         }
         if self.limits.max_message_size < 1024 {
             return Err(ConfigError::Inconsistent(
@@ -881,6 +955,34 @@ mod tests {
             .expect_err("rejected");
             assert!(err.to_string().contains("upload."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_checked_when_on() {
+        let config = Config::load(&Sources::default()).expect("defaults load");
+        assert!(!config.cluster.enabled());
+        assert_eq!(config.upload.dir, None);
+        let config = Config::load(&Sources {
+            overrides: vec![
+                "cluster.nats=[\"nats://a:4222\", \"nats://b:4222\"]".into(),
+                "cluster.replicas=3".into(),
+                "upload.dir=/srv/shared".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect("loads");
+        assert_eq!(config.cluster.nats.len(), 2);
+        assert_eq!(config.cluster.replicas, 3);
+        assert_eq!(config.upload.dir, Some(PathBuf::from("/srv/shared")));
+        let err = Config::load(&Sources {
+            overrides: vec![
+                "cluster.nats=[\"nats://a:4222\"]".into(),
+                "cluster.lease_ttl=1s".into(),
+            ],
+            ..Sources::default()
+        })
+        .expect_err("too short a lease");
+        assert!(err.to_string().contains("cluster.lease_ttl"), "{err}");
     }
 
     #[test]

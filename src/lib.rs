@@ -27,6 +27,8 @@
 //! - [`telemetry`]: the telemetry hub, alert rules, host sampling, service.
 //! - [`upload`]: chunked, resumable uploads: storage and service.
 //! - [`chat`]: chat rooms: durable storage, the room hub, service.
+//! - [`cluster`]: cluster mode: NATS implementations of the broker, the
+//!   room hub and the upload leases.
 //! - [`proto`]: generated protobuf code.
 //! - [`codec`]: the telemetry service's codec (small per-call buffers).
 //! - [`cli`]: the client subcommands of the `streamhub` binary.
@@ -38,6 +40,7 @@ pub mod broker;
 pub mod calls;
 pub mod chat;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod fsx;

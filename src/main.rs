@@ -10,14 +10,17 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "streamhub", version, about)]
 struct Cli {
-    /// Server URL the client subcommands talk to.
+    /// Server URL the client subcommands talk to; several (comma-separated
+    /// or repeated) for the nodes of a cluster: the first that answers is
+    /// used, and a reconnect moves on to the next when a node is gone.
     #[arg(
         long,
         global = true,
         env = "STREAMHUB_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_delimiter = ','
     )]
-    server: String,
+    server: Vec<String>,
     /// Print one JSON object per line instead of human-readable text.
     #[arg(long, global = true)]
     json: bool,

@@ -45,6 +45,9 @@ use crate::{
         service::ChatService,
         store::StorageHealth,
     },
+    cluster::{
+        self, Cluster, ClusterError, chat::NatsHub, lease::NatsLeases, telemetry::NatsBroker,
+    },
     config::Config,
     proto,
     rpc::{GateLayer, shutting_down},
@@ -86,6 +89,9 @@ pub enum ServerError {
     /// The authentication settings cannot be used (e.g. a key file).
     #[error("cannot set up authentication: {0}")]
     Auth(#[from] crate::auth::SetupError),
+    /// Cluster mode could not start (NATS unreachable, streams refused).
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// Names of the gRPC services served, as health knows them.
@@ -139,22 +145,48 @@ where
     let open = conn_stats.clone();
     let metrics = Arc::new(Metrics::new(Arc::new(move || open.open())));
     metrics.install_global();
-    let hub = Arc::new(Hub::new(config.telemetry.clone()).with_counters(metrics.telemetry()));
+    // One node: the in-process broker and local storage. Cluster mode: the
+    // same interfaces implemented over NATS (src/cluster/).
+    let cluster = if config.cluster.enabled() {
+        Some(Cluster::connect(&config.cluster, local_addr).await?)
+    } else {
+        None
+    };
+    let hub = Arc::new(
+        match &cluster {
+            Some(c) => {
+                let max = config.telemetry.max_services;
+                let broker = NatsBroker::start(Arc::clone(c), max, &shutdown).await?;
+                Hub::with_broker(config.telemetry.clone(), broker)
+            }
+            None => Hub::new(config.telemetry.clone()),
+        }
+        .with_counters(metrics.telemetry()),
+    );
     shutdown.spawn(telemetry::host::report_self(
         Arc::clone(&hub),
         shutdown.token(),
     ));
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
+    if let Some(c) = &cluster {
+        uploads.set_shared_leases(NatsLeases::start(Arc::clone(c)).await?);
+    }
     shutdown.spawn(Arc::clone(&uploads).sweep_periodically(shutdown.token()));
 
-    let chat = Arc::new(
-        LocalHub::open(
-            &config.data_dir.join("chat"),
-            config.chat.clone(),
-            shutdown.clone(),
-        )?
-        .with_counters(metrics.chat()),
-    );
+    let (chat, chat_store): (Arc<dyn RoomHub>, Option<Arc<LocalHub>>) = match &cluster {
+        Some(c) => {
+            let hub = NatsHub::new(Arc::clone(c), config.chat.clone(), shutdown.clone());
+            (Arc::new(hub), None)
+        }
+        None => {
+            let dir = config.data_dir.join("chat");
+            let local = Arc::new(
+                LocalHub::open(&dir, config.chat.clone(), shutdown.clone())?
+                    .with_counters(metrics.chat()),
+            );
+            (Arc::clone(&local) as Arc<dyn RoomHub>, Some(local))
+        }
+    };
     let chat_limits = MessageLimits {
         max_text_bytes: config.chat.max_text_bytes,
     };
@@ -166,12 +198,23 @@ where
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    shutdown.spawn(report_storage_health(
-        health.clone(),
-        "chat.ChatService",
-        chat.storage_health(),
-        shutdown.token(),
-    ));
+    if let Some(local) = &chat_store {
+        shutdown.spawn(report_storage_health(
+            health.clone(),
+            "chat.ChatService",
+            local.storage_health(),
+            shutdown.token(),
+        ));
+    }
+    if let Some(c) = &cluster {
+        // Every service needs the cluster: NOT_SERVING while NATS is lost.
+        shutdown.spawn(cluster::report_health(
+            c.link(),
+            health.clone(),
+            SERVICE_NAMES,
+            shutdown.token(),
+        ));
+    }
     let health_service = HealthServer::new(HealthGate {
         inner: HealthService::from_health_reporter(health.clone()),
         shutdown: shutdown.clone(),
@@ -201,12 +244,8 @@ where
                 .into_server(limits.max_message_size),
         )
         .add_service(
-            ChatService::new(
-                Arc::clone(&chat) as Arc<dyn RoomHub>,
-                chat_limits,
-                shutdown.clone(),
-            )
-            .into_server(limits.max_message_size),
+            ChatService::new(Arc::clone(&chat), chat_limits, shutdown.clone())
+                .into_server(limits.max_message_size),
         )
         .add_service(
             ServerService::new(
@@ -286,7 +325,9 @@ where
     }
     // Every room actor has stored what it accepted (or been abandoned):
     // let the storage writer finish and release the database.
-    chat.close();
+    if let Some(store) = chat_store {
+        store.close();
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -224,6 +224,10 @@ pub enum ChatError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Cluster mode: the cluster's storage cannot be reached from this
+    /// node; the text says what failed and what to do.
+    #[error("{0}")]
+    Unavailable(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -17,9 +17,10 @@
 //! [`EndSignal`] says why); nobody else waits for it.
 //!
 //! [`RoomHub`] is what the gRPC service depends on; [`LocalHub`] is the
-//! single-server implementation. A clustered hub (e.g. NATS JetStream, whose
-//! stream sequence would be the seq) can implement the same trait. No tonic
-//! or protobuf types appear here.
+//! single-server implementation. The clustered hub
+//! (`crate::cluster::chat::NatsHub`, a JetStream stream per room whose
+//! stream sequence is the seq) implements the same trait. No tonic or
+//! protobuf types appear here.
 
 use std::{
     collections::{HashMap, VecDeque, hash_map::Entry},
@@ -208,6 +209,35 @@ pub struct Membership {
     /// Signals the end of delivery.
     pub end: Arc<EndSignal>,
     _leave: Box<dyn Send + Sync>,
+}
+
+impl Membership {
+    /// A membership made by another [`RoomHub`]: `leave` is dropped with
+    /// it, and does whatever leaving the room takes.
+    #[allow(clippy::too_many_arguments)] // the fields of the struct, each documented there
+    pub fn new(
+        room: RoomName,
+        epoch: u64,
+        oldest: u64,
+        last: u64,
+        replay_from: u64,
+        live: mpsc::Receiver<Arc<Message>>,
+        outbox: Outbox,
+        end: Arc<EndSignal>,
+        leave: Box<dyn Send + Sync>,
+    ) -> Self {
+        Self {
+            room,
+            epoch,
+            oldest,
+            last,
+            replay_from,
+            live,
+            outbox,
+            end,
+            _leave: leave,
+        }
+    }
 }
 
 impl std::fmt::Debug for Membership {

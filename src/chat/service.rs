@@ -127,6 +127,7 @@ pub fn status(err: &ChatError) -> Status {
         ChatError::ShuttingDown => shutting_down(),
         ChatError::Store(store) if store.is_full() => Status::resource_exhausted(err.to_string()),
         ChatError::Store(_) => Status::unavailable(err.to_string()),
+        ChatError::Unavailable(_) => Status::unavailable(err.to_string()),
     }
 }
 

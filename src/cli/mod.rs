@@ -16,6 +16,10 @@ use std::{
     borrow::Cow,
     io::{ErrorKind, Write as _},
     path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,12 +37,17 @@ pub type Channel = InterceptedService<tonic::transport::Channel, Credentials>;
 /// Settings every client subcommand shares.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
-    /// The server URL, e.g. `http://127.0.0.1:50051` or `https://hub:50051`.
+    /// The server URL, e.g. `http://127.0.0.1:50051` or `https://hub:50051`
+    /// (the first of `servers`).
     pub server: String,
     /// Print one JSON object per line instead of text.
     pub json: bool,
+    /// Every server URL given: the nodes of a cluster, tried in turn.
+    pub servers: Vec<String>,
     /// How the client proves who it is and checks the server.
     pub security: Security,
+    /// The index in `servers` of the last one that answered.
+    current: Arc<AtomicUsize>,
 }
 
 /// The client's TLS and credential settings (`--ca`, `--cert`, `--key`,
@@ -152,22 +161,61 @@ impl Context {
     /// The settings of a client command; `server` must be an `http://` or
     /// `https://` URL (any other scheme, or none, is an error rather than
     /// a guess, so a request never goes out in plaintext by surprise).
-    pub fn new(server: String, json: bool, security: Security) -> anyhow::Result<Self> {
-        check_server_url(&server)?;
+    ///
+    /// Several `servers` are the nodes of a cluster: [`Context::connect`]
+    /// starts from the one that answered last and tries each in turn. An
+    /// empty list means the default `http://127.0.0.1:50051`.
+    pub fn new(servers: Vec<String>, json: bool, security: Security) -> anyhow::Result<Self> {
+        let mut servers: Vec<String> = servers
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            servers.push("http://127.0.0.1:50051".to_owned());
+        }
+        for server in &servers {
+            check_server_url(server)?;
+        }
         Ok(Self {
-            server,
+            server: servers[0].clone(),
+            servers,
             json,
             security,
+            current: Arc::new(AtomicUsize::new(0)),
         })
     }
 
-    /// Opens a channel to the server: TLS for an `https://` URL (verified
+    /// The URL of the server last connected to (or to be tried first).
+    pub fn current_server(&self) -> &str {
+        &self.servers[self.current.load(Ordering::Relaxed) % self.servers.len()]
+    }
+
+    /// Opens a channel to a server: the one that answered last, else each
+    /// of the others in turn (failover between the nodes of a cluster).
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for step in 0..self.servers.len() {
+            let index = (start + step) % self.servers.len();
+            match self.connect_to(&self.servers[index]).await {
+                Ok(channel) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no server URL given")))
+    }
+
+    /// Opens a channel to `server`: TLS for an `https://` URL (verified
     /// against `--ca` or the system roots, presenting `--cert`/`--key`),
     /// and the token on every call.
-    pub async fn connect(&self) -> anyhow::Result<Channel> {
+    async fn connect_to(&self, server: &str) -> anyhow::Result<Channel> {
         let credentials = self.security.credentials()?;
-        let mut endpoint = Endpoint::from_shared(self.server.clone())
-            .with_context(|| format!("invalid server URL {:?}", self.server))?
+        let mut endpoint = Endpoint::from_shared(server.to_owned())
+            .with_context(|| format!("invalid server URL {server:?}"))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -182,7 +230,7 @@ impl Context {
             Some("https") => endpoint = endpoint.tls_config(self.security.tls(&host)?)?,
             _ if self.security.ca.is_some() || self.security.cert.is_some() => anyhow::bail!(
                 "--ca, --cert and --key apply to TLS: use an https:// server URL (not {})",
-                self.server
+                server
             ),
             _ => {}
         }
@@ -192,14 +240,14 @@ impl Context {
                 anyhow::anyhow!(
                     "cannot connect to {}: the server's TLS certificate was not accepted \
                      (it must be valid for the name {host:?} and signed by {}): {chain}",
-                    self.server,
+                    server,
                     self.security.ca.as_ref().map_or_else(
                         || "a CA the system trusts".to_owned(),
                         |ca| format!("the CA in {}", ca.display())
                     )
                 )
             } else {
-                anyhow::anyhow!("cannot connect to {}: {chain}", self.server)
+                anyhow::anyhow!("cannot connect to {server}: {chain}")
             }
         })?;
         Ok(InterceptedService::new(channel, credentials))

@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// (repeatable; wins over file and environment).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Join a cluster: NATS server URLs, comma-separated or repeated, e.g.
+    /// `nats://10.0.0.5:4222` (config `cluster.nats`; see docs/cluster.md).
+    #[arg(long, value_name = "NATS_URL", value_delimiter = ',')]
+    pub cluster: Vec<String>,
     /// Serve over TLS with this certificate (PEM; may hold the chain after
     /// the server certificate). Config key `tls.cert`.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -85,6 +89,9 @@ impl ServeArgs {
         }
         if let Some(ca) = &self.tls_client_ca {
             config.tls.client_ca = Some(ca.clone());
+        }
+        if !self.cluster.is_empty() {
+            config.cluster.nats.clone_from(&self.cluster);
         }
         Ok(config)
     }

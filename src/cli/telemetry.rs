@@ -219,7 +219,10 @@ async fn subscribe_once(
         Err(status) => return Err(Lost::Fatal(status_error(status))),
     };
     if *received > 0 {
-        ctx.note("reconnected", &format!("reconnected to {}", ctx.server));
+        ctx.note(
+            "reconnected",
+            &format!("reconnected to {}", ctx.current_server()),
+        );
     }
     loop {
         match stream.next().await {

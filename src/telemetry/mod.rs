@@ -100,6 +100,10 @@ pub enum TelemetryError {
     /// The hub was closed: the server is shutting down.
     #[error("the server is shutting down")]
     Closed,
+    /// Cluster mode: this node cannot reach the cluster, so it has no live
+    /// values to serve or publish.
+    #[error("{0}")]
+    Unavailable(String),
     /// The table of services is full.
     #[error("the hub already tracks its limit of {limit} services")]
     TooManyServices {
@@ -113,6 +117,7 @@ impl From<BrokerError> for TelemetryError {
         match err {
             BrokerError::TooManyTopics { limit } => TelemetryError::TooManyServices { limit },
             BrokerError::Closed => TelemetryError::Closed,
+            err @ BrokerError::Unavailable(_) => TelemetryError::Unavailable(err.to_string()),
         }
     }
 }
@@ -300,6 +305,7 @@ impl Hub {
     /// The latest sample of `service`.
     pub fn snapshot(&self, service: &str) -> Result<Sample, TelemetryError> {
         validate_name(service)?;
+        self.broker.check()?;
         self.broker
             .latest(service)
             .ok_or_else(|| TelemetryError::UnknownService(service.to_owned()))
@@ -308,6 +314,7 @@ impl Hub {
     /// Subscribes to `service`, which need not have reported yet.
     pub fn subscribe(&self, service: &str) -> Result<Subscription<Sample>, TelemetryError> {
         validate_name(service)?;
+        self.broker.check()?;
         Ok(self.broker.subscribe(service)?)
     }
 
@@ -326,9 +333,11 @@ impl Hub {
         }
     }
 
-    /// Every known service with its latest sample.
-    pub fn services(&self) -> Vec<(String, Option<Sample>)> {
-        self.broker.topics()
+    /// Every known service with its latest sample; refused while a
+    /// clustered broker is cut off (its values may be stale).
+    pub fn services(&self) -> Result<Vec<(String, Option<Sample>)>, TelemetryError> {
+        self.broker.check()?;
+        Ok(self.broker.topics())
     }
 }
 

@@ -145,6 +145,7 @@ fn status(err: &TelemetryError) -> Status {
         TelemetryError::UnknownService(_) => Status::not_found(err.to_string()),
         TelemetryError::TooManyServices { .. } => Status::resource_exhausted(err.to_string()),
         TelemetryError::Closed => shutting_down(),
+        TelemetryError::Unavailable(_) => Status::unavailable(err.to_string()),
     }
 }
 
@@ -321,6 +322,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         let services = self
             .hub
             .services()
+            .map_err(|e| status(&e))?
             .into_iter()
             .filter(|(name, _)| identity.allows(Resource::Telemetry, Action::Read, name))
             .map(|(service_name, latest)| ServiceEntry {

@@ -280,6 +280,10 @@ pub enum UploadError {
     /// A blocking task died (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Cluster mode: the leases shared with the other servers cannot be
+    /// reached, so no write may start.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Checks that `name` is a plain file name: 1 to 255 bytes, no `/` or `\`,

@@ -203,6 +203,7 @@ fn status(err: &UploadError) -> Status {
         | UploadError::TooManyCalls { .. } => Status::resource_exhausted(message),
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
+        UploadError::Unavailable(_) => Status::unavailable(message),
         UploadError::Io { action, source, .. } => {
             // The message carries a server path: the log gets it, the
             // client gets what failed without it.

@@ -22,6 +22,9 @@
 //! and takes the name over. The lease travels with the open file and is
 //! released only once the last write has finished and the file is closed,
 //! so a resume never races with bytes still being written.
+//! In cluster mode, where several servers share one upload directory, a
+//! [`SharedLeases`] implementation (`crate::cluster::lease`) adds a lease
+//! every server sees, taken after this process's own.
 //!
 //! No call holds a thread: chunks go in batches ([`WRITE_BATCH`]) to one
 //! blocking task per batch (hash, `write_all`), which takes the file and
@@ -39,6 +42,7 @@ use std::{
     io::{self, Read, Seek, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::OnceLock,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -46,6 +50,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use futures::future::BoxFuture;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -159,9 +164,26 @@ impl State {
     }
 }
 
+/// Leases on upload names held outside this process: in cluster mode, one
+/// writer per name across every server sharing the upload directory. The
+/// store takes one after its own in-memory lease, and drops it with that.
+pub trait SharedLeases: Send + Sync + std::fmt::Debug + 'static {
+    /// Takes the lease on `name`: [`UploadError::Busy`] if another server
+    /// holds it, [`UploadError::Unavailable`] if the leases cannot be
+    /// reached. The lease is released when the returned value is dropped.
+    fn acquire(&self, name: &str) -> BoxFuture<'_, Result<SharedLease, UploadError>>;
+
+    /// Whether some server holds the lease on `name`.
+    fn held(&self, name: &str) -> BoxFuture<'_, Result<bool, UploadError>>;
+}
+
+/// A held [`SharedLeases`] lease; dropping it releases it.
+pub type SharedLease = Box<dyn std::fmt::Debug + Send + Sync>;
+
 /// The upload store of one data directory.
 #[derive(Debug)]
 pub struct Store {
+    shared: OnceLock<Arc<dyn SharedLeases>>,
     uploads: DirHandle,
     partial_dir: DirHandle,
     meta_dir: DirHandle,
@@ -234,12 +256,16 @@ enum Taken {
 }
 
 impl Store {
-    /// Opens (creating as needed) the store under `<data_dir>/uploads`,
-    /// counts what it holds, and discards expired unfinished uploads.
+    /// Opens (creating as needed) the store under `upload.dir` (default
+    /// `<data_dir>/uploads`), counts what it holds, and discards expired
+    /// unfinished uploads.
     /// `uploads` and the server's own folders in it must be real
     /// directories, not symbolic links.
     pub fn open(data_dir: &Path, config: UploadConfig) -> Result<Arc<Self>, UploadError> {
-        let path = data_dir.join("uploads");
+        let path = config
+            .dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("uploads"));
         let uploads =
             DirHandle::create(&path).map_err(io_err("open the uploads directory", path))?;
         let own = uploads.subdir(RESERVED_NAME).map_err(io_err(
@@ -251,6 +277,7 @@ impl Store {
                 .map_err(io_err("open directory", own.display(name)))
         };
         let store = Self {
+            shared: OnceLock::new(),
             partial_dir: sub("partial")?,
             meta_dir: sub("meta")?,
             tmp_dir: sub("tmp")?,
@@ -344,6 +371,12 @@ impl Store {
         )
     }
 
+    /// Adds leases shared with other servers (cluster mode); set once,
+    /// before the store is used. Returns false if some were set already.
+    pub fn set_shared_leases(&self, leases: Arc<dyn SharedLeases>) -> bool {
+        self.shared.set(leases).is_ok()
+    }
+
     fn lease(self: &Arc<Self>, name: &str) -> Result<Lease, Taken> {
         let mut state = self.state();
         if let Some(holder) = state.leases.get(name) {
@@ -364,6 +397,7 @@ impl Store {
             store: Arc::clone(self),
             name: name.to_owned(),
             holder,
+            shared: None,
         })
     }
 
@@ -375,7 +409,14 @@ impl Store {
         };
         for _ in 0..3 {
             match self.lease(name) {
-                Ok(lease) => return Ok(lease),
+                Ok(mut lease) => {
+                    // This process's lease first, then the one every
+                    // server of a cluster sees.
+                    if let Some(shared) = self.shared.get() {
+                        lease.shared = Some(shared.acquire(name).await?);
+                    }
+                    return Ok(lease);
+                }
                 Err(Taken::Busy) => return Err(busy()),
                 Err(Taken::Stale(holder)) => {
                     tracing::info!(
@@ -520,6 +561,10 @@ impl Store {
     /// a link or anything else in their place reveals nothing.
     pub async fn status(self: &Arc<Self>, name: &str) -> Result<UploadStatus, UploadError> {
         validate_name(name)?;
+        let elsewhere = match self.shared.get() {
+            Some(shared) => shared.held(name).await?,
+            None => false,
+        };
         let store = Arc::clone(self);
         let name = name.to_owned();
         blocking(move || {
@@ -529,7 +574,7 @@ impl Store {
                 .get(&name)
                 .is_some_and(|holder| store.quiet_for(holder) < store.config.takeover_after);
             let mut status = UploadStatus {
-                in_progress,
+                in_progress: elsewhere || in_progress,
                 ..UploadStatus::default()
             };
             let partial = store
@@ -941,12 +986,14 @@ impl Store {
     }
 }
 
-/// Marks a name as being written; released on drop.
+/// Marks a name as being written; released on drop (the shared lease,
+/// if any, with it).
 #[derive(Debug)]
 struct Lease {
     store: Arc<Store>,
     name: String,
     holder: Arc<Holder>,
+    shared: Option<SharedLease>,
 }
 
 impl Drop for Lease {

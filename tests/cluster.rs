@@ -1,0 +1,841 @@
+//! Cluster mode over NATS: a nats-server (or three) on loopback with
+//! JetStream, and several streamhub nodes, in this process or as child
+//! processes. Each test starts its own nats-server on a free port with its
+//! own storage directory.
+//!
+//! Needs `nats-server` on the PATH (Debian: `apt-get install nats-server`;
+//! `scripts/test` installs it). Without it every test prints a line
+//! starting with "SKIPPED:" and returns.
+
+#![allow(clippy::unwrap_used)] // tests
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    net::TcpListener as StdListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc as std_mpsc,
+    time::Duration,
+};
+
+use common::{ServerProcess, TestServer, payload, publish, request, test_config, within};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use streamhub::proto::{
+    chat::{ChatMessage, chat_service_client::ChatServiceClient},
+    fileupload::{
+        FileChunk, QueryUploadRequest, file_upload_service_client::FileUploadServiceClient,
+    },
+    telemetry::{ListServicesRequest, telemetry_service_client::TelemetryServiceClient},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// A nats-server child process with JetStream.
+struct Nats {
+    child: Child,
+    port: u16,
+    store: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether nats-server can be run; prints the skip line if not.
+fn nats_available(test: &str) -> bool {
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        println!(
+            "SKIPPED: {test}: cluster tests need nats-server on the PATH \
+             (apt-get install nats-server), and it was not found"
+        );
+    }
+    found
+}
+
+impl Nats {
+    /// Starts a single nats-server with JetStream on a free port.
+    fn start() -> Self {
+        Self::start_with(free_port(), tempfile::tempdir().unwrap(), Vec::new())
+    }
+
+    fn start_with(port: u16, store: tempfile::TempDir, extra: Vec<String>) -> Self {
+        let child = spawn_nats(port, store.path(), &extra);
+        Self {
+            child,
+            port,
+            store,
+            extra,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same storage.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_nats(self.port, self.store.path(), &self.extra);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns nats-server and waits for its "Server is ready" line.
+fn spawn_nats(port: u16, store: &Path, extra: &[String]) -> Child {
+    let mut child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std_mpsc::channel();
+    let echo = std::env::var_os("STREAMHUB_TEST_NATS_LOG").is_some();
+    std::thread::spawn(move || {
+        let mut ready = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("nats {port}: {line}");
+            }
+            if line.contains("Server is ready")
+                && let Some(tx) = ready.take()
+            {
+                let _ = tx.send(());
+            }
+            // Keep draining so the server never blocks on a full pipe.
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("nats-server did not become ready within 20 s");
+    child
+}
+
+/// A streamhub node in this process, in the cluster at `urls`.
+async fn node(urls: &[String]) -> TestServer {
+    node_with(urls, |_| {}).await
+}
+
+async fn node_with(
+    urls: &[String],
+    tweak: impl FnOnce(&mut streamhub::config::Config),
+) -> TestServer {
+    // RUST_LOG=debug shows the nodes' logs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mut config = test_config();
+    config.cluster.nats = urls.to_vec();
+    config.cluster.node = "test".into();
+    tweak(&mut config);
+    let server = TestServer::start_with(config).await;
+    // The node serves once it has joined: wait for its port to answer.
+    within("node start", health(&server.url(), "")).await;
+    server
+}
+
+async fn health(url: &str, service: &str) -> ServingStatus {
+    loop {
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await;
+            if let Ok(answer) = answer {
+                return answer.into_inner().status();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_health(url: &str, want: ServingStatus) {
+    within(&format!("health {want:?}"), async {
+        while health(url, "chat.ChatService").await != want {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// The next sample a Subscribe stream sends, with its cpu value.
+async fn next_cpu(stream: &mut Streaming<streamhub::proto::telemetry::MetricsResponse>) -> f64 {
+    within("a sample", stream.next())
+        .await
+        .expect("stream open")
+        .expect("a sample, not an error")
+        .cpu_usage
+}
+
+async fn subscribe(
+    server: &TestServer,
+    service: &str,
+) -> Streaming<streamhub::proto::telemetry::MetricsResponse> {
+    TelemetryServiceClient::new(server.channel().await)
+        .subscribe(request(service, 100))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn samples_reach_every_node_and_a_later_node_sees_the_latest() {
+    if !nats_available("samples_reach_every_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b, c) = (node(&urls).await, node(&urls).await, node(&urls).await);
+    let mut on_b = subscribe(&b, "api").await;
+    let mut on_c = subscribe(&c, "api").await;
+    publish(a.channel().await, "api", 11.0).await;
+    assert_eq!(next_cpu(&mut on_b).await, 11.0);
+    assert_eq!(next_cpu(&mut on_c).await, 11.0);
+    // No duplicate: the next thing each sees is the next sample.
+    publish(c.channel().await, "api", 12.0).await;
+    assert_eq!(next_cpu(&mut on_b).await, 12.0);
+    assert_eq!(next_cpu(&mut on_c).await, 12.0);
+    publish(b.channel().await, "db", 3.0).await;
+    let mut db_on_a = subscribe(&a, "db").await;
+    assert_eq!(next_cpu(&mut db_on_a).await, 3.0);
+
+    // A node started now sees the latest of every service at once.
+    let d = node(&urls).await;
+    let mut client = TelemetryServiceClient::new(d.channel().await);
+    let api = client.get_snapshot(request("api", 0)).await.unwrap();
+    assert_eq!(api.into_inner().cpu_usage, 12.0);
+    let listed = client
+        .list_services(ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: HashSet<_> = listed
+        .services
+        .iter()
+        .map(|s| s.service_name.as_str())
+        .collect();
+    assert!(names.contains("api") && names.contains("db"), "{names:?}");
+    for server in [a, b, c, d] {
+        server.stop().await;
+    }
+}
+
+/// One open Chat call.
+struct Member {
+    tx: mpsc::Sender<ChatMessage>,
+    rx: Streaming<ChatMessage>,
+}
+
+fn msg(sender: &str, text: &str, key: &str) -> ChatMessage {
+    ChatMessage {
+        sender: sender.into(),
+        message: text.into(),
+        idempotency_key: key.into(),
+        ..ChatMessage::default()
+    }
+}
+
+async fn open(channel: Channel, meta: &[(&'static str, String)]) -> Result<Member, Status> {
+    let (tx, rx) = mpsc::channel(64);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    for (key, value) in meta {
+        request.metadata_mut().insert(*key, value.parse().unwrap());
+    }
+    let response = ChatServiceClient::new(channel).chat(request).await?;
+    Ok(Member {
+        tx,
+        rx: response.into_inner(),
+    })
+}
+
+async fn join(url: String, room: &str) -> Member {
+    open(
+        common::connect(url).await,
+        &[("chat-room", room.to_owned())],
+    )
+    .await
+    .unwrap()
+}
+
+impl Member {
+    async fn send(&self, message: ChatMessage) {
+        self.tx.send(message).await.unwrap();
+    }
+
+    async fn next(&mut self) -> ChatMessage {
+        within("a chat message", self.rx.message())
+            .await
+            .unwrap()
+            .expect("stream still open")
+    }
+}
+
+#[tokio::test]
+async fn members_on_three_nodes_see_one_order() {
+    if !nats_available("members_on_three_nodes_see_one_order") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let nodes = [node(&urls).await, node(&urls).await, node(&urls).await];
+    let mut members = Vec::new();
+    for n in &nodes {
+        members.push(join(n.url(), "r").await);
+    }
+    const EACH: usize = 10;
+    for i in 0..EACH {
+        for (m, member) in members.iter().enumerate() {
+            member
+                .send(msg(&format!("m{m}"), &format!("{i}"), ""))
+                .await;
+        }
+    }
+    let mut orders = Vec::new();
+    for member in &mut members {
+        let mut seen = Vec::new();
+        while seen.len() < EACH * 3 {
+            let message = member.next().await;
+            seen.push((message.seq, message.sender, message.message));
+        }
+        orders.push(seen);
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[0], orders[2]);
+    let seqs: Vec<u64> = orders[0].iter().map(|m| m.0).collect();
+    assert_eq!(seqs, (1..=30).collect::<Vec<u64>>(), "seqs are dense");
+    // Each sender's own messages keep their order.
+    for m in 0..3 {
+        let sender = format!("m{m}");
+        let texts: Vec<_> = orders[0]
+            .iter()
+            .filter(|x| x.1 == sender)
+            .map(|x| x.2.clone())
+            .collect();
+        assert_eq!(texts, (0..EACH).map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+    drop(members);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn duplicate_sends_through_different_nodes_are_stored_once() {
+    if !nats_available("duplicate_sends_through_different_nodes") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b, c) = (node(&urls).await, node(&urls).await, node(&urls).await);
+    let mut on_a = join(a.url(), "d").await;
+    let mut on_b = join(b.url(), "d").await;
+    let mut watcher = join(c.url(), "d").await;
+    on_a.send(msg("ann", "hello", "ann-1")).await;
+    let first = on_a.next().await;
+    assert_eq!((first.seq, first.message.as_str()), (1, "hello"));
+    assert_eq!(on_b.next().await.seq, 1);
+    // The same sender and key through another node: acknowledged with the
+    // original, stored and broadcast no more.
+    on_b.send(msg("ann", "hello", "ann-1")).await;
+    let ack = on_b.next().await;
+    assert_eq!((ack.seq, ack.idempotency_key.as_str()), (1, "ann-1"));
+    on_b.send(msg("bob", "next", "")).await;
+    let seen: Vec<_> = [watcher.next().await, watcher.next().await]
+        .into_iter()
+        .map(|m| (m.seq, m.message))
+        .collect();
+    assert_eq!(seen, vec![(1, "hello".into()), (2, "next".into())]);
+    drop((on_a, on_b, watcher));
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_member_resumes_on_another_node_after_its_node_is_killed() {
+    if !nats_available("a_member_resumes_on_another_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let killed = ServerProcess::spawn(
+        dir.path(),
+        &[
+            "--cluster",
+            &nats.url(),
+            "--set",
+            "telemetry.self_sample_interval=0s",
+        ],
+    );
+    let other = node(&urls).await;
+    let sender_node = node(&urls).await;
+    let mut reader = join(killed.url(), "k").await;
+    let sender = join(sender_node.url(), "k").await;
+    for i in 1..=5 {
+        sender
+            .send(msg("s", &format!("{i}"), &format!("s-{i}")))
+            .await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(reader.next().await);
+    }
+    let last_seen = got.last().unwrap();
+    let (last_seq, epoch) = (last_seen.seq, last_seen.epoch);
+    killed.signal("KILL");
+    drop(killed);
+    for i in 6..=8 {
+        sender
+            .send(msg("s", &format!("{i}"), &format!("s-{i}")))
+            .await;
+    }
+    let mut resumed = open(
+        common::connect(other.url()).await,
+        &[
+            ("chat-room", "k".into()),
+            ("chat-after-seq", last_seq.to_string()),
+            ("chat-epoch", epoch.to_string()),
+        ],
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        got.push(resumed.next().await);
+    }
+    let texts: Vec<_> = got.iter().map(|m| m.message.clone()).collect();
+    assert_eq!(
+        texts,
+        (1..=8).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "each message exactly once, in order"
+    );
+    let seqs: Vec<_> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
+    // A resume past the room's end is refused as on one server.
+    let err = open(
+        common::connect(other.url()).await,
+        &[("chat-room", "k".into()), ("chat-after-seq", "99".into())],
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    drop((resumed, sender));
+    other.stop().await;
+    sender_node.stop().await;
+}
+
+fn upload_client(channel: Channel) -> FileUploadServiceClient<Channel> {
+    FileUploadServiceClient::new(channel)
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20)
+}
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn chunk(
+    name: &str,
+    index: u32,
+    bytes: &[u8],
+    offset: Option<u64>,
+    last: Option<&[u8]>,
+) -> FileChunk {
+    FileChunk {
+        filename: name.into(),
+        data: bytes.to_vec(),
+        chunk_index: index,
+        is_last: last.is_some(),
+        offset,
+        sha256: last
+            .map(|all| Sha256::digest(all).to_vec())
+            .unwrap_or_default(),
+    }
+}
+
+#[tokio::test]
+async fn an_upload_begun_on_one_node_is_resumed_on_another_through_a_shared_dir() {
+    if !nats_available("an_upload_begun_on_one_node_is_resumed") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path().to_path_buf();
+    let a = node_with(&urls, |c| c.upload.dir = Some(dir.clone())).await;
+    let b = node_with(&urls, |c| c.upload.dir = Some(dir.clone())).await;
+    let all = data(300 * 1024);
+    let (first, rest) = all.split_at(100 * 1024);
+    // Begun on A without is_last: A keeps the bytes for a resume.
+    let mut on_a = upload_client(a.channel().await);
+    let cut = on_a
+        .upload(tokio_stream::iter(vec![chunk(
+            "shared.bin",
+            0,
+            first,
+            None,
+            None,
+        )]))
+        .await
+        .expect_err("no is_last: not stored");
+    assert_eq!(cut.code(), Code::Aborted, "{cut:?}");
+    // B sees it and finishes it.
+    let mut on_b = upload_client(b.channel().await);
+    let held = on_b
+        .query_upload(QueryUploadRequest {
+            filename: "shared.bin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(held.committed_size, first.len() as u64);
+    let done = on_b
+        .upload(tokio_stream::iter(vec![chunk(
+            "shared.bin",
+            1,
+            rest,
+            Some(first.len() as u64),
+            Some(&all),
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.resumed_from, first.len() as u64);
+    assert_eq!(
+        std::fs::read(dir.join("shared.bin")).unwrap(),
+        all,
+        "byte-identical"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn two_nodes_cannot_write_one_name_at_once() {
+    if !nats_available("two_nodes_cannot_write_one_name_at_once") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path().to_path_buf();
+    let a = node_with(&urls, |c| c.upload.dir = Some(dir.clone())).await;
+    let b = node_with(&urls, |c| c.upload.dir = Some(dir.clone())).await;
+    let all = data(64 * 1024);
+    // A call on A holds the name (one chunk sent, stream kept open).
+    let (tx, rx) = mpsc::channel(4);
+    let mut on_a = upload_client(a.channel().await);
+    let holder = tokio::spawn(async move { on_a.upload(ReceiverStream::new(rx)).await });
+    tx.send(chunk("one.bin", 0, &all[..1024], None, None))
+        .await
+        .unwrap();
+    let mut on_b = upload_client(b.channel().await);
+    within("B to see the upload in progress", async {
+        loop {
+            let q = on_b
+                .query_upload(QueryUploadRequest {
+                    filename: "one.bin".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if q.in_progress {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let refused = on_b
+        .upload(tokio_stream::iter(vec![chunk(
+            "one.bin",
+            0,
+            &all,
+            None,
+            Some(&all),
+        )]))
+        .await
+        .expect_err("busy");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("in progress"), "{refused:?}");
+    // Once A's call ends, B may write the name.
+    drop(tx);
+    let _ = within("A's call to end", holder).await.unwrap();
+    within("B's upload", async {
+        loop {
+            let result = on_b
+                .upload(tokio_stream::iter(vec![chunk(
+                    "one.bin",
+                    0,
+                    &all,
+                    None,
+                    Some(&all),
+                )]))
+                .await;
+            match result {
+                Ok(_) => return,
+                Err(status) if status.code() == Code::Aborted => {
+                    // A's release is on its way through NATS.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(std::fs::read(dir.join("one.bin")).unwrap(), all);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn nats_restart_keeps_open_streams_and_nats_down_is_not_serving() {
+    if !nats_available("nats_restart_keeps_open_streams") {
+        return;
+    }
+    let mut nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_b = subscribe(&b, "svc").await;
+    publish(a.channel().await, "svc", 1.0).await;
+    assert_eq!(next_cpu(&mut on_b).await, 1.0);
+    let mut member = join(b.url(), "room").await;
+    let writer = join(a.url(), "room").await;
+    writer.send(msg("w", "before", "w-1")).await;
+    assert_eq!(member.next().await.message, "before");
+
+    // NATS down: health says so, calls that need it are refused, nothing
+    // stale is served as live.
+    nats.kill();
+    wait_health(&b.url(), ServingStatus::NotServing).await;
+    let mut client = TelemetryServiceClient::new(b.channel().await);
+    let refused = client.get_snapshot(request("svc", 0)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = open(b.channel().await, &[("chat-room", "other".into())])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // Back: the nodes reconnect by themselves; open streams continue.
+    nats.restart();
+    wait_health(&a.url(), ServingStatus::Serving).await;
+    wait_health(&b.url(), ServingStatus::Serving).await;
+    within("a sample after the restart", async {
+        let mut feed = TelemetryServiceClient::new(a.channel().await);
+        loop {
+            let (_, status) =
+                common::live_feed(a.channel().await, vec![payload("svc", 2.0, 1.0, 0)]).await;
+            if status.is_none() {
+                break;
+            }
+            // The node is still re-reading the latest values.
+            let _ = feed.get_snapshot(request("svc", 0)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(next_cpu(&mut on_b).await, 2.0);
+    writer.send(msg("w", "after", "w-2")).await;
+    assert_eq!(member.next().await.message, "after");
+    drop((member, writer));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_shut_down_ends_its_streams_and_the_others_carry_on() {
+    if !nats_available("a_node_shut_down_ends_its_streams") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut leaving = join(a.url(), "s").await;
+    let mut staying = join(b.url(), "s").await;
+    let mut samples = subscribe(&b, "x").await;
+    a.stop().await;
+    loop {
+        match within("the end of the stream", leaving.rx.message()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => {
+                common::assert_shutting_down("chat on the stopped node", &status);
+                break;
+            }
+        }
+    }
+    staying.send(msg("b", "still here", "")).await;
+    assert_eq!(staying.next().await.message, "still here");
+    publish(b.channel().await, "x", 5.0).await;
+    assert_eq!(next_cpu(&mut samples).await, 5.0);
+    drop(staying);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_three_server_nats_cluster_survives_losing_one_server() {
+    if !nats_available("a_three_server_nats_cluster") {
+        return;
+    }
+    let (ports, routes): (Vec<u16>, Vec<u16>) = (0..3).map(|_| (free_port(), free_port())).unzip();
+    let route_list = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers: Vec<Nats> = (0..3)
+        .map(|i| {
+            let extra = vec![
+                "-n".into(),
+                format!("n{i}"),
+                "--cluster_name".into(),
+                "sh".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", routes[i]),
+                "--routes".into(),
+                route_list.clone(),
+            ];
+            Nats::start_with(ports[i], tempfile::tempdir().unwrap(), extra)
+        })
+        .collect();
+    let urls: Vec<String> = servers.iter().map(Nats::url).collect();
+    // JetStream elects its meta leader once the routes are up: the first
+    // node retries joining until then.
+    let a = within("a node to join the NATS cluster", async {
+        loop {
+            let mut config = test_config();
+            config.cluster.nats = urls.clone();
+            config.cluster.replicas = 3;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            config.data_dir = dir.path().to_path_buf();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(streamhub::server::run(listener, config, async {
+                let _ = stopped.await;
+            }));
+            // Either it serves, or it fails to join (no leader yet).
+            let url = format!("http://{addr}");
+            let served = tokio::select! {
+                result = task => { let _ = result; false }
+                status = health(&url, "") => status == ServingStatus::Serving,
+            };
+            if served {
+                return (stop, addr, dir);
+            }
+            drop(stop);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let b = node_with(&urls, |c| c.cluster.replicas = 3).await;
+    let a_url = format!("http://{}", a.1);
+    let mut member = join(b.url(), "ha").await;
+    let writer = join(a_url.clone(), "ha").await;
+    writer.send(msg("w", "one", "w-1")).await;
+    assert_eq!(member.next().await.message, "one");
+    // Lose one NATS server: JetStream keeps a quorum of two.
+    servers[0].kill();
+    // JetStream elects new leaders for what the lost server led: allow
+    // it more than the usual wait.
+    let failover = Duration::from_secs(60);
+    let sent = tokio::time::timeout(failover, async {
+        let mut i = 2;
+        loop {
+            let writer = join(a_url.clone(), "ha").await;
+            writer
+                .send(msg("w", &format!("m{i}"), &format!("w-{i}")))
+                .await;
+            let mut writer = writer;
+            match writer.rx.message().await {
+                Ok(Some(m)) if m.sender == "w" => return m.message,
+                _ => {
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a message stored and delivered within 60 s of losing a NATS server");
+    tokio::time::timeout(failover, async {
+        while within("a chat message", member.rx.message())
+            .await
+            .unwrap()
+            .expect("open")
+            .message
+            != sent
+        {}
+    })
+    .await
+    .expect("the member on the other node receives it");
+    drop((member, writer));
+    let _ = a.0.send(());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_fails_over_to_the_next_server_url() {
+    let server = TestServer::start().await;
+    publish(server.channel().await, "cli-svc", 7.0).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["--server".to_owned(), format!("{dead},{}", server.url())],
+        vec![
+            "--server".to_owned(),
+            dead.clone(),
+            "--server".to_owned(),
+            server.url(),
+        ],
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+            .args(&args)
+            .args(["--json", "snapshot", "cli-svc"])
+            .output();
+        let output = within("the CLI", output).await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        assert!(stdout.contains("cli-svc"), "{stdout}");
+    }
+    server.stop().await;
+}
