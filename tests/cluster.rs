@@ -741,7 +741,8 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     let urls: Vec<String> = servers.iter().map(Nats::url).collect();
     // JetStream elects its meta leader once the routes are up: the first
     // node retries joining until then.
-    let a = within("a node to join the NATS cluster", async {
+    let joining = Duration::from_secs(60);
+    let a = tokio::time::timeout(joining, async {
         loop {
             let mut config = test_config();
             config.cluster.nats = urls.clone();
@@ -767,7 +768,8 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
-    .await;
+    .await
+    .expect("a node joins the NATS cluster within 60 s");
     let b = node_with(&urls, |c| c.cluster.replicas = 3).await;
     let a_url = format!("http://{}", a.1);
     let mut member = join(b.url(), "ha").await;
@@ -777,35 +779,49 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     // Lose one NATS server: JetStream keeps a quorum of two.
     servers[0].kill();
     // JetStream elects new leaders for what the lost server led: allow
-    // it more than the usual wait.
+    // it more than the usual wait. Meanwhile sends fail (the call ends
+    // with UNAVAILABLE) and, if node A was connected to the lost server,
+    // A refuses joins with UNAVAILABLE until it has reconnected: each
+    // attempt is a new call.
     let failover = Duration::from_secs(60);
-    let sent = tokio::time::timeout(failover, async {
-        let mut i = 2;
+    let (seq, sent) = tokio::time::timeout(failover, async {
+        let mut i = 1;
         loop {
-            let writer = join(a_url.clone(), "ha").await;
-            writer
-                .send(msg("w", &format!("m{i}"), &format!("w-{i}")))
-                .await;
-            let mut writer = writer;
-            match writer.rx.message().await {
-                Ok(Some(m)) if m.sender == "w" => return m.message,
-                _ => {
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            i += 1;
+            let text = format!("m{i}");
+            let joined = open(
+                common::connect(a_url.clone()).await,
+                &[("chat-room", "ha".to_owned())],
+            )
+            .await;
+            if let Ok(mut writer) = joined {
+                writer.send(msg("w", &text, &format!("w-{i}"))).await;
+                // Wait for this message's own acknowledgment: a node whose
+                // feed lags may first deliver messages stored just before
+                // the join ("one", or an earlier attempt stored late).
+                while let Ok(Some(m)) = writer.rx.message().await {
+                    if m.sender == "w" && m.message == text {
+                        return (m.seq, text);
+                    }
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .expect("a message stored and delivered within 60 s of losing a NATS server");
+    .expect("a message stored and acknowledged within 60 s of losing a NATS server");
     tokio::time::timeout(failover, async {
-        while within("a chat message", member.rx.message())
-            .await
-            .unwrap()
-            .expect("open")
-            .message
-            != sent
-        {}
+        loop {
+            let m = member.rx.message().await;
+            match m {
+                Ok(Some(m)) if m.seq == seq => {
+                    assert_eq!(m.message, sent);
+                    return;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("the member's stream ended: {other:?}"),
+            }
+        }
     })
     .await
     .expect("the member on the other node receives it");
