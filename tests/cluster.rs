@@ -29,7 +29,10 @@ use streamhub::proto::{
     fileupload::{
         FileChunk, QueryUploadRequest, file_upload_service_client::FileUploadServiceClient,
     },
-    telemetry::{ListServicesRequest, telemetry_service_client::TelemetryServiceClient},
+    telemetry::{
+        HistoryRequest, ListServicesRequest, WatchEvent, WatchRequest,
+        telemetry_service_client::TelemetryServiceClient, watch_event::Event,
+    },
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -254,6 +257,166 @@ async fn samples_reach_every_node_and_a_later_node_sees_the_latest() {
         .collect();
     assert!(names.contains("api") && names.contains("db"), "{names:?}");
     for server in [a, b, c, d] {
+        server.stop().await;
+    }
+}
+
+/// A Watch of the services matching `pattern`, alerts included, once its
+/// backfill is done (its Live marker seen).
+async fn watch_live(server: &TestServer, pattern: &str) -> Streaming<WatchEvent> {
+    let mut stream = TelemetryServiceClient::new(server.channel().await)
+        .watch(WatchRequest {
+            pattern: pattern.into(),
+            interval_ms: 100,
+            alerts: true,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while !matches!(watch_event(&mut stream).await, Event::Live(_)) {}
+    stream
+}
+
+async fn watch_event(stream: &mut Streaming<WatchEvent>) -> Event {
+    within("a watch event", stream.message())
+        .await
+        .unwrap()
+        .expect("watch still open")
+        .event
+        .expect("an event")
+}
+
+/// Skips events until a sample of `service` with `cpu` arrives.
+async fn watch_sample(stream: &mut Streaming<WatchEvent>, service: &str, cpu: f64) {
+    loop {
+        if let Event::Sample(s) = watch_event(stream).await
+            && s.service_name == service
+            && s.cpu_usage == cpu
+        {
+            return;
+        }
+    }
+}
+
+/// The cpu values of `service`'s history on `server`, oldest first.
+async fn history_cpu(server: &TestServer, service: &str) -> Vec<f64> {
+    TelemetryServiceClient::new(server.channel().await)
+        .get_history(HistoryRequest {
+            service_name: service.into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .samples
+        .iter()
+        .map(|s| s.cpu_usage)
+        .collect()
+}
+
+#[tokio::test]
+async fn history_and_watch_show_samples_published_on_any_node() {
+    if !nats_available("history_and_watch_show_samples_published_on_any_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_a = watch_live(&a, "hist").await;
+    let mut on_b = watch_live(&b, "hist").await;
+    // Published on either node, one at a time: every node records each
+    // one, in one order.
+    for (cpu, via) in [(1.0, &a), (2.0, &b), (3.0, &a)] {
+        publish(via.channel().await, "hist", cpu).await;
+        watch_sample(&mut on_a, "hist", cpu).await;
+        watch_sample(&mut on_b, "hist", cpu).await;
+    }
+    assert_eq!(history_cpu(&a, "hist").await, [1.0, 2.0, 3.0]);
+    assert_eq!(history_cpu(&b, "hist").await, [1.0, 2.0, 3.0]);
+
+    // A node started later has the latest value in its history (and in
+    // a Watch's backfill) at once.
+    let c = node(&urls).await;
+    assert_eq!(history_cpu(&c, "hist").await, [3.0]);
+    let mut backfill = TelemetryServiceClient::new(c.channel().await)
+        .watch(WatchRequest {
+            pattern: "hist".into(),
+            backfill_samples: 10,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match watch_event(&mut backfill).await {
+        Event::Backfill(h) => {
+            let cpu: Vec<f64> = h.samples.iter().map(|s| s.cpu_usage).collect();
+            assert_eq!(cpu, [3.0]);
+        }
+        other => panic!("expected the backfill, got {other:?}"),
+    }
+    // And what is published later reaches it like the others.
+    publish(a.channel().await, "hist", 4.0).await;
+    watch_sample(&mut on_b, "hist", 4.0).await;
+    let mut on_c = watch_live(&c, "hist").await;
+    publish(b.channel().await, "hist", 5.0).await;
+    watch_sample(&mut on_c, "hist", 5.0).await;
+    assert_eq!(history_cpu(&c, "hist").await, [3.0, 4.0, 5.0]);
+    drop((on_a, on_b, on_c, backfill));
+    for server in [a, b, c] {
+        server.stop().await;
+    }
+}
+
+/// The alert types a Watch delivers until it has seen `n`, skipping
+/// samples.
+async fn watch_alerts(stream: &mut Streaming<WatchEvent>, n: usize) -> Vec<(String, String)> {
+    let mut alerts = Vec::new();
+    while alerts.len() < n {
+        match watch_event(stream).await {
+            Event::Alert(a) => alerts.push((a.service_name, a.alert.unwrap().alert_type)),
+            Event::Sample(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    alerts
+}
+
+#[tokio::test]
+async fn an_alert_raised_on_one_node_reaches_watchers_on_every_node_once() {
+    if !nats_available("an_alert_raised_on_one_node_reaches_watchers_on_every_node_once") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_a = watch_live(&a, "hot").await;
+    let mut on_b = watch_live(&b, "hot").await;
+    // One LiveFeed call on A: above the CPU threshold, then back below.
+    let (alerts, status) = common::live_feed(
+        a.channel().await,
+        vec![
+            payload("hot", 95.0, 100.0, 0),
+            payload("hot", 10.0, 100.0, 0),
+        ],
+    )
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    let want = vec![
+        ("hot".to_owned(), "CPU_HIGH".to_owned()),
+        ("hot".to_owned(), "CPU_HIGH_RESOLVED".to_owned()),
+    ];
+    // Each watcher sees each alert once: A's own is not echoed back to it.
+    assert_eq!(watch_alerts(&mut on_b, 2).await, want);
+    assert_eq!(watch_alerts(&mut on_a, 2).await, want);
+    // A later alert from B: nothing of the first pair came twice.
+    publish(b.channel().await, "hot", 99.0).await;
+    let high = vec![("hot".to_owned(), "CPU_HIGH".to_owned())];
+    assert_eq!(watch_alerts(&mut on_a, 1).await, high);
+    assert_eq!(watch_alerts(&mut on_b, 1).await, high);
+    drop((on_a, on_b));
+    for server in [a, b] {
         server.stop().await;
     }
 }
