@@ -303,7 +303,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
-    /// Name under which the server reports its own host's metrics.
+    /// Name under which the server reports its own host's metrics. Empty
+    /// (the default): `streamhub` on one node, `streamhub@<cluster.node>`
+    /// in cluster mode, so nodes do not overwrite each other's values.
     pub self_name: String,
     /// How often the server samples its own host. Zero turns it off.
     #[serde(with = "humantime_serde")]
@@ -333,7 +335,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         Self {
-            self_name: "streamhub".to_owned(),
+            self_name: String::new(),
             self_sample_interval: Duration::from_secs(1),
             default_interval: Duration::from_millis(1000),
             min_interval: Duration::from_millis(100),
@@ -595,9 +597,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let t = &self.telemetry;
-        if t.self_name.is_empty() || t.self_name.len() > crate::telemetry::MAX_NAME_LEN {
+        if t.self_name.len() > crate::telemetry::MAX_NAME_LEN {
             return Err(ConfigError::Inconsistent(format!(
-                "telemetry.self_name must be 1 to {} bytes",
+                "telemetry.self_name must be at most {} bytes (empty for the default)",
                 crate::telemetry::MAX_NAME_LEN
             )));
         }

@@ -152,6 +152,12 @@ where
     } else {
         None
     };
+    let mut telemetry_config = config.telemetry.clone();
+    // Each node reports its own host under its own name.
+    telemetry_config.self_name = telemetry::host::self_name(
+        &config.telemetry.self_name,
+        cluster.as_deref().map(Cluster::node),
+    );
     let hub = Arc::new(
         match &cluster {
             Some(c) => {
@@ -159,9 +165,9 @@ where
                 let records = Arc::new(telemetry::Records::new(&config.telemetry));
                 let broker =
                     NatsBroker::start(Arc::clone(c), Arc::clone(&records), max, &shutdown).await?;
-                Hub::with_broker(config.telemetry.clone(), broker, records)
+                Hub::with_broker(telemetry_config, broker, records)
             }
-            None => Hub::new(config.telemetry.clone()),
+            None => Hub::new(telemetry_config),
         }
         .with_counters(metrics.telemetry()),
     );

@@ -1018,3 +1018,73 @@ async fn the_cli_fails_over_to_the_next_server_url() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_cli_moves_on_when_a_node_answers_unavailable() {
+    if !nats_available("the_cli_moves_on_when_a_node_answers_unavailable") {
+        return;
+    }
+    // Two nodes on two separate NATS servers: losing one cuts off only
+    // node A, which then answers (it does not refuse connections) with
+    // UNAVAILABLE.
+    let mut lost = Nats::start();
+    let kept = Nats::start();
+    let a = node(&[lost.url()]).await;
+    let b = node(&[kept.url()]).await;
+    let mut on_b = subscribe(&b, "cli-svc").await;
+    publish(b.channel().await, "cli-svc", 7.0).await;
+    assert_eq!(next_cpu(&mut on_b).await, 7.0);
+    lost.kill();
+    wait_health(&a.url(), ServingStatus::NotServing).await;
+    let servers = format!("{},{}", a.url(), b.url());
+    for command in [
+        &["snapshot", "cli-svc"][..],
+        &["services"],
+        &["subscribe", "cli-svc", "--count", "1"],
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+            .args(["--server", &servers, "--json"])
+            .args(command)
+            .kill_on_drop(true)
+            .output();
+        let output = within("the CLI", output).await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command:?}: {output:?}");
+        assert!(stdout.contains("cli-svc"), "{command:?}: {stdout}");
+    }
+    drop(on_b);
+    for server in [a, b] {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn each_node_reports_its_own_host_under_its_own_name() {
+    if !nats_available("each_node_reports_its_own_host_under_its_own_name") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let named = |name: &'static str| {
+        move |c: &mut streamhub::config::Config| {
+            c.cluster.node = name.into();
+            c.telemetry.self_sample_interval = Duration::from_millis(200);
+        }
+    };
+    let a = node_with(&urls, named("n1")).await;
+    let b = node_with(&urls, named("n2")).await;
+    let mut from_a = subscribe(&b, "streamhub@n1").await;
+    let mut from_b = subscribe(&a, "streamhub@n2").await;
+    within("n1's host sample", from_a.next())
+        .await
+        .unwrap()
+        .unwrap();
+    within("n2's host sample", from_b.next())
+        .await
+        .unwrap()
+        .unwrap();
+    drop((from_a, from_b));
+    for server in [a, b] {
+        server.stop().await;
+    }
+}

@@ -293,7 +293,10 @@ async fn talk(
     }
     let response = match ChatServiceClient::new(channel).chat(request).await {
         Ok(response) => response,
-        Err(status) if is_transient(&status) => return Ok(Outcome::Retry(status_text(&status))),
+        Err(status) if is_transient(&status) => {
+            ctx.note_failure(&status);
+            return Ok(Outcome::Retry(status_text(&status)));
+        }
         Err(status)
             if matches!(status.code(), Code::OutOfRange | Code::FailedPrecondition)
                 && session.epoch.is_some() =>
@@ -359,6 +362,7 @@ async fn talk(
                 Err(status) if is_transient(&status)
                     || status.code() == Code::ResourceExhausted =>
                 {
+                    ctx.note_failure(&status);
                     return Ok(Outcome::Retry(status_text(&status)));
                 }
                 Err(status) => return Err(status_error(status)),

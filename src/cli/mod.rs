@@ -209,6 +209,46 @@ impl Context {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no server URL given")))
     }
 
+    /// Notes that the current server answered a call with `status`:
+    /// UNAVAILABLE (a cluster node cut off from NATS, a node shutting down,
+    /// storage that failed) makes the next [`Context::connect`] start from
+    /// the next server URL, since another node may serve the call. No
+    /// effect with one server or another status.
+    pub fn note_failure(&self, status: &tonic::Status) {
+        if status.code() == tonic::Code::Unavailable && self.servers.len() > 1 {
+            let from = self.current.load(Ordering::Relaxed);
+            self.current
+                .store((from + 1) % self.servers.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Makes a one-shot call with failover: connects (see
+    /// [`Context::connect`]) and runs `call`; while a node answers
+    /// UNAVAILABLE, tries the next one, each server at most once.
+    ///
+    /// # Errors
+    ///
+    /// When no server could be reached, or the last answer was an error
+    /// status (what the server said).
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> anyhow::Result<T>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut tries = self.servers.len();
+        loop {
+            let status = match call(self.connect().await?).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) => status,
+            };
+            tries -= 1;
+            if tries == 0 || status.code() != tonic::Code::Unavailable {
+                return Err(status_error(status));
+            }
+            self.note_failure(&status);
+        }
+    }
+
     /// Opens a channel to `server`: TLS for an `https://` URL (verified
     /// against `--ca` or the system roots, presenting `--cert`/`--key`),
     /// and the token on every call.

@@ -99,14 +99,20 @@ pub struct SnapshotArgs {
 
 /// `streamhub snapshot NAME`.
 pub async fn snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {
-    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
-    let sample = client
-        .get_snapshot(MetricsRequest {
-            service_name: args.name,
-            interval_ms: 0,
+    let request = MetricsRequest {
+        service_name: args.name,
+        interval_ms: 0,
+    };
+    let sample = ctx
+        .call(|channel| {
+            let request = request.clone();
+            async move {
+                TelemetryServiceClient::new(channel)
+                    .get_snapshot(request)
+                    .await
+            }
         })
-        .await
-        .map_err(status_error)?
+        .await?
         .into_inner();
     print_sample(ctx, &sample);
     Ok(())
@@ -114,11 +120,13 @@ pub async fn snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {
 
 /// `streamhub services`: every known service with its latest sample.
 pub async fn services(ctx: &Context) -> anyhow::Result<()> {
-    let mut client = TelemetryServiceClient::new(ctx.connect().await?);
-    let list = client
-        .list_services(ListServicesRequest {})
-        .await
-        .map_err(status_error)?
+    let list = ctx
+        .call(|channel| async move {
+            TelemetryServiceClient::new(channel)
+                .list_services(ListServicesRequest {})
+                .await
+        })
+        .await?
         .into_inner();
     if list.services.is_empty() && !ctx.json {
         out("no services have reported yet");
@@ -176,6 +184,7 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
     let mut received = 0u64;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
+        let server = ctx.current_server().to_owned();
         let lost = match subscribe_once(ctx, args, &mut received, &mut backoff).await {
             Ok(()) => return Ok(()),
             Err(Lost::Fatal(err)) => return Err(err),
@@ -184,8 +193,7 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
         ctx.note(
             "reconnecting",
             &format!(
-                "connection to {} lost ({lost}); reconnecting in {:.1}s",
-                ctx.server,
+                "connection to {server} lost ({lost}); reconnecting in {:.1}s",
                 backoff.delay().as_secs_f64()
             ),
         );
@@ -196,6 +204,13 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
 enum Lost {
     Transient(String),
     Fatal(anyhow::Error),
+}
+
+/// A call that ended with a status worth retrying: an UNAVAILABLE node is
+/// left for the next server URL.
+fn transient(ctx: &Context, status: &tonic::Status) -> Lost {
+    ctx.note_failure(status);
+    Lost::Transient(status_text(status))
 }
 
 async fn subscribe_once(
@@ -215,7 +230,7 @@ async fn subscribe_once(
     };
     let mut stream = match client.subscribe(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) if is_transient(&status) => return Err(Lost::Transient(status_text(&status))),
+        Err(status) if is_transient(&status) => return Err(transient(ctx, &status)),
         Err(status) => return Err(Lost::Fatal(status_error(status))),
     };
     if *received > 0 {
@@ -234,9 +249,7 @@ async fn subscribe_once(
                     return Ok(());
                 }
             }
-            Some(Err(status)) if is_transient(&status) => {
-                return Err(Lost::Transient(status_text(&status)));
-            }
+            Some(Err(status)) if is_transient(&status) => return Err(transient(ctx, &status)),
             Some(Err(status)) => return Err(Lost::Fatal(status_error(status))),
             None => return Err(Lost::Transient("the server ended the stream".into())),
         }
@@ -288,6 +301,7 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     let mut connected_before = false;
     loop {
+        let server = ctx.current_server().to_owned();
         let lost = match feed_once(ctx, &args, &service, &ticks, &mut connected_before).await {
             Ok(()) => return Ok(()),
             Err(Lost::Fatal(err)) => return Err(err),
@@ -296,8 +310,7 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
         ctx.note(
             "reconnecting",
             &format!(
-                "connection to {} lost ({lost}); reconnecting in {:.1}s",
-                ctx.server,
+                "connection to {server} lost ({lost}); reconnecting in {:.1}s",
                 backoff.delay().as_secs_f64()
             ),
         );
@@ -332,11 +345,14 @@ async fn feed_once(
     let _producer = AbortOnDrop(producer);
     let mut alerts = match client.live_feed(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) if is_transient(&status) => return Err(Lost::Transient(status_text(&status))),
+        Err(status) if is_transient(&status) => return Err(transient(ctx, &status)),
         Err(status) => return Err(Lost::Fatal(status_error(status))),
     };
     if *connected_before {
-        ctx.note("reconnected", &format!("reconnected to {}", ctx.server));
+        ctx.note(
+            "reconnected",
+            &format!("reconnected to {}", ctx.current_server()),
+        );
     } else {
         ctx.note(
             "feeding",
@@ -347,9 +363,7 @@ async fn feed_once(
     loop {
         match alerts.next().await {
             Some(Ok(alert)) => print_alert(ctx, &alert),
-            Some(Err(status)) if is_transient(&status) => {
-                return Err(Lost::Transient(status_text(&status)));
-            }
+            Some(Err(status)) if is_transient(&status) => return Err(transient(ctx, &status)),
             Some(Err(status)) => return Err(Lost::Fatal(status_error(status))),
             // The server ends the call once the producer has sent
             // `--count` payloads and half-closed.

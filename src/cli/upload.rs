@@ -188,6 +188,8 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 | Code::Aborted
                 | Code::FailedPrecondition
         );
+        // Another node may serve what this one refused.
+        ctx.note_failure(&failure);
         if !retryable || attempt >= args.retries {
             bar.abandon();
             if retryable {

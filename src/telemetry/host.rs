@@ -52,6 +52,17 @@ impl HostSampler {
     }
 }
 
+/// The name a server reports its own host under: `configured` if set,
+/// else `streamhub`, or `streamhub@<node>` for a cluster node named `node`
+/// (every node its own, so they do not overwrite each other's values).
+pub fn self_name(configured: &str, node: Option<&str>) -> String {
+    match (configured, node) {
+        ("", None) => "streamhub".to_owned(),
+        ("", Some(node)) => format!("streamhub@{node}"),
+        (name, _) => name.to_owned(),
+    }
+}
+
 /// Reports this host's metrics under the configured self-name every
 /// `interval` until `token` is cancelled. The request count is the number of
 /// RPCs the server has handled.
@@ -84,5 +95,18 @@ pub async fn report_self(hub: Arc<Hub>, token: CancellationToken) {
         if let Err(err) = hub.ingest(report) {
             tracing::warn!(%err, service = %name, "could not record the host's own sample");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::self_name;
+
+    #[test]
+    fn the_default_self_name_names_the_cluster_node() {
+        assert_eq!(self_name("", None), "streamhub");
+        assert_eq!(self_name("", Some("a:50051")), "streamhub@a:50051");
+        assert_eq!(self_name("mine", Some("a:50051")), "mine");
+        assert_eq!(self_name("mine", None), "mine");
     }
 }
