@@ -6,11 +6,12 @@
 //! memory. Fan-out is shared: a publish touches the topic once, whatever the
 //! number of subscribers, and wakes each waiting subscriber's task.
 //!
-//! The [`LatestBroker`] trait is what the telemetry service depends on; the
-//! in-process [`MemoryBroker`] implements it. The clustered broker
-//! (`crate::cluster::telemetry::NatsBroker`) implements the same trait by
-//! feeding a local [`MemoryBroker`] from a NATS JetStream consumer, so the
-//! service layer does not change.
+//! The [`LatestBroker`] trait is what the telemetry hub depends on (through
+//! `crate::telemetry::SampleBroker`, which adds when a sample lands in the
+//! node's history); the in-process [`MemoryBroker`] implements it. The
+//! clustered broker (`crate::cluster::telemetry::NatsBroker`) implements
+//! the same traits by feeding a local [`MemoryBroker`] from a NATS
+//! JetStream consumer, so the service layer does not change.
 //!
 //! No tonic or protobuf types appear here.
 

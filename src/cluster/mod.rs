@@ -5,11 +5,12 @@
 //! server already has; the services do not know which one they got:
 //!
 //! - [`telemetry`]: [`telemetry::NatsBroker`], a
-//!   [`LatestBroker`](crate::broker::LatestBroker) whose samples travel on
-//!   `streamhub.telemetry.sample.<name>` into the stream
+//!   [`SampleBroker`](crate::telemetry::SampleBroker) whose samples travel
+//!   on `streamhub.telemetry.sample.<name>` into the stream
 //!   `STREAMHUB_TELEMETRY` (one message kept per subject: the latest), and
-//!   come back to every node through one ordered consumer that feeds the
-//!   node's in-process broker.
+//!   come back to every node through one ordered consumer that lands them
+//!   in the node's records (in-process broker, history, change feed);
+//!   alerts travel on `streamhub.telemetry.alert`.
 //! - [`chat`]: [`chat::NatsHub`], a [`RoomHub`](crate::chat::room::RoomHub)
 //!   whose rooms are JetStream streams (`STREAMHUB_CHAT_<room>`), so a
 //!   room's stream sequence is its seq on every node.

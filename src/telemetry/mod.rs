@@ -1,7 +1,9 @@
 //! Telemetry: services report metrics samples, subscribers watch them.
 //!
 //! - [`Hub`] is the core: it validates samples, keeps each service's latest
-//!   sample in a [`LatestBroker`], and hands out subscriptions.
+//!   sample in a [`SampleBroker`] (a
+//!   [`LatestBroker`](crate::broker::LatestBroker)), and hands out
+//!   subscriptions.
 //! - [`alerts`] turns a stream of samples into edge-triggered alerts.
 //! - [`host`] samples this machine's CPU and memory.
 //! - [`pacer`] spaces one subscriber's messages at its interval.
