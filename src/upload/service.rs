@@ -723,15 +723,17 @@ impl file_upload_service_server::FileUploadService for UploadService {
         }))
     }
 
-    // ListUploads needs upload:write and lists only the names it matches.
     async fn list_uploads(
         &self,
-        _request: Request<ListUploadsRequest>,
+        request: Request<ListUploadsRequest>,
     ) -> Result<Response<ListUploadsResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let partials = self.store.partials().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListUploadsResponse {
             uploads: partials
                 .into_iter()
+                // Only the uploads the caller may write (resume or cancel).
+                .filter(|p| identity.allows(Resource::Upload, Action::Write, &p.name))
                 .map(|p| PartialUpload {
                     filename: p.name,
                     held_bytes: p.held,
