@@ -1,7 +1,8 @@
 //! Authorization of what the dashboard uses, over loopback: Watch delivers
 //! only the services (and alerts) the identity may read, services that
 //! appear later included; GetHistory needs `telemetry:read:<name>`;
-//! ListUploads lists only names the identity may write; the plain HTTP
+//! ListUploads lists only names the identity may write (and ListFiles and
+//! ListUploads refuse an identity with no scope for them at all); the plain HTTP
 //! routes `GET /files/NAME` (`upload:read:NAME`) and `GET /metrics`
 //! (`server:read:metrics`) answer 403 naming the scope.
 
@@ -20,7 +21,8 @@ use streamhub::{
     config::Config,
     proto::{
         fileupload::{
-            FileChunk, ListUploadsRequest, file_upload_service_client::FileUploadServiceClient,
+            FileChunk, ListFilesRequest, ListUploadsRequest,
+            file_upload_service_client::FileUploadServiceClient,
         },
         telemetry::{
             HistoryRequest, WatchEvent, WatchRequest,
@@ -263,7 +265,20 @@ async fn list_uploads_lists_only_names_the_identity_may_write() {
     };
     assert_eq!(names(ADMIN).await, ["mine-1.bin", "theirs.bin"]);
     assert_eq!(names(WRITER).await, ["mine-1.bin"]);
-    assert!(names(READER).await.is_empty());
+    // An identity with no upload:write scope at all is told so rather
+    // than shown an empty list; the same for ListFiles and upload:read.
+    let status = client
+        .list_uploads(with(ListUploadsRequest {}, READER))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("upload:write"), "{status:?}");
+    let status = client
+        .list_files(with(ListFilesRequest {}, WRITER))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("upload:read"), "{status:?}");
     let status = client
         .list_uploads(ListUploadsRequest {})
         .await

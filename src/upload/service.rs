@@ -707,6 +707,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
         request: Request<ListFilesRequest>,
     ) -> Result<Response<ListFilesResponse>, Status> {
         let identity = auth::layer::identity(request.extensions());
+        auth::authorize_any(&identity, Resource::Upload, Action::Read)?;
         let files = self.store.list().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListFilesResponse {
             files: files
@@ -728,6 +729,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
         request: Request<ListUploadsRequest>,
     ) -> Result<Response<ListUploadsResponse>, Status> {
         let identity = auth::layer::identity(request.extensions());
+        auth::authorize_any(&identity, Resource::Upload, Action::Write)?;
         let partials = self.store.partials().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListUploadsResponse {
             uploads: partials
