@@ -2,6 +2,10 @@
 //! a strong `ETag` (its SHA-256), and single `Range` requests, so
 //! `curl -C -` and browsers resume downloads.
 //!
+//! It needs the scope `upload:read:NAME`, as Download does: without it,
+//! 403 naming the scope, before the store is looked at (so a refusal says
+//! nothing about whether the file exists).
+//!
 //! Names follow Download's rules: a missing file, or a name that could not
 //! be stored (a path separator, `..`, …), is 404, and no body names a
 //! server path. The file is sent as `application/octet-stream` with
@@ -13,14 +17,17 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::{
     body::Body,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{Extensions, HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::WebState;
-use crate::upload::{StoredFile, UploadError};
+use crate::{
+    auth::{self, Action, Resource},
+    upload::{StoredFile, UploadError},
+};
 
 /// Bytes read from disk per piece of the response body.
 const READ_CHUNK: usize = 64 * 1024;
@@ -138,12 +145,18 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// `GET /files/{name}` (and HEAD).
+/// `GET /files/{name}` (and HEAD): needs `upload:read:{name}` (403
+/// naming the scope otherwise, before the store is looked at).
 pub(super) async fn get_file(
     State(state): State<WebState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
+    let identity = auth::layer::identity(&extensions);
+    if let Err(denied) = auth::authorize(&identity, Resource::Upload, Action::Read, &name) {
+        return super::forbidden(&denied);
+    }
     let (file, info) = match state.uploads.open_described(&name).await {
         Ok(opened) => opened,
         Err(err @ (UploadError::NotFound { .. } | UploadError::BadName { .. })) => {
