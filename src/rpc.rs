@@ -1,7 +1,8 @@
 //! Pieces shared by every gRPC service: the log line of each stream, the
 //! request gate that counts calls and refuses new ones while draining, the
 //! status every stream ends with on shutdown, and the call layer that ends
-//! every call the way the gRPC spec says (deadlines, size limits).
+//! every call the way the gRPC spec says (deadlines, size limits, request
+//! cardinality).
 
 use std::{
     collections::HashSet,
@@ -236,6 +237,8 @@ impl<S> tower::Layer<S> for StatusLayer {
     type Service = Call<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        // Built as the routes are, not on the first call.
+        LazyLock::force(&UNARY_REQUEST);
         Call { inner }
     }
 }
