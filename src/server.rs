@@ -157,8 +157,10 @@ where
         match &cluster {
             Some(c) => {
                 let max = config.telemetry.max_services;
-                let broker = NatsBroker::start(Arc::clone(c), max, &shutdown).await?;
-                Hub::with_broker(config.telemetry.clone(), broker)
+                let records = Arc::new(telemetry::Records::new(&config.telemetry));
+                let broker =
+                    NatsBroker::start(Arc::clone(c), Arc::clone(&records), max, &shutdown).await?;
+                Hub::with_broker(config.telemetry.clone(), broker, records)
             }
             None => Hub::new(config.telemetry.clone()),
         }

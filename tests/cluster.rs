@@ -29,7 +29,10 @@ use streamhub::proto::{
     fileupload::{
         FileChunk, QueryUploadRequest, file_upload_service_client::FileUploadServiceClient,
     },
-    telemetry::{ListServicesRequest, telemetry_service_client::TelemetryServiceClient},
+    telemetry::{
+        HistoryRequest, ListServicesRequest, WatchEvent, WatchRequest,
+        telemetry_service_client::TelemetryServiceClient, watch_event::Event,
+    },
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -254,6 +257,166 @@ async fn samples_reach_every_node_and_a_later_node_sees_the_latest() {
         .collect();
     assert!(names.contains("api") && names.contains("db"), "{names:?}");
     for server in [a, b, c, d] {
+        server.stop().await;
+    }
+}
+
+/// A Watch of the services matching `pattern`, alerts included, once its
+/// backfill is done (its Live marker seen).
+async fn watch_live(server: &TestServer, pattern: &str) -> Streaming<WatchEvent> {
+    let mut stream = TelemetryServiceClient::new(server.channel().await)
+        .watch(WatchRequest {
+            pattern: pattern.into(),
+            interval_ms: 100,
+            alerts: true,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while !matches!(watch_event(&mut stream).await, Event::Live(_)) {}
+    stream
+}
+
+async fn watch_event(stream: &mut Streaming<WatchEvent>) -> Event {
+    within("a watch event", stream.message())
+        .await
+        .unwrap()
+        .expect("watch still open")
+        .event
+        .expect("an event")
+}
+
+/// Skips events until a sample of `service` with `cpu` arrives.
+async fn watch_sample(stream: &mut Streaming<WatchEvent>, service: &str, cpu: f64) {
+    loop {
+        if let Event::Sample(s) = watch_event(stream).await
+            && s.service_name == service
+            && s.cpu_usage == cpu
+        {
+            return;
+        }
+    }
+}
+
+/// The cpu values of `service`'s history on `server`, oldest first.
+async fn history_cpu(server: &TestServer, service: &str) -> Vec<f64> {
+    TelemetryServiceClient::new(server.channel().await)
+        .get_history(HistoryRequest {
+            service_name: service.into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .samples
+        .iter()
+        .map(|s| s.cpu_usage)
+        .collect()
+}
+
+#[tokio::test]
+async fn history_and_watch_show_samples_published_on_any_node() {
+    if !nats_available("history_and_watch_show_samples_published_on_any_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_a = watch_live(&a, "hist").await;
+    let mut on_b = watch_live(&b, "hist").await;
+    // Published on either node, one at a time: every node records each
+    // one, in one order.
+    for (cpu, via) in [(1.0, &a), (2.0, &b), (3.0, &a)] {
+        publish(via.channel().await, "hist", cpu).await;
+        watch_sample(&mut on_a, "hist", cpu).await;
+        watch_sample(&mut on_b, "hist", cpu).await;
+    }
+    assert_eq!(history_cpu(&a, "hist").await, [1.0, 2.0, 3.0]);
+    assert_eq!(history_cpu(&b, "hist").await, [1.0, 2.0, 3.0]);
+
+    // A node started later has the latest value in its history (and in
+    // a Watch's backfill) at once.
+    let c = node(&urls).await;
+    assert_eq!(history_cpu(&c, "hist").await, [3.0]);
+    let mut backfill = TelemetryServiceClient::new(c.channel().await)
+        .watch(WatchRequest {
+            pattern: "hist".into(),
+            backfill_samples: 10,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match watch_event(&mut backfill).await {
+        Event::Backfill(h) => {
+            let cpu: Vec<f64> = h.samples.iter().map(|s| s.cpu_usage).collect();
+            assert_eq!(cpu, [3.0]);
+        }
+        other => panic!("expected the backfill, got {other:?}"),
+    }
+    // And what is published later reaches it like the others.
+    publish(a.channel().await, "hist", 4.0).await;
+    watch_sample(&mut on_b, "hist", 4.0).await;
+    let mut on_c = watch_live(&c, "hist").await;
+    publish(b.channel().await, "hist", 5.0).await;
+    watch_sample(&mut on_c, "hist", 5.0).await;
+    assert_eq!(history_cpu(&c, "hist").await, [3.0, 4.0, 5.0]);
+    drop((on_a, on_b, on_c, backfill));
+    for server in [a, b, c] {
+        server.stop().await;
+    }
+}
+
+/// The alert types a Watch delivers until it has seen `n`, skipping
+/// samples.
+async fn watch_alerts(stream: &mut Streaming<WatchEvent>, n: usize) -> Vec<(String, String)> {
+    let mut alerts = Vec::new();
+    while alerts.len() < n {
+        match watch_event(stream).await {
+            Event::Alert(a) => alerts.push((a.service_name, a.alert.unwrap().alert_type)),
+            Event::Sample(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    alerts
+}
+
+#[tokio::test]
+async fn an_alert_raised_on_one_node_reaches_watchers_on_every_node_once() {
+    if !nats_available("an_alert_raised_on_one_node_reaches_watchers_on_every_node_once") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_a = watch_live(&a, "hot").await;
+    let mut on_b = watch_live(&b, "hot").await;
+    // One LiveFeed call on A: above the CPU threshold, then back below.
+    let (alerts, status) = common::live_feed(
+        a.channel().await,
+        vec![
+            payload("hot", 95.0, 100.0, 0),
+            payload("hot", 10.0, 100.0, 0),
+        ],
+    )
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    let want = vec![
+        ("hot".to_owned(), "CPU_HIGH".to_owned()),
+        ("hot".to_owned(), "CPU_HIGH_RESOLVED".to_owned()),
+    ];
+    // Each watcher sees each alert once: A's own is not echoed back to it.
+    assert_eq!(watch_alerts(&mut on_b, 2).await, want);
+    assert_eq!(watch_alerts(&mut on_a, 2).await, want);
+    // A later alert from B: nothing of the first pair came twice.
+    publish(b.channel().await, "hot", 99.0).await;
+    let high = vec![("hot".to_owned(), "CPU_HIGH".to_owned())];
+    assert_eq!(watch_alerts(&mut on_a, 1).await, high);
+    assert_eq!(watch_alerts(&mut on_b, 1).await, high);
+    drop((on_a, on_b));
+    for server in [a, b] {
         server.stop().await;
     }
 }
@@ -741,7 +904,8 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     let urls: Vec<String> = servers.iter().map(Nats::url).collect();
     // JetStream elects its meta leader once the routes are up: the first
     // node retries joining until then.
-    let a = within("a node to join the NATS cluster", async {
+    let joining = Duration::from_secs(60);
+    let a = tokio::time::timeout(joining, async {
         loop {
             let mut config = test_config();
             config.cluster.nats = urls.clone();
@@ -767,7 +931,8 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
-    .await;
+    .await
+    .expect("a node joins the NATS cluster within 60 s");
     let b = node_with(&urls, |c| c.cluster.replicas = 3).await;
     let a_url = format!("http://{}", a.1);
     let mut member = join(b.url(), "ha").await;
@@ -777,35 +942,49 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     // Lose one NATS server: JetStream keeps a quorum of two.
     servers[0].kill();
     // JetStream elects new leaders for what the lost server led: allow
-    // it more than the usual wait.
+    // it more than the usual wait. Meanwhile sends fail (the call ends
+    // with UNAVAILABLE) and, if node A was connected to the lost server,
+    // A refuses joins with UNAVAILABLE until it has reconnected: each
+    // attempt is a new call.
     let failover = Duration::from_secs(60);
-    let sent = tokio::time::timeout(failover, async {
-        let mut i = 2;
+    let (seq, sent) = tokio::time::timeout(failover, async {
+        let mut i = 1;
         loop {
-            let writer = join(a_url.clone(), "ha").await;
-            writer
-                .send(msg("w", &format!("m{i}"), &format!("w-{i}")))
-                .await;
-            let mut writer = writer;
-            match writer.rx.message().await {
-                Ok(Some(m)) if m.sender == "w" => return m.message,
-                _ => {
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            i += 1;
+            let text = format!("m{i}");
+            let joined = open(
+                common::connect(a_url.clone()).await,
+                &[("chat-room", "ha".to_owned())],
+            )
+            .await;
+            if let Ok(mut writer) = joined {
+                writer.send(msg("w", &text, &format!("w-{i}"))).await;
+                // Wait for this message's own acknowledgment: a node whose
+                // feed lags may first deliver messages stored just before
+                // the join ("one", or an earlier attempt stored late).
+                while let Ok(Some(m)) = writer.rx.message().await {
+                    if m.sender == "w" && m.message == text {
+                        return (m.seq, text);
+                    }
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await
-    .expect("a message stored and delivered within 60 s of losing a NATS server");
+    .expect("a message stored and acknowledged within 60 s of losing a NATS server");
     tokio::time::timeout(failover, async {
-        while within("a chat message", member.rx.message())
-            .await
-            .unwrap()
-            .expect("open")
-            .message
-            != sent
-        {}
+        loop {
+            let m = member.rx.message().await;
+            match m {
+                Ok(Some(m)) if m.seq == seq => {
+                    assert_eq!(m.message, sent);
+                    return;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("the member's stream ended: {other:?}"),
+            }
+        }
     })
     .await
     .expect("the member on the other node receives it");

@@ -6,11 +6,14 @@
 //!   [`super::token`]). The stream `STREAMHUB_TELEMETRY` captures those
 //!   subjects and keeps one message per subject: the latest value of every
 //!   service, for nodes that start (or reconnect) later.
-//! - Every node follows that stream with one ordered consumer and feeds
-//!   what it receives into its own [`MemoryBroker`]; its subscribers wait
-//!   on that, exactly as on a single node. A node's own samples come back
-//!   the same way, so every node sees each sample once, in one order, and
-//!   a slow subscriber still skips to the newest.
+//! - Every node follows that stream with one ordered consumer and lands
+//!   what it receives in its own records ([`Records::land`]: numbered,
+//!   stored in its own [`MemoryBroker`], appended to the history, announced
+//!   on the change feed); its subscribers and watchers wait on those,
+//!   exactly as on a single node. A node's own samples come back the same
+//!   way (they land on no node before), so every node records each sample
+//!   once, in one order, and a slow subscriber still skips to the newest.
+//!   A sample's `seq` is numbered by each node as it lands (it is not sent).
 //! - On start, and after every reconnect, the consumer begins with the
 //!   last message of every subject; the node serves values as live only
 //!   once it has read up to the stream's end as of that moment. While it
@@ -21,8 +24,11 @@
 //!   slot (a newer sample replaces an unsent one) for the node's publisher
 //!   task, so a burst of one service costs one slot.
 //!
-//! Alerts are meant for the subject [`ALERT_SUBJECT`], which every node
-//! subscribes to, once the hub has an alert broadcast to feed.
+//! - Alerts raised on a node (already in its own alert feed) are published
+//!   on the core subject [`ALERT_SUBJECT`] with the node's origin id; every
+//!   node subscribes to it and lands the alerts of other origins in its
+//!   alert feed, so each node's watchers see each alert once. Alerts are
+//!   not stored: a node that is cut off meanwhile misses them.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -36,14 +42,14 @@ use std::{
 use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, ClusterError, token};
 use crate::{
     broker::{BrokerError, LatestBroker, MemoryBroker, Subscription},
     shutdown::Shutdown,
-    telemetry::Sample,
+    telemetry::{Records, Sample, SampleBroker, TelemetryError, alerts::Alert, watch::AlertRecord},
 };
 
 /// The stream holding the latest sample of every service.
@@ -58,6 +64,9 @@ pub const ALERT_SUBJECT: &str = "streamhub.telemetry.alert";
 /// How long a node waits at start for the latest values before serving.
 const CATCH_UP: Duration = Duration::from_secs(30);
 
+/// Alerts waiting to be published; more are dropped (and logged).
+const ALERT_QUEUE: usize = 1024;
+
 /// A sample as it travels between nodes (JSON, so `nats sub` shows it).
 #[derive(Debug, Serialize, Deserialize)]
 struct Wire {
@@ -66,10 +75,6 @@ struct Wire {
     memory_mb: f64,
     request_count: u64,
     timestamp_ms: u64,
-    /// The sample's number in its service's sequence on the node that
-    /// took it.
-    #[serde(default)]
-    seq: u64,
 }
 
 impl From<&Sample> for Wire {
@@ -80,7 +85,6 @@ impl From<&Sample> for Wire {
             memory_mb: s.memory_mb,
             request_count: s.request_count,
             timestamp_ms: s.timestamp_ms,
-            seq: s.seq,
         }
     }
 }
@@ -93,9 +97,64 @@ impl From<Wire> for Sample {
             memory_mb: w.memory_mb,
             request_count: w.request_count,
             timestamp_ms: w.timestamp_ms,
-            seq: w.seq,
+            // Numbered by each node as it lands.
+            seq: 0,
         }
     }
+}
+
+/// An alert as it travels between nodes (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct AlertWire {
+    /// The publishing node's [`NatsBroker::origin`]: a node skips its own.
+    origin: String,
+    service: String,
+    alert_type: String,
+    message: String,
+    value: f64,
+    timestamp_ms: u64,
+}
+
+impl AlertWire {
+    fn new(origin: &str, record: &AlertRecord) -> Self {
+        Self {
+            origin: origin.to_owned(),
+            service: record.service.to_string(),
+            alert_type: record.alert.alert_type.clone(),
+            message: record.alert.message.clone(),
+            value: record.alert.value,
+            timestamp_ms: record.alert.timestamp_ms,
+        }
+    }
+
+    fn record(self) -> AlertRecord {
+        AlertRecord {
+            service: Arc::from(self.service),
+            alert: Alert {
+                alert_type: self.alert_type,
+                message: self.message,
+                value: self.value,
+                timestamp_ms: self.timestamp_ms,
+            },
+        }
+    }
+}
+
+/// An id for this node's broker that no other node has: its name (for
+/// people reading `nats sub`) and 64 random bits (node names may repeat).
+fn origin_id(node: &str) -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: the clock and the process id still differ
+        // between nodes in practice.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        #[allow(clippy::cast_possible_truncation)] // any 64 bits will do
+        let mixed = (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32);
+        bytes = mixed.to_le_bytes();
+    }
+    format!("{node}/{}", hex::encode(bytes))
 }
 
 /// Samples waiting for the publisher task: the newest per service, in the
@@ -110,6 +169,12 @@ struct Pending {
 pub struct NatsBroker {
     cluster: Arc<Cluster>,
     local: Arc<MemoryBroker<Sample>>,
+    /// Where samples and other nodes' alerts land.
+    records: Arc<Records>,
+    /// This broker's id on alerts it publishes.
+    origin: String,
+    /// Alerts for the alert publisher task.
+    alerts: mpsc::Sender<AlertRecord>,
     pending: Mutex<Pending>,
     wake: Notify,
     /// Whether the feed has read up to the stream's end since the last
@@ -131,18 +196,30 @@ fn sample_subject(topic: &str) -> String {
 }
 
 impl NatsBroker {
-    /// Creates the stream if needed, starts following it and publishing,
-    /// and returns once the latest value of every service is read (at
-    /// most 30 s). Its tasks run until `shutdown`.
+    /// Creates the stream if needed, subscribes to alerts, starts
+    /// following the stream (landing samples in `records`) and
+    /// publishing, and returns once the latest value of every service is
+    /// read (at most 30 s). Its tasks run until `shutdown`.
     pub async fn start(
         cluster: Arc<Cluster>,
+        records: Arc<Records>,
         max_topics: usize,
         shutdown: &Shutdown,
     ) -> Result<Arc<Self>, ClusterError> {
         cluster.ensure_stream(stream_config(&cluster)).await?;
+        // The client subscribes again by itself after a reconnect.
+        let alert_feed = cluster
+            .client()
+            .subscribe(ALERT_SUBJECT)
+            .await
+            .map_err(|err| ClusterError::js(format!("subscribe to {ALERT_SUBJECT}"), err))?;
+        let (alerts, outgoing) = mpsc::channel(ALERT_QUEUE);
         let broker = Arc::new(Self {
+            origin: origin_id(cluster.node()),
             cluster,
             local: Arc::new(MemoryBroker::new(max_topics)),
+            records,
+            alerts,
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             fresh: AtomicBool::new(false),
@@ -151,6 +228,8 @@ impl NatsBroker {
         let (caught_up_tx, mut caught_up) = watch::channel(false);
         shutdown.spawn(Arc::clone(&broker).feed(shutdown.token(), caught_up_tx));
         shutdown.spawn(Arc::clone(&broker).publisher(shutdown.token()));
+        shutdown.spawn(Arc::clone(&broker).alert_publisher(outgoing, shutdown.token()));
+        shutdown.spawn(Arc::clone(&broker).alert_listener(alert_feed, shutdown.token()));
         let ready = tokio::time::timeout(CATCH_UP, caught_up.wait_for(|c| *c)).await;
         if !matches!(ready, Ok(Ok(_))) {
             return Err(ClusterError::js(
@@ -197,7 +276,66 @@ impl NatsBroker {
         }
     }
 
-    /// Follows the stream into the local broker, recreating the consumer
+    /// Publishes this node's alerts on [`ALERT_SUBJECT`] until `token` is
+    /// cancelled.
+    async fn alert_publisher(
+        self: Arc<Self>,
+        mut outgoing: mpsc::Receiver<AlertRecord>,
+        token: CancellationToken,
+    ) {
+        loop {
+            let record = tokio::select! {
+                biased;
+                () = token.cancelled() => return,
+                next = outgoing.recv() => match next {
+                    Some(record) => record,
+                    None => return,
+                },
+            };
+            let payload = match serde_json::to_vec(&AlertWire::new(&self.origin, &record)) {
+                Ok(payload) => payload,
+                Err(err) => {
+                    tracing::error!(%err, "cluster: cannot encode an alert");
+                    continue;
+                }
+            };
+            if let Err(err) = self
+                .cluster
+                .client()
+                .publish(ALERT_SUBJECT, payload.into())
+                .await
+            {
+                tracing::warn!(%err, service = %record.service, "cluster: publishing an alert failed");
+            }
+        }
+    }
+
+    /// Lands other nodes' alerts in this node's alert feed until `token`
+    /// is cancelled.
+    async fn alert_listener(
+        self: Arc<Self>,
+        mut feed: async_nats::Subscriber,
+        token: CancellationToken,
+    ) {
+        loop {
+            let message = tokio::select! {
+                biased;
+                () = token.cancelled() => return,
+                next = feed.next() => match next {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            match serde_json::from_slice::<AlertWire>(&message.payload) {
+                // This node's own: already in its feed.
+                Ok(wire) if wire.origin == self.origin => {}
+                Ok(wire) => self.records.land_alert(wire.record()),
+                Err(err) => tracing::warn!(%err, "cluster: undecodable alert skipped"),
+            }
+        }
+    }
+
+    /// Follows the stream into the node's records, recreating the consumer
     /// after errors and reconnects, until `token` is cancelled.
     async fn feed(self: Arc<Self>, token: CancellationToken, caught_up: watch::Sender<bool>) {
         let mut link = self.cluster.link();
@@ -302,11 +440,14 @@ impl NatsBroker {
             return;
         }
         let topic = Arc::clone(&sample.service);
-        match self.local.publish(&topic, sample) {
-            Ok(()) => {
+        let landed = self
+            .records
+            .land(sample, |sample| self.local.publish(&topic, sample));
+        match landed {
+            Ok(_) => {
                 applied.insert(topic, seq);
             }
-            Err(BrokerError::Closed) => {}
+            Err(TelemetryError::Closed) => {}
             Err(err) => tracing::warn!(%err, service = %topic, "cluster: sample not kept"),
         }
     }
@@ -380,5 +521,24 @@ impl LatestBroker<Sample> for NatsBroker {
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.local.close();
+    }
+}
+
+impl SampleBroker for NatsBroker {
+    /// Sends the sample to NATS; it lands (here too) when the feed
+    /// delivers it back.
+    fn offer(&self, sample: Sample, _records: &Records) -> Result<Option<Sample>, TelemetryError> {
+        let topic = Arc::clone(&sample.service);
+        self.publish(&topic, sample)?;
+        Ok(None)
+    }
+
+    fn broadcast_alert(&self, record: &AlertRecord) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(err) = self.alerts.try_send(record.clone()) {
+            tracing::warn!(%err, service = %record.service, "cluster: alert not sent to the other nodes");
+        }
     }
 }

@@ -6,6 +6,9 @@
 //! - [`host`] samples this machine's CPU and memory.
 //! - [`pacer`] spaces one subscriber's messages at its interval.
 //! - [`history`] keeps each service's recent samples in a bounded ring.
+//! - [`records`] holds this node's histories, change feed and alert feed,
+//!   and the [`SampleBroker`] seam that decides when a sample lands there
+//!   (at once on one node; as it comes back from NATS in cluster mode).
 //! - [`watch`] is the multiplexed watch of many services and alerts (one
 //!   stream per dashboard), and the alert feed every LiveFeed call writes.
 //! - [`service`] is the gRPC layer: with [`route`], which mounts it and
@@ -16,6 +19,7 @@ pub mod alerts;
 pub mod history;
 pub mod host;
 pub mod pacer;
+pub mod records;
 pub mod route;
 pub mod service;
 pub mod watch;
@@ -26,15 +30,14 @@ use std::{
 };
 
 use metrics::Counter;
-use tokio::sync::broadcast;
 
+pub use self::records::{Records, SampleBroker};
 use self::{
     alerts::Alert,
-    history::{Histories, Series},
-    watch::{AlertFeed, AlertRecord, CHANGE_FEED, Watch, WatchOptions},
+    watch::{AlertRecord, Watch, WatchOptions},
 };
 use crate::{
-    broker::{BrokerError, LatestBroker, MemoryBroker, Subscription},
+    broker::{BrokerError, MemoryBroker, Subscription},
     config::TelemetryConfig,
 };
 
@@ -54,8 +57,9 @@ pub struct Sample {
     pub request_count: u64,
     /// Unix time of the sample, in milliseconds.
     pub timestamp_ms: u64,
-    /// The sample's number in its service's sequence, from 1 (assigned by
-    /// the hub; tells a subscriber how many samples it skipped).
+    /// The sample's number in its service's sequence on this node, from 1
+    /// (assigned when the sample lands, see [`records`]; tells a
+    /// subscriber how many samples it skipped).
     pub seq: u64,
 }
 
@@ -175,14 +179,11 @@ impl Default for TelemetryCounters {
 /// The telemetry core: latest samples, their history, and their
 /// subscribers and watchers.
 pub struct Hub {
-    broker: Arc<dyn LatestBroker<Sample>>,
+    broker: Arc<dyn SampleBroker>,
     config: TelemetryConfig,
     rpc_count: Arc<AtomicU64>,
-    histories: Arc<Histories>,
-    /// The change feed: the id of each service that published (see
-    /// [`watch`]).
-    changes: broadcast::Sender<u32>,
-    alerts: AlertFeed,
+    /// Histories, change feed and alert feed: where samples land.
+    records: Arc<Records>,
     counters: TelemetryCounters,
 }
 
@@ -196,19 +197,22 @@ impl Hub {
     /// A hub over an in-memory broker.
     pub fn new(config: TelemetryConfig) -> Self {
         let broker = Arc::new(MemoryBroker::new(config.max_services));
-        Self::with_broker(config, broker)
+        let records = Arc::new(Records::new(&config));
+        Self::with_broker(config, broker, records)
     }
 
-    /// A hub over any broker.
-    pub fn with_broker(config: TelemetryConfig, broker: Arc<dyn LatestBroker<Sample>>) -> Self {
-        let (changes, _) = broadcast::channel(CHANGE_FEED);
+    /// A hub over any broker; `records` are the ones the broker lands
+    /// samples and alerts from elsewhere in (see [`records`]).
+    pub fn with_broker(
+        config: TelemetryConfig,
+        broker: Arc<dyn SampleBroker>,
+        records: Arc<Records>,
+    ) -> Self {
         Self {
             broker,
-            histories: Arc::new(Histories::new(config.history, config.max_services)),
-            alerts: AlertFeed::new(config.alert_history),
+            records,
             config,
             rpc_count: Arc::new(AtomicU64::new(0)),
-            changes,
             counters: TelemetryCounters::default(),
         }
     }
@@ -236,21 +240,20 @@ impl Hub {
         Arc::clone(&self.rpc_count)
     }
 
-    /// Validates a report and makes it the service's latest sample: its
-    /// history gains it, subscribers and watchers are woken.
+    /// Validates a report and publishes it as the service's latest
+    /// sample. On one node it lands at once (its history gains it,
+    /// subscribers and watchers are woken) and comes back numbered; in
+    /// cluster mode it lands on every node when NATS delivers it, and
+    /// comes back with `seq` 0.
     ///
     /// O(1): a table lookup, the broker's publish, a ring append and one
-    /// id on the change feed, with the service's history locked
-    /// throughout so the broker, the history and the feed see one order.
+    /// id on the change feed (see [`Records::land`]).
     pub fn ingest(&self, report: Report) -> Result<Sample, TelemetryError> {
         validate_name(&report.service)?;
         validate_value("cpu_usage", report.cpu_usage)?;
         validate_value("memory_mb", report.memory_mb)?;
-        let service: Arc<str> = Arc::from(report.service);
-        let series = self.histories.get_or_create(&service)?;
-        let mut state = series.lock();
         let sample = Sample {
-            service,
+            service: Arc::from(report.service),
             cpu_usage: report.cpu_usage,
             memory_mb: report.memory_mb,
             request_count: report.request_count,
@@ -259,15 +262,11 @@ impl Hub {
             } else {
                 report.timestamp_ms
             },
-            seq: state.seq + 1,
+            seq: 0,
         };
-        self.broker.publish(&sample.service, sample.clone())?;
-        Series::append(&mut state, &sample);
-        drop(state);
-        // No watcher is fine.
-        let _ = self.changes.send(series.id);
+        let landed = self.broker.offer(sample.clone(), &self.records)?;
         self.counters.samples.increment(1);
-        Ok(sample)
+        Ok(landed.unwrap_or(sample))
     }
 
     /// The newest `limit` samples of `service` (0 = all kept), oldest
@@ -275,7 +274,8 @@ impl Hub {
     pub fn history(&self, service: &str, limit: usize) -> Result<Vec<Sample>, TelemetryError> {
         validate_name(service)?;
         let series = self
-            .histories
+            .records
+            .histories()
             .get(service)
             .filter(|s| s.seq() > 0)
             .ok_or_else(|| TelemetryError::UnknownService(service.to_owned()))?;
@@ -284,22 +284,26 @@ impl Hub {
     }
 
     /// Records an alert raised by a LiveFeed call and sends it to every
-    /// watcher.
+    /// watcher, on this node at once and (cluster mode) on the others
+    /// through the broker.
     pub fn raise_alert(&self, service: Arc<str>, alert: Alert) {
-        self.alerts.publish(AlertRecord { service, alert });
+        let record = AlertRecord { service, alert };
+        self.broker.broadcast_alert(&record);
+        self.records.land_alert(record);
     }
 
     /// Opens a watch of the services matching `options.pattern` (backfill,
     /// then live), with alerts if asked for.
     pub fn watch(&self, mut options: WatchOptions) -> Watch {
-        options.backfill_samples = options.backfill_samples.min(self.histories.capacity());
-        options.backfill_alerts = options.backfill_alerts.min(self.alerts.keep());
+        let records = &self.records;
+        options.backfill_samples = options.backfill_samples.min(records.histories().capacity());
+        options.backfill_alerts = options.backfill_alerts.min(records.alerts().keep());
         // Receivers first, then the snapshot: nothing falls in between.
-        let changes = self.changes.subscribe();
+        let changes = records.changes().subscribe();
         let alerts = options
             .alerts
-            .then(|| self.alerts.subscribe(options.backfill_alerts));
-        Watch::new(Arc::clone(&self.histories), changes, alerts, options)
+            .then(|| records.alerts().subscribe(options.backfill_alerts));
+        Watch::new(Arc::clone(records.histories()), changes, alerts, options)
     }
 
     /// The latest sample of `service`.
