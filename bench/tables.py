@@ -5,7 +5,10 @@ Usage:
   bench/tables.py [RESULTS_DIR]                     print every table
   bench/tables.py --splice BENCHMARKS.md [RESULTS_DIR]
       replace what stands between `<!-- tables:SCENARIO:begin -->` and
-      `<!-- tables:SCENARIO:end -->` in the file with SCENARIO's tables
+      `<!-- tables:SCENARIO:end -->` in the file with SCENARIO's tables;
+      results in a subfolder (e.g. `results/after-hardening/fanout.json`)
+      go between `<!-- tables:after-hardening/fanout:begin -->` and its end,
+      and stay out of the summary
 
 Standard library only.
 """
@@ -53,6 +56,16 @@ COLUMNS = {
         ("server_cpu_pct", "server CPU %", 1),
         ("best_deliveries_per_s_p99_under_50ms", "best deliveries/s, p99 < 50 ms", 1),
         ("knee_rate_msgs_per_s", "rate where p99 > 50 ms", 1),
+    ],
+    "security": [
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("reach_p99_us", "reach p99 (ms)", 1e-3),
+        ("cpu_ns_per_delivery", "CPU ns / delivery", 1),
+        ("mib_per_s", "MiB/s", 1),
+        ("acked_per_s", "acked msgs/s", 1),
+        ("latency_p50_us", "chat p50 (ms)", 1e-3),
+        ("latency_p99_us", "chat p99 (ms)", 1e-3),
+        ("server_cpu_pct", "server CPU %", 1),
     ],
     "latency": [
         ("latency_p50_us", "p50 (µs)", 1),
@@ -106,10 +119,10 @@ def table(report):
     return "\n".join(out)
 
 
-def section(path, report):
+def section(path, report, prefix=""):
     m = report["machine"]
     return (
-        f"_From `bench/results/{path.name}`: run {report['started_at']}, {report['elapsed_s']:.0f} s; "
+        f"_From `bench/results/{prefix}{path.name}`: run {report['started_at']}, {report['elapsed_s']:.0f} s; "
         f"{m['nproc']} × {m['cpu_model']}, load average at start {m['loadavg'].split()[0]}; "
         f"server on CPU {report['pinning']['server']}, load generator on CPU {report['pinning']['load']}; "
         f"medians of the runs; settings `{json.dumps(report['settings'], ensure_ascii=False)}`._\n\n"
@@ -136,6 +149,11 @@ def main():
     order = ["polling", "fanout", "upload", "chat", "latency"]
     files = sorted(results.glob("*.json"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     reports = [(path, json.loads(path.read_text())) for path in files]
+    extra = [
+        (f"{sub.name}/", path, json.loads(path.read_text()))
+        for sub in sorted(p for p in results.iterdir() if p.is_dir())
+        for path in sorted(sub.glob("*.json"))
+    ]
     if splice:
         text = splice.read_text()
         begin, end = "<!-- tables:summary:begin -->", "<!-- tables:summary:end -->"
@@ -143,13 +161,13 @@ def main():
             head, rest = text.split(begin, 1)
             _, tail = rest.split(end, 1)
             text = head + begin + "\n" + summary(reports) + end + tail
-        for path, report in reports:
-            begin = f"<!-- tables:{report['scenario']}:begin -->"
-            end = f"<!-- tables:{report['scenario']}:end -->"
+        for prefix, path, report in [("", p, r) for p, r in reports] + extra:
+            begin = f"<!-- tables:{prefix}{report['scenario']}:begin -->"
+            end = f"<!-- tables:{prefix}{report['scenario']}:end -->"
             if begin in text and end in text:
                 head, rest = text.split(begin, 1)
                 _, tail = rest.split(end, 1)
-                text = head + begin + "\n" + section(path, report) + end + tail
+                text = head + begin + "\n" + section(path, report, prefix) + end + tail
         splice.write_text(text)
         return
     for path, report in reports:

@@ -347,3 +347,69 @@ fn latency_floor_next_to_tcp() {
         );
     }
 }
+
+#[test]
+fn security_plaintext_versus_tls_and_token() {
+    // streamhub alone: needs nothing beyond the Rust toolchain.
+    let report = bench(
+        "security",
+        &[
+            "--subscribers",
+            "5",
+            "--per-connection",
+            "3",
+            "--rounds",
+            "2",
+            "--saturation",
+            "0.5",
+            "--upload-mib",
+            "2",
+            "--members",
+            "6",
+            "--senders",
+            "2",
+            "--chat-per-connection",
+            "4",
+            "--chat-rates",
+            "10",
+            "--step-seconds",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "security");
+    assert_eq!(targets(rows), ["streamhub"]);
+    // fan-out, upload on disk and tmpfs, chat at one rate; each both ways.
+    assert_eq!(rows.len(), 2 * 4, "{rows:?}");
+    for mode in ["plaintext", "tls+token"] {
+        let row = |part: &str, key: &str, value: &str| {
+            rows.iter()
+                .find(|r| {
+                    r["config"]["part"] == part
+                        && r["config"]["security"] == mode
+                        && r["config"][key] == value
+                })
+                .unwrap_or_else(|| panic!("no {part} row for {mode}"))
+        };
+        measured(
+            row("fanout", "subscribers", "5"),
+            &["reach_p99_us"],
+            &["deliveries_per_s"],
+        );
+        measured(
+            row("upload", "storage", "disk"),
+            &["seconds"],
+            &["mib_per_s"],
+        );
+        measured(
+            row("upload", "storage", "tmpfs"),
+            &["seconds"],
+            &["mib_per_s"],
+        );
+        measured(
+            row("chat", "rate", "10"),
+            &["latency_p50_us"],
+            &["acked_per_s", "deliveries_per_s"],
+        );
+    }
+    assert!(report["checks"].as_array().unwrap().len() >= 3);
+}

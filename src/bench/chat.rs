@@ -166,7 +166,7 @@ struct Shared {
 
 /// Runs one ladder of rates on a fresh server; stops after the first rate
 /// that saturates (members cut off, or under half the deliveries made).
-async fn ladder(
+pub(crate) async fn ladder(
     target: Target,
     options: &Options,
     pinning: &Pinning,
@@ -369,13 +369,21 @@ async fn run_steps(
             let tx = tx.clone();
             let base = shared.base;
             let offset = period.mul_f64(i as f64 / senders.len().max(1) as f64);
+            // With --secure every member is the token's identity, and the
+            // server refuses a sender naming anyone else: leave it empty
+            // (the server fills it in; the text names the sender anyway).
+            let secure = options.secure;
             sends.spawn(async move {
                 let start = tokio::time::Instant::now() + offset;
                 for n in 0..count {
                     tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
                     let ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     let message = ChatMessage {
-                        sender: format!("bench-{i}"),
+                        sender: if secure {
+                            String::new()
+                        } else {
+                            format!("bench-{i}")
+                        },
                         message: text(i, step, ns),
                         ..ChatMessage::default()
                     };

@@ -228,8 +228,8 @@ impl FanPublisher {
 /// A connection the subscriptions of one group share, kept open until the
 /// run ends.
 enum Conn {
-    Grpc(#[allow(dead_code)] tonic::transport::Channel), // held, not read
-    Nats(#[allow(dead_code)] async_nats::Client),        // held, not read
+    Grpc(#[allow(dead_code)] super::harness::BenchChannel), // held, not read
+    Nats(#[allow(dead_code)] async_nats::Client),           // held, not read
 }
 
 async fn open_group(
@@ -481,7 +481,8 @@ impl Drop for PublisherThread {
     }
 }
 
-async fn run_once(
+/// One fresh server of `target`, `n` subscribers, one measurement.
+pub(crate) async fn run_once(
     target: Target,
     n: usize,
     options: &Options,

@@ -29,7 +29,10 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri},
+};
 
 use super::{BenchError, Options, Target};
 use crate::proto::telemetry::{MetricsPayload, telemetry_service_client::TelemetryServiceClient};
@@ -301,8 +304,20 @@ impl ServerUnderTest {
     ) -> Result<Self, BenchError> {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)?;
-        let (program, args) = target_command(target, options, &data_dir)?;
-        Self::spawn(target.name(), &program, &args, dir, options, pinning, false).await
+        let (program, mut args) = target_command(target, options, &data_dir)?;
+        let security = if options.secure && target == Target::Streamhub {
+            let (extra, client) = super::secure::prepare(&dir)?;
+            args.extend(extra);
+            Some(client)
+        } else {
+            None
+        };
+        let server =
+            Self::spawn(target.name(), &program, &args, dir, options, pinning, false).await?;
+        if let Some(client) = security {
+            super::secure::register(server.addr, client);
+        }
+        Ok(server)
     }
 
     /// Starts `program` with `args` (pinned to the server's cores) and
@@ -402,6 +417,7 @@ impl ServerUnderTest {
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and removes its
     /// data directory.
     pub async fn stop(mut self) {
+        super::secure::unregister(self.addr);
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill")
@@ -644,17 +660,35 @@ impl tower::Service<Uri> for CountingConnector {
 }
 
 /// Opens one HTTP/2 connection to `addr` whose bytes go to `counter`.
-pub async fn connect(addr: SocketAddr, counter: &WireCounter) -> Result<Channel, BenchError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+///
+/// A server started with `--secure` is reached over `https://`, its
+/// certificate checked against its throwaway CA, and every call carries
+/// its token (see [`super::secure`]).
+pub async fn connect(addr: SocketAddr, counter: &WireCounter) -> Result<BenchChannel, BenchError> {
+    let security = super::secure::lookup(addr);
+    let scheme = if security.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| BenchError::Setup(format!("bad address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(10));
+    if let Some(security) = &security {
+        endpoint = endpoint.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&security.ca_pem))
+                .domain_name(super::secure::SERVER_NAME),
+        )?;
+    }
     let channel = endpoint
         .connect_with_connector(CountingConnector {
             counter: counter.clone(),
         })
         .await?;
-    Ok(channel)
+    let bearer = super::secure::Bearer(security.map(|s| s.authorization.clone()));
+    Ok(InterceptedService::new(channel, bearer))
 }
+
+/// A connection of the load generator: a tonic channel whose calls carry
+/// the server's token, if it has one.
+pub type BenchChannel = InterceptedService<Channel, super::secure::Bearer>;
 
 /// A LiveFeed stream the scenarios publish samples through.
 pub struct Publisher {
@@ -673,7 +707,7 @@ impl Publisher {
     ///
     /// The call runs in its own task: some servers send response headers
     /// only with their first alert, and the payloads must flow before that.
-    pub fn open(channel: Channel) -> Self {
+    pub fn open(channel: BenchChannel) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(async move {
             let mut client = TelemetryServiceClient::new(channel);

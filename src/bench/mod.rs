@@ -16,6 +16,9 @@
 //! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
 //! - [`chat`]: scenario 4, a 1,000-member room at increasing send rates.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
+//! - [`secure`]: TLS and a static token for the servers under test
+//!   (`--secure`), and the "security" scenario comparing them with
+//!   plaintext.
 //!
 //! A new scenario is a module with a `run(options, pinning)` returning its
 //! settings, rows and checks, and a variant of [`Scenario`].
@@ -29,6 +32,7 @@ pub mod harness;
 pub mod latency;
 pub mod nats;
 pub mod polling;
+pub mod secure;
 pub mod upload;
 
 use std::{path::PathBuf, time::Instant};
@@ -98,6 +102,9 @@ pub enum Scenario {
     Chat,
     /// 5: publish-to-receipt latency next to a TCP ping-pong.
     Latency,
+    /// Issue 12: fan-out, upload and chat with TLS and a static token
+    /// versus plaintext, in one run.
+    Security,
     /// Internal: the TCP echo server of the latency scenario.
     #[value(hide = true)]
     TcpEcho,
@@ -112,6 +119,7 @@ impl Scenario {
             Self::Upload => "upload",
             Self::Chat => "chat",
             Self::Latency => "latency",
+            Self::Security => "security",
             Self::TcpEcho => "tcp-echo",
         }
     }
@@ -172,6 +180,10 @@ pub struct Options {
     /// Process id of the --external server, for its CPU and memory.
     #[arg(long, requires = "external")]
     pub server_pid: Option<u32>,
+    /// Serve streamhub with TLS (a throwaway CA and certificate) and one
+    /// static token, and connect over https with the token (any scenario).
+    #[arg(long)]
+    pub secure: bool,
     /// Server URL used with --external.
     #[arg(skip = String::new())]
     pub server: String,
@@ -326,6 +338,7 @@ pub async fn run(
         Scenario::Upload => upload::run(options, &pinning).await?,
         Scenario::Chat => chat::run(options, &pinning).await?,
         Scenario::Latency => latency::run(options, &pinning).await?,
+        Scenario::Security => secure::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
             return Err(BenchError::Setup("the echo server stopped".into()));
@@ -370,6 +383,13 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "knee_rate_msgs_per_s",
         ],
         Scenario::Latency => &["latency_p50_us", "latency_p99_us", "latency_max_us"],
+        Scenario::Security => &[
+            "deliveries_per_s",
+            "reach_p99_us",
+            "mib_per_s",
+            "latency_p50_us",
+            "latency_p99_us",
+        ],
         Scenario::TcpEcho => &[],
     }
 }
