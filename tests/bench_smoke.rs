@@ -413,3 +413,40 @@ fn security_plaintext_versus_tls_and_token() {
     }
     assert!(report["checks"].as_array().unwrap().len() >= 3);
 }
+
+#[test]
+fn dashboard_watch_over_grpc_web_next_to_subscribe() {
+    // streamhub alone: needs nothing beyond the Rust toolchain.
+    let report = bench(
+        "dashboard",
+        &[
+            "--dashboards",
+            "2",
+            "--services",
+            "5",
+            "--report-ms",
+            "200",
+            "--per-connection",
+            "4",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+        ],
+    );
+    let rows = rows(&report, "dashboard");
+    assert_eq!(targets(rows), ["streamhub"]);
+    let modes: Vec<&str> = rows
+        .iter()
+        .map(|r| r["config"]["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["subscribe", "watch-h2", "watch-grpc-web"]);
+    for row in rows {
+        measured(
+            row,
+            &["cpu_us_per_sample", "server_cpu_pct", "errors"],
+            &["samples", "samples_per_s", "expected_per_s"],
+        );
+        assert_eq!(row["median"]["errors"].as_f64().unwrap(), 0.0, "{row}");
+    }
+}

@@ -15,6 +15,8 @@
 //!   ping-pong.
 //! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
 //! - [`chat`]: scenario 4, a 1,000-member room at increasing send rates.
+//! - [`dashboard`]: issue 13, dashboards watching through gRPC-Web next to
+//!   native Subscribe.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
 //! - [`secure`]: TLS and a static token for the servers under test
 //!   (`--secure`), and the "security" scenario comparing them with
@@ -27,6 +29,7 @@
 //! to 127.0.0.1.
 
 pub mod chat;
+pub mod dashboard;
 pub mod fanout;
 pub mod harness;
 pub mod latency;
@@ -105,6 +108,9 @@ pub enum Scenario {
     /// Issue 12: fan-out, upload and chat with TLS and a static token
     /// versus plaintext, in one run.
     Security,
+    /// Issue 13: server CPU per sample for dashboards watching through
+    /// gRPC-Web (HTTP/1.1), next to native Subscribe and native Watch.
+    Dashboard,
     /// Internal: the TCP echo server of the latency scenario.
     #[value(hide = true)]
     TcpEcho,
@@ -120,6 +126,7 @@ impl Scenario {
             Self::Chat => "chat",
             Self::Latency => "latency",
             Self::Security => "security",
+            Self::Dashboard => "dashboard",
             Self::TcpEcho => "tcp-echo",
         }
     }
@@ -239,6 +246,12 @@ pub struct Options {
     /// peers (larger counts are reported as not attempted).
     #[arg(long, default_value_t = 100_000)]
     pub peer_max_subscribers: usize,
+    /// Dashboard: dashboards watching every service.
+    #[arg(long, default_value_t = 100)]
+    pub dashboards: usize,
+    /// Dashboard: services reporting, each once per --report-ms.
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
     /// Upload: size of each timed upload, in MiB.
     #[arg(long, default_value_t = 512)]
     pub upload_mib: u64,
@@ -339,6 +352,7 @@ pub async fn run(
         Scenario::Chat => chat::run(options, &pinning).await?,
         Scenario::Latency => latency::run(options, &pinning).await?,
         Scenario::Security => secure::run(options, &pinning).await?,
+        Scenario::Dashboard => dashboard::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
             return Err(BenchError::Setup("the echo server stopped".into()));
@@ -389,6 +403,12 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "mib_per_s",
             "latency_p50_us",
             "latency_p99_us",
+        ],
+        Scenario::Dashboard => &[
+            "samples_per_s",
+            "expected_per_s",
+            "server_cpu_pct",
+            "cpu_us_per_sample",
         ],
         Scenario::TcpEcho => &[],
     }
