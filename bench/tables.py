@@ -67,6 +67,24 @@ COLUMNS = {
         ("latency_p99_us", "chat p99 (ms)", 1e-3),
         ("server_cpu_pct", "server CPU %", 1),
     ],
+    "dashboard": [
+        ("samples_per_s", "samples/s", 1),
+        ("expected_per_s", "expected/s", 1),
+        ("server_cpu_pct", "server CPU %", 1),
+        ("cpu_us_per_sample", "CPU µs / sample", 1),
+        ("server_rss_kib", "server RSS (MiB)", 1 / 1024),
+        ("errors", "errors", 1),
+    ],
+    "cluster": [
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("server_cpu_pct", "server CPU % (all)", 1),
+        ("deliveries_per_core_s", "deliveries/s per core", 1),
+        ("reach_p50_us", "reach p50 (ms)", 1e-3),
+        ("reach_p99_us", "reach p99 (ms)", 1e-3),
+        ("acked_per_s", "acked msgs/s", 1),
+        ("latency_p50_us", "chat p50 (ms)", 1e-3),
+        ("latency_p99_us", "chat p99 (ms)", 1e-3),
+    ],
     "latency": [
         ("latency_p50_us", "p50 (µs)", 1),
         ("latency_p99_us", "p99 (µs)", 1),
@@ -146,7 +164,7 @@ def main():
         splice = Path(args[1])
         args = args[2:]
     results = Path(args[0]) if args else Path(__file__).parent / "results"
-    order = ["polling", "fanout", "upload", "chat", "latency"]
+    order = ["polling", "fanout", "upload", "chat", "latency", "security", "dashboard", "cluster"]
     files = sorted(results.glob("*.json"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     reports = [(path, json.loads(path.read_text())) for path in files]
     extra = [

@@ -450,3 +450,51 @@ fn dashboard_watch_over_grpc_web_next_to_subscribe() {
         assert_eq!(row["median"]["errors"].as_f64().unwrap(), 0.0, "{row}");
     }
 }
+
+#[test]
+fn cluster_three_nodes_next_to_one() {
+    if !ready("cluster_three_nodes_next_to_one", &[Need::Nats]) {
+        return;
+    }
+    let report = bench(
+        "cluster",
+        &[
+            "--subscribers",
+            "6",
+            "--per-connection",
+            "2",
+            "--rounds",
+            "2",
+            "--saturation",
+            "0.5",
+            "--members",
+            "6",
+            "--senders",
+            "2",
+            "--chat-per-connection",
+            "2",
+            "--chat-rates",
+            "10",
+            "--step-seconds",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "cluster");
+    assert_eq!(targets(rows), ["streamhub"]);
+    assert_eq!(rows.len(), 2 * 3, "fan-out and chat per layout: {rows:?}");
+    for row in rows {
+        if row["config"]["part"] == "fanout" {
+            measured(
+                row,
+                &["reach_p99_us", "server_cpu_pct"],
+                &["deliveries_per_s", "deliveries_per_core_s"],
+            );
+        } else {
+            measured(
+                row,
+                &["latency_p50_us", "latency_p99_us"],
+                &["acked_per_s", "deliveries_per_s"],
+            );
+        }
+    }
+}

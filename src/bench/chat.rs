@@ -181,7 +181,20 @@ async fn ladder_on(
     server: &ServerUnderTest,
     options: &Options,
 ) -> Result<Vec<Metrics>, BenchError> {
-    let proc = server.proc().await;
+    ladder_on_addrs(&[server.addr], server.proc().await, options).await
+}
+
+/// One ladder with the members' connections spread over `addrs` in turn
+/// (the nodes of a cluster; the senders are on the first); `proc` reads
+/// the server side's CPU.
+pub(crate) async fn ladder_on_addrs(
+    addrs: &[SocketAddr],
+    proc: Option<ProcReader>,
+    options: &Options,
+) -> Result<Vec<Metrics>, BenchError> {
+    if addrs.is_empty() {
+        return Err(BenchError::Setup("no server to measure".into()));
+    }
     let steps = options.chat_rates.len();
     let members = options.members.max(options.senders).max(1);
     let shared = Arc::new(Shared {
@@ -204,8 +217,8 @@ async fn ladder_on(
     // half-closes leaves the room.
     let mut listeners: Vec<mpsc::Sender<ChatMessage>> = Vec::new();
     let joined = tokio::time::timeout(Duration::from_secs(options.setup_timeout), async {
-        for (first, count) in groups {
-            let (streams, halves) = join_group(server.addr, first, count).await?;
+        for (g, (first, count)) in groups.into_iter().enumerate() {
+            let (streams, halves) = join_group(addrs[g % addrs.len()], first, count).await?;
             for (index, tx) in halves {
                 if index < options.senders {
                     senders.push(tx);

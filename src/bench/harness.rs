@@ -160,36 +160,57 @@ async fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-/// Reads a process's CPU time and memory.
+/// Reads a process's CPU time and memory (or the sum over a group of
+/// processes, e.g. the nodes of a cluster).
 #[derive(Clone)]
 pub struct ProcReader {
-    pid: u32,
+    pids: Vec<u32>,
     ticks_per_s: u64,
 }
 
 impl ProcReader {
     /// A reader for `pid`.
     pub async fn new(pid: u32) -> Self {
+        Self::group(&[pid]).await
+    }
+
+    /// A reader whose figures are the sums over `pids`.
+    pub async fn group(pids: &[u32]) -> Self {
         Self {
-            pid,
+            pids: pids.to_vec(),
             ticks_per_s: clock_ticks().await,
         }
     }
 
-    /// The process's current figures.
+    /// The current figures: of the process, or summed over the group.
     pub fn read(&self) -> Result<ProcStats, BenchError> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        let mut total = ProcStats {
+            sched_ns: Some(0),
+            ..ProcStats::default()
+        };
+        for &pid in &self.pids {
+            let one = self.read_one(pid)?;
+            total.cpu_us += one.cpu_us;
+            total.sched_ns = total.sched_ns.zip(one.sched_ns).map(|(a, b)| a + b);
+            total.rss_kib += one.rss_kib;
+            total.hwm_kib += one.hwm_kib;
+        }
+        Ok(total)
+    }
+
+    fn read_one(&self, pid: u32) -> Result<ProcStats, BenchError> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command name, which may contain spaces, in
         // parentheses: state is field 3, utime 14 and stime 15.
         let rest = stat
             .rsplit_once(')')
             .map(|(_, r)| r)
-            .ok_or_else(|| BenchError::Setup(format!("unreadable /proc/{}/stat", self.pid)))?;
+            .ok_or_else(|| BenchError::Setup(format!("unreadable /proc/{pid}/stat")))?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let field =
             |n: usize| -> u64 { fields.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
         let ticks = field(14) + field(15);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib = |key: &str| -> u64 {
             status
                 .lines()
@@ -199,17 +220,17 @@ impl ProcReader {
         };
         Ok(ProcStats {
             cpu_us: ticks * 1_000_000 / self.ticks_per_s,
-            sched_ns: self.sched_ns(),
+            sched_ns: sched_ns(pid),
             rss_kib: kib("VmRSS:"),
             hwm_kib: kib("VmHWM:"),
         })
     }
 }
 
-impl ProcReader {
-    fn sched_ns(&self) -> Option<u64> {
+fn sched_ns(pid: u32) -> Option<u64> {
+    {
         let mut total = 0u64;
-        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
             let path = entry.ok()?.path().join("schedstat");
             // A thread may exit between listing and reading.
             if let Ok(text) = std::fs::read_to_string(path) {
@@ -506,6 +527,10 @@ fn target_command(
                 "--set".into(),
                 "telemetry.min_interval=1ms".into(),
             ];
+            for url in &options.cluster_nats {
+                args.push("--cluster".into());
+                args.push(url.clone());
+            }
             for setting in &options.server_set {
                 args.push("--set".into());
                 args.push(setting.clone());
@@ -1060,7 +1085,7 @@ mod tests {
     #[test]
     fn own_process_stats_are_readable() {
         let reader = ProcReader {
-            pid: std::process::id(),
+            pids: vec![std::process::id()],
             ticks_per_s: 100,
         };
         let stats = reader.read().expect("own /proc entry");

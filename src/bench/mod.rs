@@ -15,6 +15,8 @@
 //!   ping-pong.
 //! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
 //! - [`chat`]: scenario 4, a 1,000-member room at increasing send rates.
+//! - [`cluster`]: issue 14, fan-out and chat over three cluster nodes next
+//!   to one.
 //! - [`dashboard`]: issue 13, dashboards watching through gRPC-Web next to
 //!   native Subscribe.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
@@ -29,6 +31,7 @@
 //! to 127.0.0.1.
 
 pub mod chat;
+pub mod cluster;
 pub mod dashboard;
 pub mod fanout;
 pub mod harness;
@@ -111,6 +114,9 @@ pub enum Scenario {
     /// Issue 13: server CPU per sample for dashboards watching through
     /// gRPC-Web (HTTP/1.1), next to native Subscribe and native Watch.
     Dashboard,
+    /// Issue 14: fan-out and chat latency with clients spread over three
+    /// cluster nodes (nats-server -js) versus one node, and embedded.
+    Cluster,
     /// Internal: the TCP echo server of the latency scenario.
     #[value(hide = true)]
     TcpEcho,
@@ -127,6 +133,7 @@ impl Scenario {
             Self::Latency => "latency",
             Self::Security => "security",
             Self::Dashboard => "dashboard",
+            Self::Cluster => "cluster",
             Self::TcpEcho => "tcp-echo",
         }
     }
@@ -191,6 +198,10 @@ pub struct Options {
     /// static token, and connect over https with the token (any scenario).
     #[arg(long)]
     pub secure: bool,
+    /// NATS URLs the streamhub servers join (`serve --cluster`); set by
+    /// the cluster scenario.
+    #[arg(skip)]
+    pub cluster_nats: Vec<String>,
     /// Server URL used with --external.
     #[arg(skip = String::new())]
     pub server: String,
@@ -353,6 +364,7 @@ pub async fn run(
         Scenario::Latency => latency::run(options, &pinning).await?,
         Scenario::Security => secure::run(options, &pinning).await?,
         Scenario::Dashboard => dashboard::run(options, &pinning).await?,
+        Scenario::Cluster => cluster::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
             return Err(BenchError::Setup("the echo server stopped".into()));
@@ -409,6 +421,13 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "expected_per_s",
             "server_cpu_pct",
             "cpu_us_per_sample",
+        ],
+        Scenario::Cluster => &[
+            "deliveries_per_s",
+            "deliveries_per_core_s",
+            "reach_p99_us",
+            "latency_p50_us",
+            "latency_p99_us",
         ],
         Scenario::TcpEcho => &[],
     }
