@@ -99,7 +99,8 @@ impl Drop for StreamLog {
             peer = %self.peer,
             identity = %self.identity,
             method = self.method,
-            subject = %self.subject,
+            // Debug: a client-chosen name cannot forge log lines.
+            subject = ?self.subject,
             reason,
             duration_ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX),
             "stream closed"
