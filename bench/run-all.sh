@@ -6,6 +6,7 @@
 #
 #   bench/run-all.sh                 # the full suite (about 40 minutes)
 #   bench/run-all.sh polling latency # only these scenarios
+#   bench/run-all.sh security dashboard cluster  # issues 12, 13, 14
 #   QUICK=1 bench/run-all.sh         # every scenario at a small scale (a few minutes)
 #
 # Environment: CARGO_TARGET_DIR (where cargo builds), REPS (repetitions,
@@ -32,7 +33,7 @@ reps="${REPS:-3}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(polling fanout upload chat latency)
+((${#scenarios[@]})) || scenarios=(polling fanout upload chat latency security dashboard cluster)
 read -r -a extra <<<"${EXTRA:-}"
 
 for scenario in "${scenarios[@]}"; do
@@ -44,11 +45,20 @@ for scenario in "${scenarios[@]}"; do
       upload) args+=(--upload-mib 128 --big-upload-mib 1024 --chunk-sizes 16KiB,64KiB,1MiB) ;;
       chat) args+=(--chat-rates 25,100,400 --step-seconds 2) ;;
       latency) args+=(--samples 200) ;;
+      security) args+=(--subscribers 1000 --rounds 3 --saturation 2 --upload-mib 128 --chat-rates 100,400 --step-seconds 2) ;;
+      dashboard) args+=(--dashboards 20 --services 200 --duration 4 --warmup 1) ;;
+      cluster) args+=(--subscribers 1000 --rounds 3 --saturation 2 --chat-rates 100 --step-seconds 2) ;;
     esac
   else
     case "$scenario" in
       polling) args+=(--duration 10 --quiet-duration 20) ;;
       fanout) args+=(--subscribers 1000,10000,100000 --rounds 5 --saturation 5) ;;
+      # Issue 12: TLS + token against plaintext, alternating, same run.
+      security) args+=(--subscribers 10000 --rounds 5 --saturation 5 --chat-rates 100,400,800,1600) ;;
+      # Issue 13: 100 dashboards x 1,000 services at 1 Hz.
+      dashboard) args+=(--dashboards 100 --services 1000 --duration 10) ;;
+      # Issue 14: 10,000 subscribers and a chat room over 3 nodes vs 1.
+      cluster) args+=(--subscribers 10000 --rounds 5 --saturation 5 --chat-rates 100,400) ;;
     esac
   fi
   echo "== streamhub bench $scenario ${args[*]} ${extra[*]}"

@@ -5,7 +5,10 @@ Usage:
   bench/tables.py [RESULTS_DIR]                     print every table
   bench/tables.py --splice BENCHMARKS.md [RESULTS_DIR]
       replace what stands between `<!-- tables:SCENARIO:begin -->` and
-      `<!-- tables:SCENARIO:end -->` in the file with SCENARIO's tables
+      `<!-- tables:SCENARIO:end -->` in the file with SCENARIO's tables;
+      results in a subfolder (e.g. `results/after-hardening/fanout.json`)
+      go between `<!-- tables:after-hardening/fanout:begin -->` and its end,
+      and stay out of the summary
 
 Standard library only.
 """
@@ -53,6 +56,34 @@ COLUMNS = {
         ("server_cpu_pct", "server CPU %", 1),
         ("best_deliveries_per_s_p99_under_50ms", "best deliveries/s, p99 < 50 ms", 1),
         ("knee_rate_msgs_per_s", "rate where p99 > 50 ms", 1),
+    ],
+    "security": [
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("reach_p99_us", "reach p99 (ms)", 1e-3),
+        ("cpu_ns_per_delivery", "CPU ns / delivery", 1),
+        ("mib_per_s", "MiB/s", 1),
+        ("acked_per_s", "acked msgs/s", 1),
+        ("latency_p50_us", "chat p50 (ms)", 1e-3),
+        ("latency_p99_us", "chat p99 (ms)", 1e-3),
+        ("server_cpu_pct", "server CPU %", 1),
+    ],
+    "dashboard": [
+        ("samples_per_s", "samples/s", 1),
+        ("expected_per_s", "expected/s", 1),
+        ("server_cpu_pct", "server CPU %", 1),
+        ("cpu_us_per_sample", "CPU µs / sample", 1),
+        ("server_rss_kib", "server RSS (MiB)", 1 / 1024),
+        ("errors", "errors", 1),
+    ],
+    "cluster": [
+        ("deliveries_per_s", "deliveries/s", 1),
+        ("server_cpu_pct", "server CPU % (all)", 1),
+        ("deliveries_per_core_s", "deliveries/s per core", 1),
+        ("reach_p50_us", "reach p50 (ms)", 1e-3),
+        ("reach_p99_us", "reach p99 (ms)", 1e-3),
+        ("acked_per_s", "acked msgs/s", 1),
+        ("latency_p50_us", "chat p50 (ms)", 1e-3),
+        ("latency_p99_us", "chat p99 (ms)", 1e-3),
     ],
     "latency": [
         ("latency_p50_us", "p50 (µs)", 1),
@@ -106,10 +137,10 @@ def table(report):
     return "\n".join(out)
 
 
-def section(path, report):
+def section(path, report, prefix=""):
     m = report["machine"]
     return (
-        f"_From `bench/results/{path.name}`: run {report['started_at']}, {report['elapsed_s']:.0f} s; "
+        f"_From `bench/results/{prefix}{path.name}`: run {report['started_at']}, {report['elapsed_s']:.0f} s; "
         f"{m['nproc']} × {m['cpu_model']}, load average at start {m['loadavg'].split()[0]}; "
         f"server on CPU {report['pinning']['server']}, load generator on CPU {report['pinning']['load']}; "
         f"medians of the runs; settings `{json.dumps(report['settings'], ensure_ascii=False)}`._\n\n"
@@ -133,9 +164,14 @@ def main():
         splice = Path(args[1])
         args = args[2:]
     results = Path(args[0]) if args else Path(__file__).parent / "results"
-    order = ["polling", "fanout", "upload", "chat", "latency"]
+    order = ["polling", "fanout", "upload", "chat", "latency", "security", "dashboard", "cluster"]
     files = sorted(results.glob("*.json"), key=lambda p: (order.index(p.stem) if p.stem in order else 99, p.stem))
     reports = [(path, json.loads(path.read_text())) for path in files]
+    extra = [
+        (f"{sub.name}/", path, json.loads(path.read_text()))
+        for sub in sorted(p for p in results.iterdir() if p.is_dir())
+        for path in sorted(sub.glob("*.json"))
+    ]
     if splice:
         text = splice.read_text()
         begin, end = "<!-- tables:summary:begin -->", "<!-- tables:summary:end -->"
@@ -143,13 +179,13 @@ def main():
             head, rest = text.split(begin, 1)
             _, tail = rest.split(end, 1)
             text = head + begin + "\n" + summary(reports) + end + tail
-        for path, report in reports:
-            begin = f"<!-- tables:{report['scenario']}:begin -->"
-            end = f"<!-- tables:{report['scenario']}:end -->"
+        for prefix, path, report in [("", p, r) for p, r in reports] + extra:
+            begin = f"<!-- tables:{prefix}{report['scenario']}:begin -->"
+            end = f"<!-- tables:{prefix}{report['scenario']}:end -->"
             if begin in text and end in text:
                 head, rest = text.split(begin, 1)
                 _, tail = rest.split(end, 1)
-                text = head + begin + "\n" + section(path, report) + end + tail
+                text = head + begin + "\n" + section(path, report, prefix) + end + tail
         splice.write_text(text)
         return
     for path, report in reports:

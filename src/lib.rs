@@ -8,6 +8,7 @@
 //!
 //! - [`auth`]: identities, credentials, scopes, the auth layer.
 //! - [`server`]: wiring of services, health, reflection, limits, shutdown.
+//! - [`reflection`]: gRPC server reflection (v1, v1alpha) as its spec says.
 //! - [`transport`]: connections: accept loop, TLS, handshake and idle
 //!   timeouts, connection cap, graceful drain.
 //! - [`config`]: settings from defaults, file, environment and flags.
@@ -45,6 +46,7 @@ pub mod codec;
 pub mod config;
 pub mod fsx;
 pub mod proto;
+pub mod reflection;
 pub mod rpc;
 pub mod runtime;
 pub mod server;

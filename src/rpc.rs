@@ -1,13 +1,15 @@
 //! Pieces shared by every gRPC service: the log line of each stream, the
 //! request gate that counts calls and refuses new ones while draining, the
 //! status every stream ends with on shutdown, and the call layer that ends
-//! every call the way the gRPC spec says (deadlines, size limits).
+//! every call the way the gRPC spec says (deadlines, size limits, request
+//! cardinality).
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -15,6 +17,7 @@ use std::{
 };
 
 use futures::future::{Either, Ready, ready};
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -96,7 +99,8 @@ impl Drop for StreamLog {
             peer = %self.peer,
             identity = %self.identity,
             method = self.method,
-            subject = %self.subject,
+            // Debug: a client-chosen name cannot forge log lines.
+            subject = ?self.subject,
             reason,
             duration_ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX),
             "stream closed"
@@ -216,11 +220,17 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 /// - **Oversized messages**: tonic reports a message over the size limit
 ///   (received or sent) as OUT_OF_RANGE; the spec says RESOURCE_EXHAUSTED.
 /// - **Request cardinality**: tonic reports a unary or server-streaming
-///   call without its request message as INTERNAL; the spec says
-///   UNIMPLEMENTED.
+///   call without its request message as INTERNAL, and decodes and drops
+///   any message after the first; the spec says UNIMPLEMENTED for both.
+///   The request body of each method known to take one message
+///   ([`unary_request_methods`]) is watched by a small wrapper that fails
+///   the call as soon as a second message begins (it counts frame lengths,
+///   buffers nothing). Streaming-request methods, and Subscribe (its route
+///   checks this itself, off the fan-out path), are not wrapped.
 ///
-/// The last two are recognised by tonic's own status messages (pinned by
-/// `tests/statuses.rs`), in trailers-only responses and in trailers alike.
+/// The size limit and a missing request are recognised by tonic's own
+/// status messages (pinned by `tests/statuses.rs`), in trailers-only
+/// responses and in trailers alike.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatusLayer;
 
@@ -228,6 +238,8 @@ impl<S> tower::Layer<S> for StatusLayer {
     type Service = Call<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        // Built as the routes are, not on the first call.
+        LazyLock::force(&UNARY_REQUEST);
         Call { inner }
     }
 }
@@ -238,9 +250,9 @@ pub struct Call<S> {
     inner: S,
 }
 
-impl<S, B, RB> tower::Service<http::Request<B>> for Call<S>
+impl<S, RB> tower::Service<http::Request<axum::body::Body>> for Call<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S: tower::Service<http::Request<axum::body::Body>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     RB::Error: Into<tonic::codegen::StdError>,
@@ -253,7 +265,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<axum::body::Body>) -> Self::Future {
+        if let Some(method) = UNARY_REQUEST.get(request.uri().path()) {
+            request = request.map(|body| axum::body::Body::new(OneMessage::new(body, method)));
+        }
         let timeout = request
             .headers()
             .get("grpc-timeout")
@@ -400,6 +415,156 @@ impl http_body::Body for CallBody {
     }
 }
 
+/// The paths of the methods whose request is one message.
+static UNARY_REQUEST: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    let mut methods = unary_request_methods(&[
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]);
+    // Its route checks the cardinality itself, next to its fan-out.
+    methods.remove(crate::telemetry::route::SUBSCRIBE_PATH);
+    methods
+});
+
+/// The paths (`/package.Service/Method`) of every unary and
+/// server-streaming method in the encoded `FileDescriptorSet`s `sets`: the
+/// methods whose request is exactly one message. A set that does not
+/// decode is logged and skipped.
+pub fn unary_request_methods(sets: &[&[u8]]) -> HashSet<String> {
+    let mut methods = HashSet::new();
+    for set in sets {
+        let set = match prost_types::FileDescriptorSet::decode(*set) {
+            Ok(set) => set,
+            Err(err) => {
+                tracing::error!(%err, "a descriptor set does not decode: its methods' request cardinality is not checked");
+                continue;
+            }
+        };
+        for file in &set.file {
+            for service in &file.service {
+                let service_name = if file.package().is_empty() {
+                    service.name().to_owned()
+                } else {
+                    format!("{}.{}", file.package(), service.name())
+                };
+                methods.extend(
+                    service
+                        .method
+                        .iter()
+                        .filter(|method| !method.client_streaming())
+                        .map(|method| format!("/{service_name}/{}", method.name())),
+                );
+            }
+        }
+    }
+    methods
+}
+
+/// The request body of a call whose method takes one message: passed on
+/// as it comes, except that the first byte after the first message ends
+/// the call with UNIMPLEMENTED (the decoder sees the error instead of the
+/// frame). Only frame lengths are counted; nothing is buffered.
+struct OneMessage {
+    inner: axum::body::Body,
+    /// For the status message.
+    method: &'static str,
+    /// Bytes of the current frame header seen, up to [`FRAME_HEADER`].
+    header: [u8; FRAME_HEADER],
+    header_seen: usize,
+    /// Bytes of the current message still to come.
+    remaining: u64,
+    /// Messages whose header has been seen.
+    messages: u64,
+    /// The call has been failed.
+    failed: bool,
+}
+
+/// A gRPC frame header: compression flag, big-endian length.
+const FRAME_HEADER: usize = 5;
+
+impl OneMessage {
+    fn new(inner: axum::body::Body, method: &'static str) -> Self {
+        Self {
+            inner,
+            method,
+            header: [0; FRAME_HEADER],
+            header_seen: 0,
+            remaining: 0,
+            messages: 0,
+            failed: false,
+        }
+    }
+
+    /// Follows the frames through `data`; `true` once a second message
+    /// begins.
+    fn second_message_in(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let skip =
+                    usize::try_from(self.remaining).map_or(data.len(), |r| r.min(data.len()));
+                data = &data[skip..];
+                self.remaining -= skip as u64;
+                continue;
+            }
+            if self.header_seen == 0 && self.messages >= 1 {
+                return true;
+            }
+            let take = (FRAME_HEADER - self.header_seen).min(data.len());
+            self.header[self.header_seen..self.header_seen + take].copy_from_slice(&data[..take]);
+            self.header_seen += take;
+            data = &data[take..];
+            if self.header_seen == FRAME_HEADER {
+                let [_, a, b, c, d] = self.header;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.header_seen = 0;
+                self.messages += 1;
+            }
+        }
+        false
+    }
+}
+
+impl http_body::Body for OneMessage {
+    type Data = bytes::Bytes;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref()
+                    && this.second_message_in(data)
+                {
+                    this.failed = true;
+                    let status = Status::unimplemented(format!(
+                        "the call to {} carried a second request message; the method takes exactly one",
+                        this.method
+                    ));
+                    return Poll::Ready(Some(Err(Box::new(status))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(err)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// tonic's message when a message is over the size limit, sent or
 /// received ("Error, decoded message length too large: …").
 const TONIC_TOO_LARGE: &str = "message length too large";
@@ -451,6 +616,54 @@ mod tests {
         );
         for bad in [&b""[..], b"S", b"123456789S", b"1s", b"-1S", b"1.5S", b"10"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_methods_taking_one_message_are_known() {
+        let methods = &*UNARY_REQUEST;
+        for unary in [
+            "/telemetry.TelemetryService/GetSnapshot",
+            "/fileupload.FileUploadService/Download",
+            "/chat.ChatService/WatchRoom",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/streamhub.ServerService/WhoAmI",
+        ] {
+            assert!(methods.contains(unary), "{unary}");
+        }
+        for streaming in [
+            "/telemetry.TelemetryService/LiveFeed",
+            "/telemetry.TelemetryService/Subscribe",
+            "/fileupload.FileUploadService/Upload",
+            "/chat.ChatService/Chat",
+        ] {
+            assert!(!methods.contains(streaming), "{streaming}");
+        }
+    }
+
+    #[test]
+    fn a_second_message_is_seen_wherever_the_data_frames_split() {
+        let message = |len: u8| {
+            let mut frame = vec![0, 0, 0, 0, len];
+            frame.extend(std::iter::repeat_n(7, usize::from(len)));
+            frame
+        };
+        let one = [message(3), message(0)].concat();
+        let two = [message(3), message(0), message(1)].concat();
+        // The first message and an empty second one, then a third.
+        for split in 0..=two.len() {
+            for (bytes, second_at) in [(&one[..8], None), (&one[..], Some(8)), (&two[..], Some(8))]
+            {
+                let split = split.min(bytes.len());
+                let mut body = OneMessage::new(axum::body::Body::empty(), "/m");
+                let first = body.second_message_in(&bytes[..split]);
+                let seen = first || body.second_message_in(&bytes[split..]);
+                assert_eq!(seen, second_at.is_some(), "{bytes:?} split at {split}");
+                if let Some(at) = second_at {
+                    assert_eq!(first, split > at, "{bytes:?} split at {split}");
+                }
+            }
         }
     }
 

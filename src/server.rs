@@ -50,6 +50,7 @@ use crate::{
     },
     config::Config,
     proto,
+    reflection::Reflection,
     rpc::{GateLayer, shutting_down},
     server_info::ServerService,
     server_metrics::Metrics,
@@ -73,7 +74,7 @@ pub enum ServerError {
     },
     /// Reflection could not be built from the descriptors.
     #[error("cannot build the reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    Reflection(#[from] crate::reflection::ReflectionError),
     /// The transport could not start (e.g. the TLS files do not load).
     #[error("transport error: {0}")]
     Transport(#[from] TransportError),
@@ -228,20 +229,21 @@ where
         shutdown: shutdown.clone(),
     });
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = Reflection::new(
+        &[
+            proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+        shutdown.clone(),
+    )?;
 
     let limits = &config.limits;
     let mut grpc = Routes::builder();
     grpc.add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection.v1(limits.max_message_size))
+        .add_service(reflection.v1alpha(limits.max_message_size))
         .add_service(
             TelemetryService::new(Arc::clone(&hub), shutdown.clone())
                 .into_server(limits.max_message_size),

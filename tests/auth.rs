@@ -1056,3 +1056,189 @@ async fn the_cli_makes_tokens_and_uses_them() {
     assert!(!stderr.contains(&token));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_expiring_jwt_ends_a_live_feed_and_an_upload_which_keeps_its_bytes() {
+    let (server, _keys) = start().await;
+    let channel = server.channel().await;
+    let admin = bearer(ADMIN);
+    // Expires within two to three seconds (leeway 0).
+    let token = bearer(&jwt(
+        "feeder",
+        "telemetry:publish:* upload:write:*",
+        now() + 3,
+        SECRET,
+    ));
+
+    // LiveFeed: a sample before expiry is published; the call then ends
+    // with UNAUTHENTICATED while the client still has it open.
+    let (feed_tx, feed_rx) = mpsc::channel(4);
+    let mut telemetry = TelemetryServiceClient::new(channel.clone());
+    let mut alerts = within(
+        "live feed",
+        telemetry.live_feed(with(ReceiverStream::new(feed_rx), Some(&token))),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    feed_tx.send(payload("api-exp", 1.0, 1.0, 0)).await.unwrap();
+    within("the sample", async {
+        while !service_names(channel.clone(), &admin)
+            .await
+            .contains(&"api-exp".to_owned())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // Upload: chunk 0 is written, then the token expires mid-call.
+    let (up_tx, up_rx) = mpsc::channel(4);
+    let mut files = FileUploadServiceClient::new(channel.clone());
+    let upload = tokio::spawn({
+        let token = token.clone();
+        async move {
+            files
+                .upload(with(ReceiverStream::new(up_rx), Some(&token)))
+                .await
+        }
+    });
+    up_tx
+        .send(FileChunk {
+            filename: "expiring.bin".into(),
+            data: vec![5; 1000],
+            chunk_index: 0,
+            ..FileChunk::default()
+        })
+        .await
+        .unwrap();
+    within("chunk 0 written", async {
+        while held(channel.clone(), "expiring.bin").await.0 < 1000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let ended = match within("live feed end", alerts.next()).await {
+        Some(Err(status)) => status,
+        other => panic!("the feed should end with a status: {other:?}"),
+    };
+    assert_code("live feed", &ended, Code::Unauthenticated);
+    assert_eq!(ended.message(), "token expired");
+    let ended = within("upload end", upload).await.unwrap().unwrap_err();
+    assert_code("upload", &ended, Code::Unauthenticated);
+    assert_eq!(ended.message(), "token expired");
+    // The bytes written are kept for a resume with a fresh credential.
+    let (kept, stored) = held(channel.clone(), "expiring.bin").await;
+    assert_eq!((kept, stored), (1000, false));
+    let mut files = FileUploadServiceClient::new(channel.clone());
+    let done = files
+        .upload(with(
+            futures::stream::iter(vec![FileChunk {
+                filename: "expiring.bin".into(),
+                data: vec![5; 500],
+                chunk_index: 1,
+                offset: Some(1000),
+                is_last: true,
+                ..FileChunk::default()
+            }]),
+            Some(&admin),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((done.total_bytes, done.resumed_from), (1500, 1000));
+    assert!(held(channel.clone(), "expiring.bin").await.1, "stored");
+    // A payload after expiry is not published.
+    let _ = feed_tx.send(payload("api-late", 1.0, 1.0, 0)).await;
+    assert!(
+        !service_names(channel.clone(), &admin)
+            .await
+            .contains(&"api-late".to_owned())
+    );
+    drop((feed_tx, up_tx, telemetry, files));
+    drop(channel);
+    server.stop().await;
+}
+
+/// What a person does: runs `token new` without `--json`, copies the
+/// token and pastes the printed entry into a configuration file that has
+/// other settings and tokens; the server started with it knows the token
+/// as the identity with exactly the printed scopes.
+#[tokio::test]
+async fn token_new_text_output_pasted_into_a_config_authenticates_the_token() {
+    let identity = "ci \"nightly\" ü";
+    let scopes = [
+        "telemetry:read:api-*",
+        "upload:write:reports/*",
+        "chat:join:*",
+    ];
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+    command.args(["token", "new", "--identity", identity]);
+    for scope in scopes {
+        command.args(["--scope", scope]);
+    }
+    let output = tokio::time::timeout(WAIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    // The token is the indented line after the first one.
+    let token = stdout
+        .lines()
+        .nth(1)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("no token line in {stdout}"));
+    let entry = &stdout[stdout
+        .find("[[auth.tokens]]")
+        .unwrap_or_else(|| panic!("no entry in {stdout}"))..];
+    assert!(!entry.contains(token), "the entry holds only the hash");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("streamhub.toml");
+    let other = entry_text("other", "tok-other");
+    std::fs::write(
+        &file,
+        format!("drain_timeout = \"5s\"\n\n[telemetry]\nself_sample_interval = \"0s\"\n\n{other}\n{entry}"),
+    )
+    .unwrap();
+    let config = Config::load(&streamhub::config::Sources {
+        file: Some(file),
+        ..Default::default()
+    })
+    .unwrap();
+    let server = TestServer::start_with(config).await;
+    let mut client = ServerServiceClient::new(server.channel().await);
+    let me = client
+        .who_am_i(with(WhoAmIRequest {}, Some(&bearer(token))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.identity, identity);
+    assert_eq!(me.method, "token");
+    assert_eq!(me.scopes, scopes);
+    let other = client
+        .who_am_i(with(WhoAmIRequest {}, Some(&bearer("tok-other"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.identity, "other");
+    // A token differing in one character is unknown.
+    let mut wrong = token.to_owned();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == 'A' { 'B' } else { 'A' });
+    let status = client
+        .who_am_i(with(WhoAmIRequest {}, Some(&bearer(&wrong))))
+        .await
+        .unwrap_err();
+    assert_code("altered token", &status, Code::Unauthenticated);
+    drop(client);
+    server.stop().await;
+}
+
+/// A `[[auth.tokens]]` entry for `token`, as TOML.
+fn entry_text(identity: &str, token: &str) -> String {
+    token::config_entry(identity, &["telemetry:read:*".to_owned()], token)
+}

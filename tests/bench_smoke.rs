@@ -347,3 +347,154 @@ fn latency_floor_next_to_tcp() {
         );
     }
 }
+
+#[test]
+fn security_plaintext_versus_tls_and_token() {
+    // streamhub alone: needs nothing beyond the Rust toolchain.
+    let report = bench(
+        "security",
+        &[
+            "--subscribers",
+            "5",
+            "--per-connection",
+            "3",
+            "--rounds",
+            "2",
+            "--saturation",
+            "0.5",
+            "--upload-mib",
+            "2",
+            "--members",
+            "6",
+            "--senders",
+            "2",
+            "--chat-per-connection",
+            "4",
+            "--chat-rates",
+            "10",
+            "--step-seconds",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "security");
+    assert_eq!(targets(rows), ["streamhub"]);
+    // fan-out, upload on disk and tmpfs, chat at one rate; each both ways.
+    assert_eq!(rows.len(), 2 * 4, "{rows:?}");
+    for mode in ["plaintext", "tls+token"] {
+        let row = |part: &str, key: &str, value: &str| {
+            rows.iter()
+                .find(|r| {
+                    r["config"]["part"] == part
+                        && r["config"]["security"] == mode
+                        && r["config"][key] == value
+                })
+                .unwrap_or_else(|| panic!("no {part} row for {mode}"))
+        };
+        measured(
+            row("fanout", "subscribers", "5"),
+            &["reach_p99_us"],
+            &["deliveries_per_s"],
+        );
+        measured(
+            row("upload", "storage", "disk"),
+            &["seconds"],
+            &["mib_per_s"],
+        );
+        measured(
+            row("upload", "storage", "tmpfs"),
+            &["seconds"],
+            &["mib_per_s"],
+        );
+        measured(
+            row("chat", "rate", "10"),
+            &["latency_p50_us"],
+            &["acked_per_s", "deliveries_per_s"],
+        );
+    }
+    assert!(report["checks"].as_array().unwrap().len() >= 3);
+}
+
+#[test]
+fn dashboard_watch_over_grpc_web_next_to_subscribe() {
+    // streamhub alone: needs nothing beyond the Rust toolchain.
+    let report = bench(
+        "dashboard",
+        &[
+            "--dashboards",
+            "2",
+            "--services",
+            "5",
+            "--report-ms",
+            "200",
+            "--per-connection",
+            "4",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+        ],
+    );
+    let rows = rows(&report, "dashboard");
+    assert_eq!(targets(rows), ["streamhub"]);
+    let modes: Vec<&str> = rows
+        .iter()
+        .map(|r| r["config"]["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["subscribe", "watch-h2", "watch-grpc-web"]);
+    for row in rows {
+        measured(
+            row,
+            &["cpu_us_per_sample", "server_cpu_pct", "errors"],
+            &["samples", "samples_per_s", "expected_per_s"],
+        );
+        assert_eq!(row["median"]["errors"].as_f64().unwrap(), 0.0, "{row}");
+    }
+}
+
+#[test]
+fn cluster_three_nodes_next_to_one() {
+    if !ready("cluster_three_nodes_next_to_one", &[Need::Nats]) {
+        return;
+    }
+    let report = bench(
+        "cluster",
+        &[
+            "--subscribers",
+            "6",
+            "--per-connection",
+            "2",
+            "--rounds",
+            "2",
+            "--saturation",
+            "0.5",
+            "--members",
+            "6",
+            "--senders",
+            "2",
+            "--chat-per-connection",
+            "2",
+            "--chat-rates",
+            "10",
+            "--step-seconds",
+            "0.5",
+        ],
+    );
+    let rows = rows(&report, "cluster");
+    assert_eq!(targets(rows), ["streamhub"]);
+    assert_eq!(rows.len(), 2 * 3, "fan-out and chat per layout: {rows:?}");
+    for row in rows {
+        if row["config"]["part"] == "fanout" {
+            measured(
+                row,
+                &["reach_p99_us", "server_cpu_pct"],
+                &["deliveries_per_s", "deliveries_per_core_s"],
+            );
+        } else {
+            measured(
+                row,
+                &["latency_p50_us", "latency_p99_us"],
+                &["acked_per_s", "deliveries_per_s"],
+            );
+        }
+    }
+}

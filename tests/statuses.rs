@@ -18,7 +18,8 @@ use prost::Message;
 use streamhub::proto::{
     chat::ChatMessage,
     fileupload::{
-        FileChunk, QueryUploadRequest, file_upload_service_client::FileUploadServiceClient,
+        DownloadRequest, FileChunk, QueryUploadRequest,
+        file_upload_service_client::FileUploadServiceClient,
     },
     telemetry::{ListServicesRequest, telemetry_service_client::TelemetryServiceClient},
 };
@@ -273,6 +274,14 @@ async fn a_message_over_the_size_limit_ends_every_kind_of_call_with_resource_exh
     chat.send(too_large.clone());
     assert_code("chat", &chat.ended().await, Code::ResourceExhausted);
 
+    let mut reflection = RawCall::open(&server, REFLECTION_V1, &[]).await;
+    reflection.send(too_large.clone());
+    assert_code(
+        "reflection",
+        &reflection.ended().await,
+        Code::ResourceExhausted,
+    );
+
     // An upload keeps the bytes it had.
     let mut upload = RawCall::open(&server, UPLOAD, &[]).await;
     upload.send(encoded(&chunk("big.bin", b"kept", false)));
@@ -314,6 +323,46 @@ async fn a_call_without_its_one_request_message_or_with_two_is_unimplemented() {
     twice.send(encoded(&common::request("edge", 0)));
     twice.close();
     assert_code("subscribe twice", &twice.ended().await, Code::Unimplemented);
+
+    // The generated unary and server-streaming routes: before, the second
+    // message was decoded and dropped, and the call answered as if sent once.
+    common::publish(server.channel().await, "edge", 1.0).await;
+    let health = encoded(&HealthCheckRequest::default());
+    let download = encoded(&DownloadRequest {
+        filename: "none.bin".into(),
+        ..DownloadRequest::default()
+    });
+    let twice_each = [
+        (GET_SNAPSHOT, encoded(&common::request("edge", 0))),
+        (HEALTH_CHECK, health.clone()),
+        ("/grpc.health.v1.Health/Watch", health),
+        ("/fileupload.FileUploadService/Download", download),
+    ];
+    for (path, message) in twice_each {
+        let mut call = RawCall::open(&server, path, &[]).await;
+        call.send(message.clone());
+        call.send(message);
+        call.close();
+        let ended = call.ended().await;
+        assert_code(path, &ended, Code::Unimplemented);
+        assert!(ended.message.contains(path), "says where: {ended:?}");
+        assert!(ended.data.is_empty(), "{path}: answered nothing: {ended:?}");
+    }
+    // A second message that arrives in the same DATA frame as the first,
+    // or starts in the middle of one, is seen too.
+    let mut joined = BytesMut::new();
+    joined.extend_from_slice(&encoded(&common::request("edge", 0)));
+    joined.extend_from_slice(&encoded(&common::request("edge", 0))[..2]);
+    let mut call = RawCall::open(&server, GET_SNAPSHOT, &[]).await;
+    call.send(joined.freeze());
+    assert_code("joined", &call.ended().await, Code::Unimplemented);
+    // One message is still answered.
+    let mut once = RawCall::open(&server, GET_SNAPSHOT, &[]).await;
+    once.send(encoded(&common::request("edge", 0)));
+    once.close();
+    let ended = once.ended().await;
+    assert_code("once", &ended, Code::Ok);
+    assert!(!ended.data.is_empty(), "{ended:?}");
 
     server.stop().await;
 }
@@ -383,4 +432,259 @@ async fn health_watch_of_an_unknown_service_says_service_unknown_and_stays_open(
     server.begin_shutdown();
     let end = within("end", watch.next()).await.unwrap().unwrap_err();
     common::assert_shutting_down("health watch", &end);
+}
+
+const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+#[tokio::test]
+async fn a_reflection_request_that_does_not_decode_ends_the_call_with_internal() {
+    let server = TestServer::start().await;
+    for path in [REFLECTION_V1, REFLECTION_V1ALPHA] {
+        let mut call = RawCall::open(&server, path, &[]).await;
+        call.send(frame(GARBAGE));
+        call.close();
+        let ended = call.ended().await;
+        assert_code(path, &ended, Code::Internal);
+        assert!(ended.message.contains("request 1"), "{ended:?}");
+    }
+    server.stop().await;
+}
+
+/// The `grpc.reflection.v1` conversation of one test: requests in, answers
+/// out, on one open stream.
+mod v1_reflection {
+    use super::*;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic_reflection::pb::v1::{
+        ExtensionRequest, ServerReflectionRequest, ServerReflectionResponse,
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    pub struct Conversation {
+        requests: mpsc::Sender<ServerReflectionRequest>,
+        answers: tonic::Streaming<ServerReflectionResponse>,
+    }
+
+    impl Conversation {
+        pub async fn open(server: &TestServer) -> Self {
+            let (requests, rx) = mpsc::channel(4);
+            let answers = ServerReflectionClient::new(server.channel().await)
+                .server_reflection_info(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            Self { requests, answers }
+        }
+
+        pub async fn ask(&mut self, request: MessageRequest) -> MessageResponse {
+            let request = ServerReflectionRequest {
+                host: "here".into(),
+                message_request: Some(request),
+            };
+            self.requests.send(request.clone()).await.unwrap();
+            let answer = within("reflection answer", self.answers.next())
+                .await
+                .expect("an answer, not the end of the stream")
+                .expect("an answer, not a status");
+            assert_eq!(answer.original_request, Some(request));
+            answer.message_response.expect("message_response")
+        }
+
+        pub async fn end(mut self) -> Option<tonic::Status> {
+            within("reflection end", self.answers.next())
+                .await
+                .and_then(Result::err)
+        }
+
+        /// The files of a FileDescriptorResponse, decoded.
+        pub async fn files(
+            &mut self,
+            request: MessageRequest,
+        ) -> Vec<prost_types::FileDescriptorProto> {
+            match self.ask(request).await {
+                MessageResponse::FileDescriptorResponse(files) => files
+                    .file_descriptor_proto
+                    .iter()
+                    .map(|raw| prost_types::FileDescriptorProto::decode(&raw[..]).unwrap())
+                    .collect(),
+                other => panic!("expected files, got {other:?}"),
+            }
+        }
+
+        pub async fn not_found(&mut self, request: MessageRequest) {
+            match self.ask(request).await {
+                MessageResponse::ErrorResponse(error) => {
+                    assert_eq!(error.error_code, Code::NotFound as i32, "{error:?}");
+                    assert!(!error.error_message.is_empty());
+                }
+                other => panic!("expected an ErrorResponse, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn symbol(name: &str) -> MessageRequest {
+        MessageRequest::FileContainingSymbol(name.into())
+    }
+
+    pub fn file(name: &str) -> MessageRequest {
+        MessageRequest::FileByFilename(name.into())
+    }
+
+    pub fn extension(containing_type: &str, extension_number: i32) -> MessageRequest {
+        MessageRequest::FileContainingExtension(ExtensionRequest {
+            containing_type: containing_type.into(),
+            extension_number,
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_failed_reflection_lookup_is_an_error_response_and_the_stream_stays_open() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    use v1_reflection::{Conversation, extension, file, symbol};
+
+    let mut server = TestServer::start().await;
+    let mut talk = Conversation::open(&server).await;
+
+    // Before, the first of these ended the whole stream with NOT_FOUND.
+    talk.not_found(symbol("no.such.Symbol")).await;
+    talk.not_found(file("no/such.proto")).await;
+    talk.not_found(extension("telemetry.MetricsRequest", 100))
+        .await;
+    talk.not_found(MessageRequest::AllExtensionNumbersOfType(
+        "no.such.Type".into(),
+    ))
+    .await;
+
+    // grpcurl's `list`.
+    let MessageResponse::ListServicesResponse(list) =
+        talk.ask(MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("expected the services");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for name in [
+        "telemetry.TelemetryService",
+        "fileupload.FileUploadService",
+        "chat.ChatService",
+        "streamhub.ServerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+
+    // grpcurl's `describe`: the file of a symbol, then each dependency by
+    // name; services, methods, messages, fields, enums and nested types.
+    let files = talk.files(symbol("telemetry.TelemetryService")).await;
+    assert_eq!(files[0].name(), "telemetry.proto");
+    assert!(
+        files[0]
+            .service
+            .iter()
+            .any(|s| s.name() == "TelemetryService")
+    );
+    for dependency in &files[0].dependency {
+        let got = talk.files(file(dependency)).await;
+        assert_eq!(got[0].name(), dependency);
+    }
+    for (name, in_file) in [
+        ("telemetry.TelemetryService.Subscribe", "telemetry.proto"),
+        ("telemetry.MetricsRequest", "telemetry.proto"),
+        ("telemetry.MetricsRequest.service_name", "telemetry.proto"),
+        ("chat.MessageKind", "chat.proto"),
+        ("fileupload.FileUploadService.Download", "fileupload.proto"),
+        (
+            "grpc.health.v1.HealthCheckResponse.ServingStatus",
+            "health.proto",
+        ),
+        ("grpc.health.v1.HealthCheckResponse", "health.proto"),
+    ] {
+        let got = talk.files(symbol(name)).await;
+        assert!(
+            got[0].name().ends_with(in_file),
+            "{name}: {}",
+            got[0].name()
+        );
+    }
+    let got = talk
+        .files(symbol("grpc.reflection.v1.ServerReflection"))
+        .await;
+    assert_eq!(got[0].package(), "grpc.reflection.v1");
+    let got = talk.files(file("chat.proto")).await;
+    assert_eq!(got[0].name(), "chat.proto");
+    // The same file again: still answered.
+    let got = talk.files(file("chat.proto")).await;
+    assert_eq!(got[0].name(), "chat.proto");
+    // No extensions are defined: an empty list for a known type.
+    let MessageResponse::AllExtensionNumbersResponse(numbers) = talk
+        .ask(MessageRequest::AllExtensionNumbersOfType(
+            "telemetry.MetricsRequest".into(),
+        ))
+        .await
+    else {
+        panic!("expected extension numbers");
+    };
+    assert_eq!(numbers.base_type_name, "telemetry.MetricsRequest");
+    assert!(numbers.extension_number.is_empty());
+
+    // Still open; it ends on shutdown like every stream.
+    talk.not_found(symbol("still.Open")).await;
+    server.begin_shutdown();
+    let end = talk.end().await.expect("a status");
+    common::assert_shutting_down("reflection", &end);
+}
+
+#[tokio::test]
+async fn v1alpha_reflection_answers_a_failed_lookup_and_stays_open() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = TestServer::start().await;
+    let ask = |request| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let requests = futures::stream::iter([
+        ask(MessageRequest::FileContainingSymbol(
+            "no.such.Symbol".into(),
+        )),
+        ask(MessageRequest::FileContainingSymbol(
+            "chat.ChatService".into(),
+        )),
+    ]);
+    let mut answers = ServerReflectionClient::new(server.channel().await)
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("first answer", answers.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ErrorResponse(error)) = first.message_response else {
+        panic!("expected an ErrorResponse: {first:?}");
+    };
+    assert_eq!(error.error_code, Code::NotFound as i32);
+    let second = within("second answer", answers.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            second.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{second:?}"
+    );
+    // The client closed its side: the call ends with OK.
+    assert!(within("end", answers.next()).await.is_none());
+    server.stop().await;
 }

@@ -52,9 +52,15 @@ impl Ca {
     /// A server certificate for `localhost` and 127.0.0.1, with the CA's
     /// certificate after it (a chain).
     fn server(&self) -> Pair {
+        self.server_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// A server certificate for `names`, with the CA's certificate after it.
+    fn server_for(&self, names: &[&str]) -> Pair {
         let key = KeyPair::generate().unwrap();
         let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .unwrap();
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Pair {
@@ -468,4 +474,180 @@ async fn requests_carry_their_connection_info_and_the_verified_client_chain() {
     assert!(seen["x-remote"].to_str().unwrap().starts_with("127.0.0.1:"));
     assert_eq!(seen["x-remote"], seen["x-tcp-remote"]);
     stop.cancel();
+}
+
+/// Writes `pair` as `NAME.pem` and `NAME.key` in `dir`; their paths.
+fn write_pair(dir: &Path, name: &str, pair: &Pair) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &pair.cert).unwrap();
+    std::fs::write(&key, &pair.key).unwrap();
+    (cert, key)
+}
+
+/// Runs the CLI with `args` (no credentials from the environment).
+async fn cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+    command.args(args);
+    for var in [
+        "STREAMHUB_TOKEN",
+        "STREAMHUB_CA",
+        "STREAMHUB_CERT",
+        "STREAMHUB_KEY",
+        "STREAMHUB_SERVER",
+    ] {
+        command.env_remove(var);
+    }
+    within("the CLI", command.output()).await.unwrap()
+}
+
+#[tokio::test]
+async fn mtls_certificate_identities_get_their_scopes_from_the_tls_layer_to_the_cli() {
+    use streamhub::{
+        auth::CertEntry,
+        proto::streamhub::{WhoAmIRequest, server_service_client::ServerServiceClient},
+    };
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let files = Files::new(&server_ca.server(), Some(&client_ca));
+    let mut config = test_config();
+    config.tls = files.config(true);
+    config.auth.certs = vec![CertEntry {
+        identity: "device-7".into(),
+        scopes: vec!["telemetry:read:*".into()],
+    }];
+    let server = TestServer::start_with(config).await;
+    let device = client_ca.client("device-7", false);
+
+    // A tonic client presenting the certificate: its CN is the identity,
+    // with the configured scopes.
+    let channel = tls_channel(server.addr, &server_ca, Some(&device))
+        .await
+        .unwrap();
+    let me = within(
+        "WhoAmI",
+        ServerServiceClient::new(channel).who_am_i(WhoAmIRequest {}),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        (me.identity.as_str(), me.method.as_str()),
+        ("device-7", "certificate")
+    );
+    assert_eq!(me.scopes, ["telemetry:read:*"]);
+    assert!(me.auth_enabled);
+
+    // The CLI over https:// with --ca, --cert and --key.
+    let dir = files.dir.path();
+    let ca = dir.join("server-ca.pem");
+    std::fs::write(&ca, &server_ca.pem).unwrap();
+    let (cert, key) = write_pair(dir, "device-7", &device);
+    let url = format!("https://localhost:{}", server.addr.port());
+    let output = cli(&[
+        "--server".as_ref(),
+        url.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--cert".as_ref(),
+        cert.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "whoami".as_ref(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout.contains("identity: device-7"), "{stdout}");
+    assert!(stdout.contains("certificate"), "{stdout}");
+    assert!(stdout.contains("telemetry:read:*"), "{stdout}");
+
+    // Without a client certificate the call fails. (The CLI names the
+    // cause when the server's TLS alert reaches it; when the server's
+    // close overtakes the alert it sees only a closed or broken
+    // connection, so the message is not checked.)
+    let output = cli(&[
+        "--server".as_ref(),
+        url.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "whoami".as_ref(),
+    ])
+    .await;
+    assert!(!output.status.success(), "{output:?}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_over_https_verifies_the_server_and_names_the_host_it_expected() {
+    use streamhub::auth::{TokenEntry, token};
+    let ca = Ca::new("server CA");
+    let files = Files::new(&ca.server(), None);
+    let mut config = test_config();
+    config.tls = files.config(false);
+    let secret = "tok-over-tls";
+    config.auth.tokens = vec![TokenEntry {
+        identity: "ci".into(),
+        sha256: hex::encode(token::digest(secret)),
+        scopes: vec!["server:read:*".into()],
+    }];
+    let server = TestServer::start_with(config).await;
+    let ca_file = files.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let url = format!("https://localhost:{}", server.addr.port());
+    let whoami = |url: String, ca: Option<std::path::PathBuf>, token: Option<&'static str>| async move {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+        for var in [
+            "STREAMHUB_TOKEN",
+            "STREAMHUB_CA",
+            "STREAMHUB_CERT",
+            "STREAMHUB_KEY",
+        ] {
+            command.env_remove(var);
+        }
+        command.args(["--server", &url]);
+        if let Some(ca) = ca {
+            command.arg("--ca").arg(ca);
+        }
+        if let Some(token) = token {
+            command.env("STREAMHUB_TOKEN", token);
+        }
+        command.arg("whoami");
+        within("the CLI", command.output()).await.unwrap()
+    };
+
+    let output = whoami(url.clone(), Some(ca_file.clone()), Some(secret)).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(stdout.contains("identity: ci"), "{stdout}");
+    assert!(stdout.contains("token"), "{stdout}");
+    // The token went over TLS only: without --ca the system roots do not
+    // know the test CA.
+    let output = whoami(url.clone(), None, Some(secret)).await;
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(!stderr.contains(secret), "{stderr}");
+    // Plaintext to the TLS port fails rather than sending the token.
+    let output = whoami(
+        format!("http://localhost:{}", server.addr.port()),
+        None,
+        Some(secret),
+    )
+    .await;
+    assert!(!output.status.success(), "{output:?}");
+    server.stop().await;
+
+    // A certificate for another name: the error names the name expected.
+    let files = Files::new(&ca.server_for(&["hub.example.com"]), None);
+    let mut config = test_config();
+    config.tls = files.config(false);
+    let server = TestServer::start_with(config).await;
+    let url = format!("https://localhost:{}", server.addr.port());
+    let output = whoami(url, Some(ca_file), None).await;
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("\"localhost\""), "{stderr}");
+    server.stop().await;
 }

@@ -64,6 +64,26 @@ pub fn authorize(
     )))
 }
 
+/// PERMISSION_DENIED unless `identity` has some scope for `action` on
+/// `resource`, whatever its pattern: a list call that could list nothing
+/// says so instead of answering with an empty list.
+pub fn authorize_any(
+    identity: &Identity,
+    resource: Resource,
+    action: Action,
+) -> Result<(), Status> {
+    if identity.scopes().grants(resource, action) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "identity {:?} has no {}:{} scope (such as {})",
+        identity.name(),
+        resource.as_str(),
+        action.as_str(),
+        scope::needed(resource, action, "*")
+    )))
+}
+
 /// The caller's identity from a request's extensions. A request that did
 /// not pass [`AuthLayer`] has none and gets an identity with no scopes, so
 /// a service mounted without the layer denies rather than allows.

@@ -32,7 +32,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use cert::PeerCertificates;
-pub use layer::{AuthLayer, authorize};
+pub use layer::{AuthLayer, authorize, authorize_any};
 pub use scope::{Action, Resource, Scope, Scopes};
 
 /// Longest identity name, in bytes (a chat sender's limit).

@@ -244,6 +244,14 @@ impl Scopes {
         self.0.iter().any(|s| s.allows(resource, action, name))
     }
 
+    /// Whether any scope allows `action` on `resource` for some name (a
+    /// list call with none of them may list nothing).
+    pub fn grants(&self, resource: Resource, action: Action) -> bool {
+        self.0.iter().any(|s| {
+            s.resource.is_none_or(|r| r == resource) && s.action.is_none_or(|a| a == action)
+        })
+    }
+
     /// The scopes as written.
     pub fn texts(&self) -> Vec<String> {
         self.0.iter().map(|s| s.text.clone()).collect()
@@ -295,6 +303,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn grants_asks_for_any_pattern() {
+        let scopes = Scopes::parse(["upload:read:public-*", "chat:*:dev"]).unwrap();
+        assert!(scopes.grants(Resource::Upload, Action::Read));
+        assert!(!scopes.grants(Resource::Upload, Action::Write));
+        assert!(scopes.grants(Resource::Chat, Action::Join));
+        assert!(!scopes.grants(Resource::Telemetry, Action::Read));
+        assert!(Scopes::all().grants(Resource::Server, Action::Read));
+        assert!(!Scopes::default().grants(Resource::Upload, Action::Read));
+    }
 
     #[test]
     fn globs() {

@@ -166,7 +166,7 @@ struct Shared {
 
 /// Runs one ladder of rates on a fresh server; stops after the first rate
 /// that saturates (members cut off, or under half the deliveries made).
-async fn ladder(
+pub(crate) async fn ladder(
     target: Target,
     options: &Options,
     pinning: &Pinning,
@@ -181,7 +181,20 @@ async fn ladder_on(
     server: &ServerUnderTest,
     options: &Options,
 ) -> Result<Vec<Metrics>, BenchError> {
-    let proc = server.proc().await;
+    ladder_on_addrs(&[server.addr], server.proc().await, options).await
+}
+
+/// One ladder with the members' connections spread over `addrs` in turn
+/// (the nodes of a cluster; the senders are on the first); `proc` reads
+/// the server side's CPU.
+pub(crate) async fn ladder_on_addrs(
+    addrs: &[SocketAddr],
+    proc: Option<ProcReader>,
+    options: &Options,
+) -> Result<Vec<Metrics>, BenchError> {
+    if addrs.is_empty() {
+        return Err(BenchError::Setup("no server to measure".into()));
+    }
     let steps = options.chat_rates.len();
     let members = options.members.max(options.senders).max(1);
     let shared = Arc::new(Shared {
@@ -204,8 +217,8 @@ async fn ladder_on(
     // half-closes leaves the room.
     let mut listeners: Vec<mpsc::Sender<ChatMessage>> = Vec::new();
     let joined = tokio::time::timeout(Duration::from_secs(options.setup_timeout), async {
-        for (first, count) in groups {
-            let (streams, halves) = join_group(server.addr, first, count).await?;
+        for (g, (first, count)) in groups.into_iter().enumerate() {
+            let (streams, halves) = join_group(addrs[g % addrs.len()], first, count).await?;
             for (index, tx) in halves {
                 if index < options.senders {
                     senders.push(tx);
@@ -369,13 +382,21 @@ async fn run_steps(
             let tx = tx.clone();
             let base = shared.base;
             let offset = period.mul_f64(i as f64 / senders.len().max(1) as f64);
+            // With --secure every member is the token's identity, and the
+            // server refuses a sender naming anyone else: leave it empty
+            // (the server fills it in; the text names the sender anyway).
+            let secure = options.secure;
             sends.spawn(async move {
                 let start = tokio::time::Instant::now() + offset;
                 for n in 0..count {
                     tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
                     let ns = u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     let message = ChatMessage {
-                        sender: format!("bench-{i}"),
+                        sender: if secure {
+                            String::new()
+                        } else {
+                            format!("bench-{i}")
+                        },
                         message: text(i, step, ns),
                         ..ChatMessage::default()
                     };

@@ -228,8 +228,8 @@ impl FanPublisher {
 /// A connection the subscriptions of one group share, kept open until the
 /// run ends.
 enum Conn {
-    Grpc(#[allow(dead_code)] tonic::transport::Channel), // held, not read
-    Nats(#[allow(dead_code)] async_nats::Client),        // held, not read
+    Grpc(#[allow(dead_code)] super::harness::BenchChannel), // held, not read
+    Nats(#[allow(dead_code)] async_nats::Client),           // held, not read
 }
 
 async fn open_group(
@@ -481,7 +481,8 @@ impl Drop for PublisherThread {
     }
 }
 
-async fn run_once(
+/// One fresh server of `target`, `n` subscribers, one measurement.
+pub(crate) async fn run_once(
     target: Target,
     n: usize,
     options: &Options,
@@ -506,7 +507,22 @@ async fn measure(
     n: usize,
     options: &Options,
 ) -> Result<Metrics, BenchError> {
-    let proc = server.proc().await;
+    measure_on(&[server.addr], server.proc().await, target, n, options).await
+}
+
+/// Measures fan-out with the publisher on `addrs[0]` and the subscribers'
+/// connections spread over `addrs` in turn (the nodes of a cluster);
+/// `proc` reads the server side's CPU and memory (a group for a cluster).
+pub(crate) async fn measure_on(
+    addrs: &[SocketAddr],
+    proc: Option<ProcReader>,
+    target: Target,
+    n: usize,
+    options: &Options,
+) -> Result<Metrics, BenchError> {
+    let first = *addrs
+        .first()
+        .ok_or_else(|| BenchError::Setup("no server to measure".into()))?;
     let read = |p: &Option<ProcReader>| p.as_ref().map(ProcReader::read).transpose();
     // This process, the load generator: is it the one at its limit?
     let load = ProcReader::new(std::process::id()).await;
@@ -523,7 +539,7 @@ async fn measure(
     });
     // The publisher's connection and tasks live on its own thread.
     let side = PublisherThread::start()?;
-    let addr = server.addr;
+    let addr = first;
     let publisher = Arc::new(
         side.run(async move {
             Ok::<_, BenchError>(if target == Target::Nats {
@@ -557,8 +573,8 @@ async fn measure(
     let mut tasks = JoinSet::new();
     let mut conns = Vec::new();
     let setup = async {
-        let mut groups = stream::iter(sizes)
-            .map(|size| open_group(target, server.addr, size))
+        let mut groups = stream::iter(sizes.into_iter().enumerate())
+            .map(|(i, size)| open_group(target, addrs[i % addrs.len()], size))
             .buffer_unordered(4);
         while let Some(group) = groups.next().await {
             let (conn, streams) = group?;

@@ -29,7 +29,10 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Uri},
+};
 
 use super::{BenchError, Options, Target};
 use crate::proto::telemetry::{MetricsPayload, telemetry_service_client::TelemetryServiceClient};
@@ -157,36 +160,57 @@ async fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
-/// Reads a process's CPU time and memory.
+/// Reads a process's CPU time and memory (or the sum over a group of
+/// processes, e.g. the nodes of a cluster).
 #[derive(Clone)]
 pub struct ProcReader {
-    pid: u32,
+    pids: Vec<u32>,
     ticks_per_s: u64,
 }
 
 impl ProcReader {
     /// A reader for `pid`.
     pub async fn new(pid: u32) -> Self {
+        Self::group(&[pid]).await
+    }
+
+    /// A reader whose figures are the sums over `pids`.
+    pub async fn group(pids: &[u32]) -> Self {
         Self {
-            pid,
+            pids: pids.to_vec(),
             ticks_per_s: clock_ticks().await,
         }
     }
 
-    /// The process's current figures.
+    /// The current figures: of the process, or summed over the group.
     pub fn read(&self) -> Result<ProcStats, BenchError> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
+        let mut total = ProcStats {
+            sched_ns: Some(0),
+            ..ProcStats::default()
+        };
+        for &pid in &self.pids {
+            let one = self.read_one(pid)?;
+            total.cpu_us += one.cpu_us;
+            total.sched_ns = total.sched_ns.zip(one.sched_ns).map(|(a, b)| a + b);
+            total.rss_kib += one.rss_kib;
+            total.hwm_kib += one.hwm_kib;
+        }
+        Ok(total)
+    }
+
+    fn read_one(&self, pid: u32) -> Result<ProcStats, BenchError> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command name, which may contain spaces, in
         // parentheses: state is field 3, utime 14 and stime 15.
         let rest = stat
             .rsplit_once(')')
             .map(|(_, r)| r)
-            .ok_or_else(|| BenchError::Setup(format!("unreadable /proc/{}/stat", self.pid)))?;
+            .ok_or_else(|| BenchError::Setup(format!("unreadable /proc/{pid}/stat")))?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let field =
             |n: usize| -> u64 { fields.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0) };
         let ticks = field(14) + field(15);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib = |key: &str| -> u64 {
             status
                 .lines()
@@ -196,17 +220,17 @@ impl ProcReader {
         };
         Ok(ProcStats {
             cpu_us: ticks * 1_000_000 / self.ticks_per_s,
-            sched_ns: self.sched_ns(),
+            sched_ns: sched_ns(pid),
             rss_kib: kib("VmRSS:"),
             hwm_kib: kib("VmHWM:"),
         })
     }
 }
 
-impl ProcReader {
-    fn sched_ns(&self) -> Option<u64> {
+fn sched_ns(pid: u32) -> Option<u64> {
+    {
         let mut total = 0u64;
-        for entry in std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()? {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
             let path = entry.ok()?.path().join("schedstat");
             // A thread may exit between listing and reading.
             if let Ok(text) = std::fs::read_to_string(path) {
@@ -301,8 +325,20 @@ impl ServerUnderTest {
     ) -> Result<Self, BenchError> {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)?;
-        let (program, args) = target_command(target, options, &data_dir)?;
-        Self::spawn(target.name(), &program, &args, dir, options, pinning, false).await
+        let (program, mut args) = target_command(target, options, &data_dir)?;
+        let security = if options.secure && target == Target::Streamhub {
+            let (extra, client) = super::secure::prepare(&dir)?;
+            args.extend(extra);
+            Some(client)
+        } else {
+            None
+        };
+        let server =
+            Self::spawn(target.name(), &program, &args, dir, options, pinning, false).await?;
+        if let Some(client) = security {
+            super::secure::register(server.addr, client);
+        }
+        Ok(server)
     }
 
     /// Starts `program` with `args` (pinned to the server's cores) and
@@ -402,6 +438,7 @@ impl ServerUnderTest {
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and removes its
     /// data directory.
     pub async fn stop(mut self) {
+        super::secure::unregister(self.addr);
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
                 let _ = Command::new("kill")
@@ -490,6 +527,10 @@ fn target_command(
                 "--set".into(),
                 "telemetry.min_interval=1ms".into(),
             ];
+            for url in &options.cluster_nats {
+                args.push("--cluster".into());
+                args.push(url.clone());
+            }
             for setting in &options.server_set {
                 args.push("--set".into());
                 args.push(setting.clone());
@@ -644,17 +685,35 @@ impl tower::Service<Uri> for CountingConnector {
 }
 
 /// Opens one HTTP/2 connection to `addr` whose bytes go to `counter`.
-pub async fn connect(addr: SocketAddr, counter: &WireCounter) -> Result<Channel, BenchError> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+///
+/// A server started with `--secure` is reached over `https://`, its
+/// certificate checked against its throwaway CA, and every call carries
+/// its token (see [`super::secure`]).
+pub async fn connect(addr: SocketAddr, counter: &WireCounter) -> Result<BenchChannel, BenchError> {
+    let security = super::secure::lookup(addr);
+    let scheme = if security.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| BenchError::Setup(format!("bad address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(10));
+    if let Some(security) = &security {
+        endpoint = endpoint.tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&security.ca_pem))
+                .domain_name(super::secure::SERVER_NAME),
+        )?;
+    }
     let channel = endpoint
         .connect_with_connector(CountingConnector {
             counter: counter.clone(),
         })
         .await?;
-    Ok(channel)
+    let bearer = super::secure::Bearer(security.map(|s| s.authorization.clone()));
+    Ok(InterceptedService::new(channel, bearer))
 }
+
+/// A connection of the load generator: a tonic channel whose calls carry
+/// the server's token, if it has one.
+pub type BenchChannel = InterceptedService<Channel, super::secure::Bearer>;
 
 /// A LiveFeed stream the scenarios publish samples through.
 pub struct Publisher {
@@ -673,7 +732,7 @@ impl Publisher {
     ///
     /// The call runs in its own task: some servers send response headers
     /// only with their first alert, and the payloads must flow before that.
-    pub fn open(channel: Channel) -> Self {
+    pub fn open(channel: BenchChannel) -> Self {
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(async move {
             let mut client = TelemetryServiceClient::new(channel);
@@ -1026,7 +1085,7 @@ mod tests {
     #[test]
     fn own_process_stats_are_readable() {
         let reader = ProcReader {
-            pid: std::process::id(),
+            pids: vec![std::process::id()],
             ticks_per_s: 100,
         };
         let stats = reader.read().expect("own /proc entry");

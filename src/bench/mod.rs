@@ -15,7 +15,14 @@
 //!   ping-pong.
 //! - [`upload`]: scenario 3, upload throughput next to iperf3 and `dd`.
 //! - [`chat`]: scenario 4, a 1,000-member room at increasing send rates.
+//! - [`cluster`]: issue 14, fan-out and chat over three cluster nodes next
+//!   to one.
+//! - [`dashboard`]: issue 13, dashboards watching through gRPC-Web next to
+//!   native Subscribe.
 //! - [`nats`]: `nats-server` and its Rust client, the fan-out yardstick.
+//! - [`secure`]: TLS and a static token for the servers under test
+//!   (`--secure`), and the "security" scenario comparing them with
+//!   plaintext.
 //!
 //! A new scenario is a module with a `run(options, pinning)` returning its
 //! settings, rows and checks, and a variant of [`Scenario`].
@@ -24,11 +31,14 @@
 //! to 127.0.0.1.
 
 pub mod chat;
+pub mod cluster;
+pub mod dashboard;
 pub mod fanout;
 pub mod harness;
 pub mod latency;
 pub mod nats;
 pub mod polling;
+pub mod secure;
 pub mod upload;
 
 use std::{path::PathBuf, time::Instant};
@@ -98,6 +108,15 @@ pub enum Scenario {
     Chat,
     /// 5: publish-to-receipt latency next to a TCP ping-pong.
     Latency,
+    /// Issue 12: fan-out, upload and chat with TLS and a static token
+    /// versus plaintext, in one run.
+    Security,
+    /// Issue 13: server CPU per sample for dashboards watching through
+    /// gRPC-Web (HTTP/1.1), next to native Subscribe and native Watch.
+    Dashboard,
+    /// Issue 14: fan-out and chat latency with clients spread over three
+    /// cluster nodes (nats-server -js) versus one node, and embedded.
+    Cluster,
     /// Internal: the TCP echo server of the latency scenario.
     #[value(hide = true)]
     TcpEcho,
@@ -112,6 +131,9 @@ impl Scenario {
             Self::Upload => "upload",
             Self::Chat => "chat",
             Self::Latency => "latency",
+            Self::Security => "security",
+            Self::Dashboard => "dashboard",
+            Self::Cluster => "cluster",
             Self::TcpEcho => "tcp-echo",
         }
     }
@@ -172,6 +194,14 @@ pub struct Options {
     /// Process id of the --external server, for its CPU and memory.
     #[arg(long, requires = "external")]
     pub server_pid: Option<u32>,
+    /// Serve streamhub with TLS (a throwaway CA and certificate) and one
+    /// static token, and connect over https with the token (any scenario).
+    #[arg(long)]
+    pub secure: bool,
+    /// NATS URLs the streamhub servers join (`serve --cluster`); set by
+    /// the cluster scenario.
+    #[arg(skip)]
+    pub cluster_nats: Vec<String>,
     /// Server URL used with --external.
     #[arg(skip = String::new())]
     pub server: String,
@@ -227,6 +257,12 @@ pub struct Options {
     /// peers (larger counts are reported as not attempted).
     #[arg(long, default_value_t = 100_000)]
     pub peer_max_subscribers: usize,
+    /// Dashboard: dashboards watching every service.
+    #[arg(long, default_value_t = 100)]
+    pub dashboards: usize,
+    /// Dashboard: services reporting, each once per --report-ms.
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
     /// Upload: size of each timed upload, in MiB.
     #[arg(long, default_value_t = 512)]
     pub upload_mib: u64,
@@ -326,6 +362,9 @@ pub async fn run(
         Scenario::Upload => upload::run(options, &pinning).await?,
         Scenario::Chat => chat::run(options, &pinning).await?,
         Scenario::Latency => latency::run(options, &pinning).await?,
+        Scenario::Security => secure::run(options, &pinning).await?,
+        Scenario::Dashboard => dashboard::run(options, &pinning).await?,
+        Scenario::Cluster => cluster::run(options, &pinning).await?,
         Scenario::TcpEcho => {
             latency::echo_server(options.listen).await?;
             return Err(BenchError::Setup("the echo server stopped".into()));
@@ -370,6 +409,26 @@ pub fn summary_keys(scenario: Scenario) -> &'static [&'static str] {
             "knee_rate_msgs_per_s",
         ],
         Scenario::Latency => &["latency_p50_us", "latency_p99_us", "latency_max_us"],
+        Scenario::Security => &[
+            "deliveries_per_s",
+            "reach_p99_us",
+            "mib_per_s",
+            "latency_p50_us",
+            "latency_p99_us",
+        ],
+        Scenario::Dashboard => &[
+            "samples_per_s",
+            "expected_per_s",
+            "server_cpu_pct",
+            "cpu_us_per_sample",
+        ],
+        Scenario::Cluster => &[
+            "deliveries_per_s",
+            "deliveries_per_core_s",
+            "reach_p99_us",
+            "latency_p50_us",
+            "latency_p99_us",
+        ],
         Scenario::TcpEcho => &[],
     }
 }

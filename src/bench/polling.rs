@@ -16,10 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::harness::BenchChannel as Channel;
 use futures::{StreamExt, TryStreamExt, stream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::{
     BenchError, Options, Target,

@@ -221,6 +221,30 @@ fn checks(rows: &[Row], options: &Options) -> Vec<Check> {
     checks
 }
 
+/// Uploads `--upload-mib` at the default chunk size `--repetitions` times
+/// (after one unmeasured upload) to one fresh streamhub whose data
+/// directory is under `parent` (the "security" scenario's upload part).
+pub async fn measure_default_chunk(
+    options: &Options,
+    pinning: &Pinning,
+    parent: &Path,
+) -> Result<Vec<Metrics>, BenchError> {
+    let data = Arc::new(pattern(4 * 1024 * 1024 + 7));
+    let size = options.upload_mib * 1024 * 1024;
+    let server = start_in(Target::Streamhub, options, pinning, parent).await?;
+    let proc = server.proc().await;
+    if let Err(err) = upload(server.addr, proc.as_ref(), size, DEFAULT_CHUNK, &data).await {
+        tracing::warn!(%err, "warm-up upload failed");
+    }
+    let runs = repeat(options.repetitions, |_| async {
+        settle().await;
+        upload(server.addr, proc.as_ref(), size, DEFAULT_CHUNK, &data).await
+    })
+    .await;
+    server.stop().await;
+    runs
+}
+
 async fn start_in(
     target: Target,
     options: &Options,

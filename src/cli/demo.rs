@@ -49,7 +49,10 @@ pub struct DemoArgs {
 const DEMO_CHUNK: usize = 64 * 1024;
 
 fn step(ctx: &Context, title: &str) {
-    ctx.note("step", &format!("\n== {title} =="));
+    // A blank line of the CLI's own before each step (a note's text is
+    // made terminal-safe, which would show a `\n`).
+    super::err_line("");
+    ctx.note("step", &format!("== {title} =="));
 }
 
 /// Runs the tour.

@@ -427,7 +427,34 @@ pub fn status_text(status: &tonic::Status) -> String {
     {
         return "the token expired: get a new token and run the command again".to_owned();
     }
-    format!("{:?}: {}", status.code(), terminal_safe(status.message()))
+    let text = format!("{:?}: {}", status.code(), terminal_safe(status.message()));
+    // A call that failed below gRPC (the connection, TLS) carries the
+    // cause as its source: the innermost one says what happened.
+    let mut cause = None;
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        cause = Some(err.to_string());
+        source = err.source();
+    }
+    match cause {
+        Some(cause) if cause.contains("CertificateRequired") => format!(
+            "{text} ({}): the server requires a client certificate; give --cert and --key \
+             (or STREAMHUB_CERT and STREAMHUB_KEY)",
+            terminal_safe(&cause)
+        ),
+        Some(cause)
+            if ["BadCertificate", "UnknownCA", "CertificateExpired"]
+                .iter()
+                .any(|alert| cause.contains(alert)) =>
+        {
+            format!(
+                "{text} ({}): the server did not accept the client certificate (--cert)",
+                terminal_safe(&cause)
+            )
+        }
+        Some(cause) if !text.contains(&cause) => format!("{text} ({})", terminal_safe(&cause)),
+        _ => text,
+    }
 }
 
 /// Turns a failed call into an error that says what the server said.
@@ -470,5 +497,26 @@ impl Backoff {
     /// Back to the first delay, after a success.
     pub fn reset(&mut self) {
         self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod status_text_tests {
+    use super::status_text;
+
+    #[test]
+    fn a_failure_below_grpc_names_its_cause_and_a_missing_client_certificate_says_so() {
+        let plain = tonic::Status::not_found("no such file");
+        assert_eq!(status_text(&plain), "NotFound: no such file");
+        let alert = tonic::Status::from_error(Box::new(std::io::Error::other(
+            "received fatal alert: CertificateRequired",
+        )));
+        let text = status_text(&alert);
+        assert!(text.contains("CertificateRequired"), "{text}");
+        assert!(text.contains("give --cert and --key"), "{text}");
+        let refused = tonic::Status::from_error(Box::new(std::io::Error::other(
+            "received fatal alert: UnknownCA",
+        )));
+        assert!(status_text(&refused).contains("did not accept the client certificate"));
     }
 }

@@ -12,7 +12,7 @@ use super::{
     alerts::{Alert, AlertEngine},
     pacer::Pacer,
     route::TelemetryServer,
-    watch::{Pattern, WatchError, WatchItem, WatchOptions},
+    watch::{Pattern, Visible, WatchError, WatchItem, WatchOptions},
 };
 use crate::{
     auth::{self, Action, Resource},
@@ -335,14 +335,18 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
 
     type WatchStream = BoxStream<WatchEvent>;
 
-    // Watch and GetHistory need the scope telemetry:read for each name;
-    // Watch delivers only names the caller may read (SECURITY.md).
-
+    /// Delivers only the services (samples, backfill, alerts) whose names
+    /// the caller may `telemetry:read`, services that appear later
+    /// included, as ListServices lists only those.
     async fn watch(
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut log = StreamLog::open(&request, "Watch", &request.get_ref().pattern);
+        let identity = auth::layer::identity(request.extensions());
+        // Asked once per service the stream meets and once per alert.
+        let visible =
+            Visible::only(move |name| identity.allows(Resource::Telemetry, Action::Read, name));
         let WatchRequest {
             pattern,
             interval_ms,
@@ -365,6 +369,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         }
         let mut watch = self.hub.watch(WatchOptions {
             pattern: Pattern::new(&pattern),
+            visible,
             interval: self.hub.effective_interval(interval_ms),
             backfill_samples: backfill_samples as usize,
             alerts,
@@ -410,14 +415,17 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Needs `telemetry:read:<name>`.
     async fn get_history(
         &self,
         request: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
         let HistoryRequest {
             service_name,
             limit,
         } = request.into_inner();
+        auth::authorize(&identity, Resource::Telemetry, Action::Read, &service_name)?;
         let samples = self
             .hub
             .history(&service_name, limit as usize)

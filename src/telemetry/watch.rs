@@ -99,6 +99,48 @@ impl Pattern {
     }
 }
 
+/// Which service names a watcher may see, besides its pattern (the
+/// caller's `telemetry:read` scopes): samples, backfill and alerts of any
+/// other name are never sent to it. Cheap to clone.
+#[derive(Clone)]
+pub struct Visible(Option<Arc<NameTest>>);
+
+/// A test on a service name.
+type NameTest = dyn Fn(&str) -> bool + Send + Sync;
+
+impl Visible {
+    /// Every name.
+    pub fn all() -> Self {
+        Self(None)
+    }
+
+    /// The names for which `allows` is true.
+    pub fn only(allows: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(allows)))
+    }
+
+    /// Whether `name` may be seen.
+    pub fn allows(&self, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|allows| allows(name))
+    }
+}
+
+impl Default for Visible {
+    fn default() -> Self {
+        Self::all()
+    }
+}
+
+impl std::fmt::Debug for Visible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Visible(only)"
+        } else {
+            "Visible(all)"
+        })
+    }
+}
+
 /// An alert raised by some LiveFeed call, about one service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlertRecord {
@@ -175,6 +217,10 @@ impl AlertFeed {
 pub struct WatchOptions {
     /// Which services.
     pub pattern: Pattern,
+    /// Which services the watcher may see at all (its read permission):
+    /// applied to samples, backfill and alerts, also of services that
+    /// appear later.
+    pub visible: Visible,
     /// At most one sample per service per interval.
     pub interval: Duration,
     /// Samples of history per service first (capped at the history kept).
@@ -279,7 +325,13 @@ impl Watch {
         options: WatchOptions,
     ) -> Self {
         let (alert_backfill, alerts) = match alerts {
-            Some((backfill, rx)) => (backfill.into(), Some(rx)),
+            Some((backfill, rx)) => (
+                backfill
+                    .into_iter()
+                    .filter(|record| options.visible.allows(&record.service))
+                    .collect(),
+                Some(rx),
+            ),
             None => (VecDeque::new(), None),
         };
         let mut watch = Self {
@@ -328,7 +380,9 @@ impl Watch {
             if self.watched.len() <= id {
                 self.watched.resize_with(id + 1, || None);
             }
-            if self.options.pattern.matches(&series.name) {
+            if self.options.pattern.matches(&series.name)
+                && self.options.visible.allows(&series.name)
+            {
                 self.watched[id] = Some(Box::new(Watched {
                     series,
                     seen: 0,
@@ -449,13 +503,17 @@ impl Watch {
         loop {
             // Alerts first: they are never coalesced, so they go as soon as
             // they are seen.
-            if let Some(rx) = &mut self.alerts {
+            while let Some(rx) = &mut self.alerts {
                 match rx.try_recv() {
-                    Ok(alert) => return Some(Ok(WatchItem::Alert(alert))),
+                    Ok(alert) if self.options.visible.allows(&alert.service) => {
+                        return Some(Ok(WatchItem::Alert(alert)));
+                    }
+                    // About a service the watcher may not see.
+                    Ok(_) => {}
                     Err(TryRecvError::Lagged(missed)) => {
                         return Some(Err(WatchError::AlertsLagged { missed }));
                     }
-                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Closed) => return None,
                 }
             }
@@ -482,7 +540,11 @@ impl Watch {
                     Err(RecvError::Closed) => return None,
                 },
                 alert = alerts => match alert {
-                    Some(Ok(alert)) => return Some(Ok(WatchItem::Alert(alert))),
+                    Some(Ok(alert)) if self.options.visible.allows(&alert.service) => {
+                        return Some(Ok(WatchItem::Alert(alert)));
+                    }
+                    // About a service the watcher may not see.
+                    Some(Ok(_)) => {}
                     Some(Err(RecvError::Lagged(missed))) => {
                         return Some(Err(WatchError::AlertsLagged { missed }));
                     }
@@ -530,6 +592,7 @@ mod tests {
     fn options(pattern: &str, backfill_samples: usize) -> WatchOptions {
         WatchOptions {
             pattern: Pattern::new(pattern),
+            visible: Visible::all(),
             interval: Duration::from_secs(1),
             backfill_samples,
             alerts: false,
@@ -666,6 +729,39 @@ mod tests {
             matches!(end, Err(WatchError::AlertsLagged { .. })),
             "{end:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_visible_services_and_their_alerts_are_sent_also_those_that_appear_later() {
+        let hub = Hub::new(TelemetryConfig::default());
+        let alert = |n: u64| Alert {
+            alert_type: "CPU_HIGH".into(),
+            message: String::new(),
+            value: 95.0,
+            timestamp_ms: n,
+        };
+        publish(&hub, "api-1", 1);
+        publish(&hub, "db-1", 1);
+        hub.raise_alert(Arc::from("db-1"), alert(1));
+        hub.raise_alert(Arc::from("api-1"), alert(2));
+        let mut watch = hub.watch(WatchOptions {
+            visible: Visible::only(|name| name.starts_with("api-")),
+            alerts: true,
+            backfill_alerts: 10,
+            ..options("", 5)
+        });
+        assert!(
+            matches!(next(&mut watch).await, WatchItem::Backfill { service, .. } if &*service == "api-1")
+        );
+        assert!(matches!(next(&mut watch).await, WatchItem::Alert(a) if a.alert.timestamp_ms == 2));
+        assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
+        publish(&hub, "db-2", 1);
+        hub.raise_alert(Arc::from("db-2"), alert(3));
+        publish(&hub, "api-2", 1);
+        hub.raise_alert(Arc::from("api-2"), alert(4));
+        assert!(matches!(next(&mut watch).await, WatchItem::Alert(a) if a.alert.timestamp_ms == 4));
+        assert_eq!(sample(&mut watch).await, ("api-2".into(), 1));
+        assert!(format!("{:?}", Visible::all()).contains("all"));
     }
 
     #[test]

@@ -354,7 +354,8 @@ impl Sequence {
             finished: false,
         };
         sequence.take_digest(chunk)?;
-        sequence.position += chunk.data.len() as u64;
+        // Saturating: an absurd offset is refused later, never wrapped.
+        sequence.position = sequence.position.saturating_add(chunk.data.len() as u64);
         sequence.finished = chunk.is_last;
         let start = Start {
             name: chunk.filename.clone(),
@@ -400,7 +401,7 @@ impl Sequence {
         }
         self.take_digest(chunk)?;
         self.last_index = chunk.index;
-        self.position += chunk.data.len() as u64;
+        self.position = self.position.saturating_add(chunk.data.len() as u64);
         self.finished = chunk.is_last;
         Ok(())
     }

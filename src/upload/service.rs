@@ -708,6 +708,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
         request: Request<ListFilesRequest>,
     ) -> Result<Response<ListFilesResponse>, Status> {
         let identity = auth::layer::identity(request.extensions());
+        auth::authorize_any(&identity, Resource::Upload, Action::Read)?;
         let files = self.store.list().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListFilesResponse {
             files: files
@@ -724,15 +725,18 @@ impl file_upload_service_server::FileUploadService for UploadService {
         }))
     }
 
-    // ListUploads needs upload:write and lists only the names it matches.
     async fn list_uploads(
         &self,
-        _request: Request<ListUploadsRequest>,
+        request: Request<ListUploadsRequest>,
     ) -> Result<Response<ListUploadsResponse>, Status> {
+        let identity = auth::layer::identity(request.extensions());
+        auth::authorize_any(&identity, Resource::Upload, Action::Write)?;
         let partials = self.store.partials().await.map_err(|e| status(&e))?;
         Ok(Response::new(ListUploadsResponse {
             uploads: partials
                 .into_iter()
+                // Only the uploads the caller may write (resume or cancel).
+                .filter(|p| identity.allows(Resource::Upload, Action::Write, &p.name))
                 .map(|p| PartialUpload {
                     filename: p.name,
                     held_bytes: p.held,

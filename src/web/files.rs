@@ -2,6 +2,10 @@
 //! a strong `ETag` (its SHA-256), and single `Range` requests, so
 //! `curl -C -` and browsers resume downloads.
 //!
+//! It needs the scope `upload:read:NAME`, as Download does: without it,
+//! 403 naming the scope, before the store is looked at (so a refusal says
+//! nothing about whether the file exists).
+//!
 //! Names follow Download's rules: a missing file, or a name that could not
 //! be stored (a path separator, `..`, …), is 404, and no body names a
 //! server path. The file is sent as `application/octet-stream` with
@@ -13,14 +17,18 @@ use std::time::{Duration, UNIX_EPOCH};
 use axum::{
     body::Body,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{Extensions, HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::WebState;
-use crate::upload::{StoredFile, UploadError};
+use crate::{
+    auth::{self, Action, Resource},
+    upload::{StoredFile, UploadError, limits::CallSlot},
+};
 
 /// Bytes read from disk per piece of the response body.
 const READ_CHUNK: usize = 64 * 1024;
@@ -65,7 +73,8 @@ pub fn parse_range(value: &str, size: u64) -> RangeRequest {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        s.parse().ok()
+        // A position past u64 is past any file: unsatisfiable, not ignored.
+        Some(s.parse().unwrap_or(u64::MAX))
     };
     let (first, last) = (first.trim(), last.trim());
     let last = match (last.is_empty(), number(last)) {
@@ -138,12 +147,27 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-/// `GET /files/{name}` (and HEAD).
+/// `GET /files/{name}` (and HEAD): needs `upload:read:{name}` (403
+/// naming the scope otherwise, before the store is looked at).
 pub(super) async fn get_file(
     State(state): State<WebState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
+    let identity = auth::layer::identity(&extensions);
+    if let Err(denied) = auth::authorize(&identity, Resource::Upload, Action::Read, &name) {
+        return super::forbidden(&denied);
+    }
+    // The same caps as gRPC Download: each open response holds a file.
+    let peer = extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr)
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string());
+    let slot = match state.uploads.download_slot(&peer) {
+        Ok(slot) => slot,
+        Err(err) => return text(StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")),
+    };
     let (file, info) = match state.uploads.open_described(&name).await {
         Ok(opened) => opened,
         Err(err @ (UploadError::NotFound { .. } | UploadError::BadName { .. })) => {
@@ -157,10 +181,17 @@ pub(super) async fn get_file(
             );
         }
     };
-    respond(file, &info, &headers).await
+    respond(file, &info, &headers, slot).await
 }
 
-async fn respond(file: std::fs::File, info: &StoredFile, request: &HeaderMap) -> Response {
+/// The response for `file`; `slot` (a download slot) is held until the
+/// body is done or dropped.
+async fn respond(
+    file: std::fs::File,
+    info: &StoredFile,
+    request: &HeaderMap,
+    slot: CallSlot,
+) -> Response {
     let size = info.size;
     let etag = format!("\"{}\"", hex::encode(info.sha256));
     let modified = UNIX_EPOCH + Duration::from_millis(info.modified_ms);
@@ -225,7 +256,12 @@ async fn respond(file: std::fs::File, info: &StoredFile, request: &HeaderMap) ->
             format!("stored file {:?} cannot be read\n", info.name),
         );
     }
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK));
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK).map(
+        move |chunk| {
+            let _held = &slot;
+            chunk
+        },
+    ));
     response
         .status(status)
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -244,6 +280,8 @@ mod tests {
         use RangeRequest::{Bytes, Ignored, Unsatisfiable};
         let cases = [
             ("bytes=0-9", 100, Bytes { start: 0, end: 9 }),
+            // Past u64: past any file, so unsatisfiable (it was ignored).
+            ("bytes=99999999999999999999999-", 100, Unsatisfiable),
             ("bytes=90-", 100, Bytes { start: 90, end: 99 }),
             ("bytes=90-200", 100, Bytes { start: 90, end: 99 }),
             ("bytes=-10", 100, Bytes { start: 90, end: 99 }),

@@ -2,7 +2,9 @@
 //! port, and what browsers need to call gRPC:
 //!
 //! - `GET /metrics`: Prometheus metrics ([`crate::server_metrics`]);
-//! - `GET /files/NAME`: a stored file, with ranges ([`files`]);
+//!   needs `server:read:metrics`;
+//! - `GET /files/NAME`: a stored file, with ranges ([`files`]); needs
+//!   `upload:read:NAME`;
 //! - `GET /` and the dashboard's other files, embedded at compile time
 //!   ([`assets`]);
 //! - gRPC-Web (`tonic-web`), for the dashboard's calls over HTTP/1.1 and
@@ -36,7 +38,11 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::map_response_body::MapResponseBodyLayer;
 
 use crate::{
-    auth::AuthLayer, calls::CallLayer, config::HttpConfig, server_metrics::Metrics, upload,
+    auth::{self, AuthLayer},
+    calls::CallLayer,
+    config::HttpConfig,
+    server_metrics::Metrics,
+    upload,
 };
 
 /// What the plain HTTP routes need.
@@ -48,7 +54,9 @@ pub struct WebState {
     pub uploads: Arc<upload::Store>,
 }
 
-/// The plain HTTP routes: `/metrics` and `/files/{name}`.
+/// The plain HTTP routes: `/metrics` (scope `server:read:metrics`) and
+/// `/files/{name}` (scope `upload:read:{name}`); each answers 403 naming
+/// the scope when the identity [`AuthLayer`] found lacks it.
 pub fn router(state: WebState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -133,8 +141,31 @@ pub fn cors(http: &HttpConfig) -> Option<CorsLayer> {
     )
 }
 
-/// `GET /metrics`.
-async fn metrics(State(state): State<WebState>) -> Response {
+/// The name `/metrics` is authorized under: scope `server:read:metrics`.
+pub const METRICS_NAME: &str = "metrics";
+
+/// PERMISSION_DENIED as HTTP: 403 with the message naming the scope
+/// needed.
+pub(crate) fn forbidden(denied: &tonic::Status) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{}\n", denied.message()),
+    )
+        .into_response()
+}
+
+/// `GET /metrics`: needs `server:read:metrics`.
+async fn metrics(State(state): State<WebState>, extensions: axum::http::Extensions) -> Response {
+    let identity = auth::layer::identity(&extensions);
+    if let Err(denied) = auth::authorize(
+        &identity,
+        auth::Resource::Server,
+        auth::Action::Read,
+        METRICS_NAME,
+    ) {
+        return forbidden(&denied);
+    }
     (
         [(
             header::CONTENT_TYPE,

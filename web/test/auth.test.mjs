@@ -7,7 +7,9 @@ import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { bin, clients, launch, liveFeed, removeDir, shot, startServer, tempDir, TIMEOUT } from "./helpers.mjs";
+import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { bin, clients, launch, liveFeed, removeDir, shot, startServer, tempDir, TIMEOUT, upload } from "./helpers.mjs";
 
 const hasAuth = spawnSync(bin, ["token", "new", "--help"], { stdio: "ignore" }).status === 0;
 const cleanup = [];
@@ -69,4 +71,54 @@ scopes = ["telemetry:publish:*"]
   await page.getByRole("link", { name: "Server" }).click();
   await page.getByText(/may not read/).first().waitFor();
   await shot(page, "auth-denied");
+});
+
+test("with a token, a file downloaded through the page matches the stored bytes", { skip: !hasAuth && "this binary has no authentication" }, async () => {
+  const dir = tempDir();
+  cleanup.push(async () => removeDir(dir));
+  const reader = "shub_reader-token-for-the-download-test";
+  const writer = "shub_writer-token-for-the-download-test";
+  const config = join(dir, "streamhub.toml");
+  writeFileSync(
+    config,
+    `[[auth.tokens]]
+identity = "reader"
+sha256 = "${sha(reader)}"
+scopes = ["upload:read:shared-*"]
+
+[[auth.tokens]]
+identity = "writer"
+sha256 = "${sha(writer)}"
+scopes = ["upload:write:*"]
+`,
+  );
+  const server = await startServer({ dataDir: join(dir, "data"), args: ["--config", config] });
+  cleanup.push(() => server.stop());
+  const grpc = clients(server.addr);
+  cleanup.push(async () => grpc.close());
+  const data = randomBytes(100_000);
+  await upload(grpc, "shared-report.bin", data, writer);
+  await upload(grpc, "private.bin", randomBytes(10), writer);
+  // The route itself refuses a request without the token.
+  assert.equal((await fetch(new URL("files/shared-report.bin", server.url))).status, 401);
+
+  const browser = await launch();
+  cleanup.push(() => browser.close());
+  const page = await browser.newPage({ viewport: { width: 1100, height: 800 }, acceptDownloads: true });
+  page.setDefaultTimeout(TIMEOUT);
+  await page.goto(server.url);
+  const token = page.getByLabel("Token");
+  await token.waitFor();
+  await token.fill(reader);
+  await token.press("Enter");
+  await page.getByText("Signed in as reader").waitFor();
+  await page.getByRole("link", { name: "Files" }).click();
+  const link = page.getByRole("link", { name: "shared-report.bin" });
+  await link.waitFor();
+  // Only the files the identity may read are listed.
+  assert.equal(await page.getByRole("link", { name: "private.bin" }).count(), 0);
+  const [download] = await Promise.all([page.waitForEvent("download"), link.click()]);
+  const got = await readFile(await download.path());
+  assert.ok(got.equals(data), "downloaded bytes equal the uploaded ones");
+  await shot(page, "auth-download");
 });

@@ -169,10 +169,12 @@ export function chatMember(c, room, name) {
   };
 }
 
-/** Uploads `data` as `filename` in one call (client streaming). */
-export function upload(c, filename, data) {
+/** Uploads `data` as `filename` in one call (client streaming), with `token` if given. */
+export function upload(c, filename, data, token) {
   return new Promise((resolveUp, reject) => {
-    const call = c.files.Upload((err, res) => (err ? reject(err) : resolveUp(res)));
+    const md = new grpc.Metadata();
+    if (token) md.set("authorization", `Bearer ${token}`);
+    const call = c.files.Upload(md, (err, res) => (err ? reject(err) : resolveUp(res)));
     const chunk = 64 * 1024;
     for (let i = 0, n = 0; i < data.length || n === 0; i += chunk, n++) {
       call.write({ filename, data: data.subarray(i, i + chunk), chunkIndex: n, isLast: i + chunk >= data.length });
