@@ -156,6 +156,53 @@ pub enum Start {
     },
 }
 
+impl Start {
+    /// The first seq to replay to a member starting at `self` in room
+    /// `room` of epoch `epoch`, whose history holds `oldest..=last`: the
+    /// one resume rule every room hub applies, so a resume is exact (all
+    /// or nothing).
+    ///
+    /// # Errors
+    /// [`ChatError::EpochChanged`] when `After` names another epoch;
+    /// [`ChatError::HistoryGap`] when its seq is past the room's last or
+    /// before what its history still holds.
+    pub fn replay_from(
+        self,
+        room: &RoomName,
+        epoch: u64,
+        oldest: u64,
+        last: u64,
+    ) -> Result<u64, ChatError> {
+        match self {
+            Self::Live => Ok(last + 1),
+            Self::Last(n) => Ok((last + 1).saturating_sub(n).max(oldest)),
+            Self::After { seq, epoch: given } => {
+                if let Some(given) = given
+                    && given != epoch
+                {
+                    return Err(ChatError::EpochChanged {
+                        room: room.to_string(),
+                        given,
+                        epoch,
+                        oldest,
+                        last,
+                    });
+                }
+                if seq > last || seq + 1 < oldest {
+                    return Err(ChatError::HistoryGap {
+                        room: room.to_string(),
+                        after: seq,
+                        oldest,
+                        last,
+                        epoch,
+                    });
+                }
+                Ok(seq + 1)
+            }
+        }
+    }
+}
+
 /// What can go wrong in the chat core.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {

@@ -499,33 +499,7 @@ impl Room {
             None => {}
         }
         let (epoch, oldest, last) = (shared.epoch, shared.oldest, shared.last);
-        let replay_from = match start {
-            Start::Live => last + 1,
-            Start::Last(n) => (last + 1).saturating_sub(n).max(oldest),
-            Start::After { seq, epoch: given } => {
-                if let Some(given) = given
-                    && given != epoch
-                {
-                    return Err(ChatError::EpochChanged {
-                        room: self.name.to_string(),
-                        given,
-                        epoch,
-                        oldest,
-                        last,
-                    });
-                }
-                if seq > last || seq + 1 < oldest {
-                    return Err(ChatError::HistoryGap {
-                        room: self.name.to_string(),
-                        after: seq,
-                        oldest,
-                        last,
-                        epoch,
-                    });
-                }
-                seq + 1
-            }
-        };
+        let replay_from = start.replay_from(&self.name, epoch, oldest, last)?;
         let id = shared.next_id;
         shared.next_id += 1;
         let (tx, live) = mpsc::channel(self.queue);
