@@ -455,9 +455,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-struct Slot {
-    tx: mpsc::Sender<Arc<Message>>,
-    end: Arc<EndSignal>,
+/// A member's place in a room: its delivery queue and its end signal.
+/// Shared with the other [`RoomHub`] implementations (cluster mode).
+pub(crate) struct Slot {
+    pub(crate) tx: mpsc::Sender<Arc<Message>>,
+    pub(crate) end: Arc<EndSignal>,
+}
+
+/// Registers a new member in `members` under the next id: its bounded
+/// queue of `queue` messages and its end signal. Returns the id, the
+/// receiving end of the queue and the signal.
+pub(crate) fn add_member(
+    members: &mut HashMap<u64, Slot>,
+    next_id: &mut u64,
+    queue: usize,
+) -> (u64, mpsc::Receiver<Arc<Message>>, Arc<EndSignal>) {
+    let id = *next_id;
+    *next_id += 1;
+    let (tx, live) = mpsc::channel(queue);
+    let end = Arc::new(EndSignal::default());
+    members.insert(
+        id,
+        Slot {
+            tx,
+            end: Arc::clone(&end),
+        },
+    );
+    (id, live, end)
 }
 
 /// Why a room no longer takes members.
@@ -500,17 +524,10 @@ impl Room {
         }
         let (epoch, oldest, last) = (shared.epoch, shared.oldest, shared.last);
         let replay_from = start.replay_from(&self.name, epoch, oldest, last)?;
-        let id = shared.next_id;
-        shared.next_id += 1;
-        let (tx, live) = mpsc::channel(self.queue);
-        let end = Arc::new(EndSignal::default());
-        shared.members.insert(
-            id,
-            Slot {
-                tx,
-                end: Arc::clone(&end),
-            },
-        );
+        let (id, live, end) = {
+            let shared = &mut *shared;
+            add_member(&mut shared.members, &mut shared.next_id, self.queue)
+        };
         drop(shared);
         let name = member.filter(|_| self.announce);
         if let Some(name) = &name {

@@ -53,7 +53,7 @@ use super::{Cluster, ClusterError, token};
 use crate::{
     chat::{
         ChatError, Draft, Kind, Message, RoomName, Start, now_ms,
-        room::{EndReason, EndSignal, JoinRequest, Membership, Outbox, RoomHub, Submission},
+        room::{EndReason, JoinRequest, Membership, Outbox, RoomHub, Slot, Submission, add_member},
     },
     config::ChatConfig,
     shutdown::Shutdown,
@@ -130,11 +130,6 @@ impl std::fmt::Debug for NatsHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsHub").finish_non_exhaustive()
     }
-}
-
-struct Slot {
-    tx: mpsc::Sender<Arc<Message>>,
-    end: Arc<EndSignal>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,17 +431,10 @@ impl Room {
         }
         let (epoch, oldest, last) = (self.epoch, shared.oldest, shared.last);
         let replay_from = start.replay_from(&self.name, epoch, oldest, last)?;
-        let id = shared.next_id;
-        shared.next_id += 1;
-        let (tx, live) = mpsc::channel(self.queue);
-        let end = Arc::new(EndSignal::default());
-        shared.members.insert(
-            id,
-            Slot {
-                tx,
-                end: Arc::clone(&end),
-            },
-        );
+        let (id, live, end) = {
+            let shared = &mut *shared;
+            add_member(&mut shared.members, &mut shared.next_id, self.queue)
+        };
         drop(shared);
         let name = member.filter(|_| self.announce);
         if let Some(name) = &name {
