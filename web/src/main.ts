@@ -4,7 +4,7 @@
 // store.ts; the chat view opens its own WatchRoom while shown.
 import "./style.css";
 import { h, text } from "./dom";
-import { Code, bus, failure, getToken, server, setToken } from "./rpc";
+import { Code, bus, failure, getToken, server, setScopes, setToken } from "./rpc";
 import { parseRoute, type View } from "./router";
 import { runWatch, store } from "./store";
 import { applyTheme, currentTheme, type Theme } from "./theme";
@@ -95,10 +95,12 @@ async function whoAmI(): Promise<void> {
   try {
     const r = await server.whoAmI({});
     const id = r.authEnabled ? r.identity : null;
+    setScopes(r.authEnabled ? r.scopes : null);
     setChatIdentity(id);
     bus.dispatchEvent(new CustomEvent("identity", { detail: id }));
   } catch (e) {
     const f = failure(e);
+    setScopes(null);
     if (f.code !== Code.Unimplemented) bus.dispatchEvent(new CustomEvent("identity", { detail: null }));
   }
 }

@@ -78,18 +78,48 @@ export function isTransient(code: Code): boolean {
   );
 }
 
-/** What a section shows when its call was refused for good. */
-export function refusal(f: Failure): string {
+/**
+ * What a section shows when its call was refused for good; `what` names
+ * what the section reads, as in "this token cannot read files".
+ */
+export function refusal(f: Failure, what: string): string {
   switch (f.code) {
     case Code.PermissionDenied:
-      return `Your identity may not read this: ${f.message}`;
+      return `This token cannot ${what}: ${f.message}`;
     case Code.Unauthenticated:
-      return `The server needs a token: ${f.message}`;
+      return `Sign in with a token to see this (${f.message}).`;
     case Code.Unimplemented:
       return `This server does not offer it: ${f.message}`;
     default:
       return `${Code[f.code]}: ${f.message}`;
   }
+}
+
+/** What the identity may do, from WhoAmI: `null` until it answered or with authentication off. */
+export let scopes: string[] | null = null;
+
+export function setScopes(s: string[] | null): void {
+  scopes = s;
+  bus.dispatchEvent(new Event("scopes"));
+}
+
+/**
+ * How much of `resource` the identity may `action`, from its scopes
+ * (`*` or `resource:action:pattern`, either part `*`): "all" names, "some"
+ * (a pattern narrower than `*`), or "none". "all" while WhoAmI has not
+ * answered or authentication is off (the server is then the judge).
+ */
+export function reach(resource: string, action: string): "all" | "some" | "none" {
+  if (scopes === null) return "all";
+  let some = false;
+  for (const s of scopes) {
+    if (s === "*") return "all";
+    const [r, a, ...rest] = s.split(":");
+    if ((r !== "*" && r !== resource) || (a !== "*" && a !== action)) continue;
+    if (rest.join(":") === "*") return "all";
+    some = true;
+  }
+  return some ? "some" : "none";
 }
 
 /** Backoff before reconnect attempt `n` (1-based): 250 ms doubling to 5 s, with jitter. */

@@ -34,13 +34,21 @@ export interface Alert {
   resolved: boolean;
 }
 
-export type ConnState = "connecting" | "live" | "reconnecting" | "offline";
+/**
+ * What the connection indicator says: "needs token" while the server
+ * refuses the page for want of a (valid) token, "refused" when it refuses
+ * the Watch stream for another lasting reason; never "live" unless the
+ * Watch stream is delivering.
+ */
+export type ConnState = "connecting" | "live" | "reconnecting" | "offline" | "needs token" | "refused";
 
 class Store extends EventTarget {
   services = new Map<string, Series>();
   alerts: Alert[] = [];
   private alertKeys = new Set<string>();
   state: ConnState = "connecting";
+  /** The current Watch stream has delivered its backfill (the live marker): an empty store is then known to be empty. */
+  loaded = false;
   /** Why the Watch stream is refused for good (permission, not offered), or null. */
   refused: string | null = null;
   /** Server clock minus browser clock, ms (from the live marker). */
@@ -116,6 +124,17 @@ class Store extends EventTarget {
     while (this.alerts.length > MAX_ALERTS) this.alertKeys.delete(this.alerts.pop()!.key);
     this.alertsDirty = true;
     this.flushSoon();
+  }
+
+  /** Forgets everything delivered (a new identity may see less); views rebuild on `reset`. */
+  reset(): void {
+    this.services.clear();
+    this.alerts = [];
+    this.alertKeys.clear();
+    this.dirty.clear();
+    this.loaded = false;
+    this.refused = null;
+    this.dispatchEvent(new Event("reset"));
   }
 
   setState(state: ConnState): void {
@@ -195,22 +214,25 @@ export async function runWatch(): Promise<void> {
             store.refused = null;
             everLive = true;
             attempt = 0;
+            store.loaded = true;
             store.setState("live");
+            store.dispatchEvent(new Event("loaded"));
             break;
         }
       }
       // The server ended the stream without a status: treat as a restart.
     } catch (e) {
       if (ctl.signal.aborted) {
-        // A new token: start again at once.
+        // A new token: start again at once, as a first connection.
         attempt = 0;
+        everLive = false;
         continue;
       }
       const f = failure(e);
       if (!isTransient(f.code)) {
-        store.refused = refusal(f);
-        // The server answered: the connection is fine, the section says why it is empty.
-        store.setState(f.code === Code.Unimplemented ? "offline" : "live");
+        // Not "live": nothing is delivered until a token (or the server) changes.
+        store.refused = f.code === Code.Unauthenticated ? null : refusal(f, "read telemetry");
+        store.setState(f.code === Code.Unauthenticated ? "needs token" : "refused");
         store.dispatchEvent(new Event("refused"));
         // Wait for a new token (or retry slowly in case the server changes).
         await pause(f.code === Code.Unauthenticated ? 3_600_000 : 30_000);
@@ -227,8 +249,8 @@ export async function runWatch(): Promise<void> {
   }
 }
 
-// A new token: the refusal may be gone.
+// A new token (or none): what the old identity was shown goes, the refusal may be gone.
 bus.addEventListener("auth", () => {
-  store.refused = null;
+  store.reset();
   store.dispatchEvent(new Event("refused"));
 });

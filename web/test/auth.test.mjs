@@ -66,11 +66,99 @@ scopes = ["telemetry:publish:*"]
   await page.getByText("Signed in as viewer").waitFor();
   assert.equal(await page.getByLabel("Token").isVisible(), false);
 
+  // Each section the token lacks a scope for says so, instead of an empty list.
   await page.getByRole("link", { name: "Files" }).click();
-  await page.getByText(/may not read/).first().waitFor();
+  await page.getByText(/^This token cannot read files:/).waitFor();
   await page.getByRole("link", { name: "Server" }).click();
-  await page.getByText(/may not read/).first().waitFor();
+  await page.getByText(/^This token cannot read the server's information:/).waitFor();
   await shot(page, "auth-denied");
+
+  // Signing out takes away what the identity was shown.
+  await page.getByRole("link", { name: "Overview" }).click();
+  await page.getByRole("row", { name: /guarded/ }).waitFor();
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.getByRole("status", { name: "Connection" }).getByText("needs token").waitFor();
+  await page.getByRole("row", { name: /guarded/ }).waitFor({ state: "detached" });
+  await page.getByLabel("Token").waitFor();
+});
+
+test("while the page waits for a token it says so, and no view claims to be empty", { skip: !hasAuth && "this binary has no authentication" }, async () => {
+  const dir = tempDir();
+  cleanup.push(async () => removeDir(dir));
+  const chatter = "shub_chatter-token-for-the-browser-test";
+  const narrow = "shub_narrow-token-for-the-browser-test";
+  const publisher = "shub_publisher-token-for-the-waiting-test";
+  const config = join(dir, "streamhub.toml");
+  writeFileSync(
+    config,
+    `[[auth.tokens]]
+identity = "chatter"
+sha256 = "${sha(chatter)}"
+scopes = ["chat:join:*"]
+
+[[auth.tokens]]
+identity = "narrow"
+sha256 = "${sha(narrow)}"
+scopes = ["telemetry:read:nothing-yet-*", "upload:read:nothing-yet-*"]
+
+[[auth.tokens]]
+identity = "publisher"
+sha256 = "${sha(publisher)}"
+scopes = ["telemetry:publish:*"]
+`,
+  );
+  const server = await startServer({ dataDir: join(dir, "data"), args: ["--config", config] });
+  cleanup.push(() => server.stop());
+  const grpc = clients(server.addr);
+  cleanup.push(async () => grpc.close());
+  const feed = liveFeed(grpc, publisher);
+  cleanup.push(async () => feed.end());
+  feed.send({ serviceName: "hidden-from-narrow", cpuUsage: 12.5, memoryMb: 64 });
+
+  const browser = await launch();
+  cleanup.push(() => browser.close());
+  const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
+  page.setDefaultTimeout(TIMEOUT);
+  await page.goto(server.url);
+  const indicator = page.getByRole("status", { name: "Connection" });
+  await page.getByLabel("Token").waitFor();
+  // Not "live": the Watch stream was refused for want of a token.
+  await indicator.getByText("needs token").waitFor();
+  await page.getByText("Sign in to see the services.").waitFor();
+  assert.equal(await page.getByText("No service has reported yet.").count(), 0);
+  await page.getByRole("link", { name: "Alerts" }).click();
+  await page.getByText("Sign in to see the alerts.").waitFor();
+  assert.equal(await page.getByText("No alerts yet.").count(), 0);
+  assert.equal(await indicator.textContent(), "needs token");
+  await shot(page, "auth-waiting");
+
+  // A token that may not read telemetry: the stream is live, and the views
+  // say what the token cannot read instead of an empty list.
+  await page.getByLabel("Token").fill(chatter);
+  await page.getByLabel("Token").press("Enter");
+  await page.getByText("Signed in as chatter").waitFor();
+  await indicator.getByText("live", { exact: true }).waitFor();
+  await page.getByRole("alert").getByText(/^This token cannot read telemetry/).waitFor();
+  assert.equal(await page.getByText("No alerts yet.").count(), 0);
+  await page.getByRole("link", { name: "Overview" }).click();
+  await page.getByRole("alert").getByText(/^This token cannot read telemetry/).waitFor();
+  assert.equal(await page.getByText("No service has reported yet.").count(), 0);
+  await page.getByRole("link", { name: "Files" }).click();
+  await page.getByText(/^This token cannot read files:/).waitFor();
+  await page.getByText(/^This token cannot see uploads in progress:/).waitFor();
+  await shot(page, "auth-no-telemetry");
+
+  // A token that may read only some names: the empty list says whose.
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await indicator.getByText("needs token").waitFor();
+  await page.getByLabel("Token").fill(narrow);
+  await page.getByLabel("Token").press("Enter");
+  await page.getByText("Signed in as narrow").waitFor();
+  await page.getByText("No file this token can read is stored.").waitFor();
+  await page.getByRole("link", { name: "Overview" }).click();
+  await page.getByText("No service this token can read has reported yet.").waitFor();
+  assert.equal(await page.getByRole("row", { name: /hidden-from-narrow/ }).count(), 0);
+  await shot(page, "auth-narrow");
 });
 
 test("with a token, a file downloaded through the page matches the stored bytes", { skip: !hasAuth && "this binary has no authentication" }, async () => {

@@ -4,11 +4,12 @@ import * as fmt from "../format";
 import { h, text } from "../dom";
 import { store, type Alert } from "../store";
 import type { View } from "../router";
+import { bus, reach } from "../rpc";
 
 export function alertsView(): View {
   const list = h("ol", { class: "feed", "aria-label": "Alerts, newest first" });
-  const empty = h("p", { class: "muted" }, "No alerts yet.");
-  const refused = h("p", { class: "denied", hidden: true });
+  const empty = h("p", { class: "muted" });
+  const refused = h("p", { class: "denied", role: "alert", hidden: true });
   const root = h("section", { "aria-labelledby": "alerts-h" }, h("h1", { id: "alerts-h" }, "Alerts"), refused, empty, list);
   const shown = new Map<string, HTMLLIElement>();
 
@@ -43,15 +44,25 @@ export function alertsView(): View {
         shown.delete(k);
       }
     }
-    empty.hidden = store.alerts.length > 0;
+    onRefused();
   }
 
   function onFlush(): void {
     if (store.alertsDirty) render();
   }
+  /** Says why the feed is empty, claiming emptiness only once the Watch backfill has arrived. */
   function onRefused(): void {
-    refused.hidden = !store.refused;
-    text(refused, store.refused ?? "");
+    const canRead = reach("telemetry", "read");
+    const why = store.refused ?? (canRead === "none" ? "This token cannot read telemetry, so no alerts: it has no telemetry:read scope." : null);
+    refused.hidden = !why;
+    text(refused, why ?? "");
+    let note = "";
+    if (!why && store.alerts.length === 0) {
+      if (!store.loaded) note = store.state === "needs token" ? "Sign in to see the alerts." : "Waiting for the server…";
+      else note = canRead === "some" ? "No alerts yet for the services this token can read." : "No alerts yet.";
+    }
+    empty.hidden = !note;
+    text(empty, note);
   }
 
   return {
@@ -61,11 +72,13 @@ export function alertsView(): View {
       render();
       onRefused();
       store.addEventListener("flush", onFlush);
-      store.addEventListener("refused", onRefused);
+      for (const ev of ["refused", "loaded", "state", "reset"]) store.addEventListener(ev, ev === "reset" ? render : onRefused);
+      bus.addEventListener("scopes", onRefused);
     },
     hide() {
       store.removeEventListener("flush", onFlush);
-      store.removeEventListener("refused", onRefused);
+      for (const ev of ["refused", "loaded", "state", "reset"]) store.removeEventListener(ev, ev === "reset" ? render : onRefused);
+      bus.removeEventListener("scopes", onRefused);
     },
   };
 }

@@ -133,7 +133,7 @@ export function chatView(): View {
         if (signal.aborted) return;
         const f = failure(e);
         if (!isTransient(f.code)) {
-          text(status, refusal(f));
+          text(status, refusal(f, `join room ${name}`));
           if (lastSeq > 0n) {
             // The history may no longer reach back to our seq: start over from the recent history.
             lastSeq = 0n;
@@ -188,7 +188,7 @@ export function chatView(): View {
         if (!isTransient(f.code)) {
           pending.delete(key);
           item.classList.add("failed");
-          item.lastElementChild!.textContent = `(not sent: ${refusal(f)})`;
+          item.lastElementChild!.textContent = `(not sent: ${refusal(f, `send to room ${r}`)})`;
           return;
         }
         await pause(backoffMs(attempt));

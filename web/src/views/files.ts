@@ -3,7 +3,7 @@
 // shown (every 3 s), and the tables change only when the answer does.
 import * as fmt from "../format";
 import { h, text } from "../dom";
-import { failure, files, getToken, refusal } from "../rpc";
+import { failure, files, getToken, reach, refusal } from "../rpc";
 import type { View } from "../router";
 
 export function filesView(): View {
@@ -78,7 +78,7 @@ export function filesView(): View {
           }),
         );
       }
-      text(storedNote, r.files.length ? "" : "No files stored yet.");
+      text(storedNote, r.files.length ? "" : reach("upload", "read") === "some" ? "No file this token can read is stored." : "No files stored yet.");
       storedWrap.hidden = r.files.length === 0;
       storedNote.className = "muted";
     } catch (e) {
@@ -86,7 +86,7 @@ export function filesView(): View {
       stored.replaceChildren();
       storedWrap.hidden = true;
       storedNote.className = "denied";
-      text(storedNote, refusal(failure(e)));
+      text(storedNote, refusal(failure(e), "read files"));
     }
     try {
       const r = await files.listUploads({});
@@ -106,7 +106,7 @@ export function filesView(): View {
           ),
         );
       }
-      text(partialNote, r.uploads.length ? "" : "No uploads in progress.");
+      text(partialNote, r.uploads.length ? "" : reach("upload", "write") === "some" ? "No upload this token can see is in progress." : "No uploads in progress.");
       partialWrap.hidden = r.uploads.length === 0;
       partialNote.className = "muted";
     } catch (e) {
@@ -114,7 +114,7 @@ export function filesView(): View {
       partial.replaceChildren();
       partialWrap.hidden = true;
       partialNote.className = "denied";
-      text(partialNote, refusal(failure(e)));
+      text(partialNote, refusal(failure(e), "see uploads in progress"));
     }
   }
 

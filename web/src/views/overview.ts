@@ -4,6 +4,7 @@ import * as fmt from "../format";
 import { h, text } from "../dom";
 import { colors } from "../theme";
 import { store, type Series } from "../store";
+import { bus, reach } from "../rpc";
 import type { View } from "../router";
 
 interface Row {
@@ -21,7 +22,7 @@ const SILENT_MIN_MS = 5000;
 export function overview(): View {
   const filter = h("input", { type: "search", id: "filter", placeholder: "name or part of it", autocomplete: "off" });
   const tbody = h("tbody");
-  const empty = h("p", { class: "muted" }, "No service has reported yet.");
+  const empty = h("p", { class: "muted" });
   const refused = h("p", { class: "denied", role: "alert", hidden: true });
   const table = h(
     "table",
@@ -78,7 +79,6 @@ export function overview(): View {
     const next = names[names.indexOf(name) + 1];
     tbody.insertBefore(r.tr, next ? rows.get(next)!.tr : null);
     rows.set(name, r);
-    empty.hidden = true;
     return r;
   }
 
@@ -105,18 +105,46 @@ export function overview(): View {
 
   function onFlush(): void {
     if (!active) return;
+    const before = rows.size;
     for (const name of store.dirty) update(store.series(name));
+    if (rows.size !== before) onRefused();
   }
 
+  /**
+   * Says why no row shows, and claims emptiness only when it is known: the
+   * Watch backfill has arrived, and the identity may read telemetry at all.
+   */
   function onRefused(): void {
-    refused.hidden = !store.refused;
-    text(refused, store.refused ?? "");
+    const canRead = reach("telemetry", "read");
+    const why = store.refused ?? (canRead === "none" ? "This token cannot read telemetry: it has no telemetry:read scope." : null);
+    refused.hidden = !why;
+    text(refused, why ?? "");
+    let note = "";
+    if (!why && !store.loaded) {
+      note = store.state === "needs token" ? "Sign in to see the services." : "Waiting for the server…";
+    } else if (!why && rows.size === 0) {
+      note = canRead === "some" ? "No service this token can read has reported yet." : "No service has reported yet.";
+    } else if (!why && needle && ![...rows.values()].some((r) => !r.tr.hidden)) {
+      note = `No service matches “${filter.value.trim()}”.`;
+    }
+    empty.hidden = !note;
+    text(empty, note);
+  }
+
+  function onReset(): void {
+    rows.clear();
+    tbody.replaceChildren();
+    onRefused();
   }
 
   filter.addEventListener("input", () => {
     needle = filter.value.trim().toLowerCase();
     for (const [name, r] of rows) r.tr.hidden = !matches(name);
+    onRefused();
   });
+
+  // Rows of an identity signed out go even while the view is hidden.
+  store.addEventListener("reset", onReset);
 
   let ticker = 0;
   return {
@@ -127,7 +155,8 @@ export function overview(): View {
       for (const s of store.services.values()) update(s);
       onRefused();
       store.addEventListener("flush", onFlush);
-      store.addEventListener("refused", onRefused);
+      for (const ev of ["refused", "loaded", "state"]) store.addEventListener(ev, onRefused);
+      bus.addEventListener("scopes", onRefused);
       // Ages move with the clock: one text update a second, no redraw of anything else.
       ticker = window.setInterval(() => {
         for (const s of store.services.values()) {
@@ -139,7 +168,8 @@ export function overview(): View {
     hide() {
       active = false;
       store.removeEventListener("flush", onFlush);
-      store.removeEventListener("refused", onRefused);
+      for (const ev of ["refused", "loaded", "state"]) store.removeEventListener(ev, onRefused);
+      bus.removeEventListener("scopes", onRefused);
       clearInterval(ticker);
     },
   };

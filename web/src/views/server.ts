@@ -57,7 +57,7 @@ export function serverView(): View {
     } catch (e) {
       note.hidden = false;
       body.hidden = true;
-      text(note, refusal(failure(e)));
+      text(note, refusal(failure(e), "read the server's information"));
     }
   }
 

@@ -216,7 +216,7 @@ export function serviceView(): View {
         if (ctl.signal.aborted) return;
         const f = failure(e);
         note.hidden = false;
-        text(note, `History: ${refusal(f)}`);
+        text(note, `History: ${refusal(f, `read ${name}`)}`);
       });
   }
 
