@@ -1,14 +1,33 @@
 // Numbers as the CLI prints them (src/cli/telemetry.rs, src/cli/upload.rs),
 // so a person can compare the page with `streamhub subscribe`.
 
+/**
+ * `v` with `digits` decimals as Rust's `{:.N}` writes it: the exact binary
+ * value rounded to nearest with ties to even (`12.25` -> `12.2`, `2.5` ->
+ * `2`), where `toFixed` rounds ties up (`12.3`, `3`). A tie is exact, so
+ * the 100 exact decimals `toFixed(100)` gives are enough to see one.
+ */
+export function fixed(v: number, digits: number): string {
+  if (!Number.isFinite(v)) return Number.isNaN(v) ? "NaN" : v > 0 ? "inf" : "-inf";
+  const sign = v < 0 || Object.is(v, -0) ? "-" : "";
+  const a = Math.abs(v);
+  if (a >= 1e21) return sign + a.toFixed(digits);
+  const [int, frac] = a.toFixed(100).split(".");
+  const rest = frac.slice(digits);
+  const tie = rest[0] === "5" && /^0*$/.test(rest.slice(1));
+  const kept = digits > 0 ? `${int}.${frac.slice(0, digits)}` : int;
+  if (tie && Number(kept.slice(-1)) % 2 === 0) return sign + kept;
+  return sign + a.toFixed(digits);
+}
+
 /** CPU with one decimal and `%`, as `CPU {:>5.1}%`. */
 export function cpu(v: number): string {
-  return `${v.toFixed(1)}%`;
+  return `${fixed(v, 1)}%`;
 }
 
 /** Memory in whole MB, as `memory {:>8.0} MB`. */
 export function memory(v: number): string {
-  return `${v.toFixed(0)} MB`;
+  return `${fixed(v, 0)} MB`;
 }
 
 /** Requests per second from request_count deltas. */
@@ -26,7 +45,7 @@ export function bytes(n: number): string {
     v /= 1024;
     i++;
   }
-  return i === 0 ? `${n} B` : `${v.toFixed(2)} ${units[i]}`;
+  return i === 0 ? `${n} B` : `${fixed(v, 2)} ${units[i]}`;
 }
 
 /** RFC 3339 in UTC with milliseconds, as the CLI's timestamps. */

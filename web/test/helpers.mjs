@@ -166,6 +166,10 @@ export function chatMember(c, room, name) {
     end() {
       call.end();
     },
+    /** Drops the call, as a client that goes away. */
+    cancel() {
+      call.cancel();
+    },
   };
 }
 

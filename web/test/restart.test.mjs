@@ -42,6 +42,14 @@ test("the page reconnects after a server restart and back-fills the gap", async 
   const log = chatPage.getByRole("log");
   await log.getByText("before the restart").waitFor();
 
+  // A third tab on the alert feed.
+  const alertPage = await browser.newPage({ viewport: { width: 900, height: 700 } });
+  alertPage.setDefaultTimeout(TIMEOUT);
+  await alertPage.goto(`${server.url}#/alerts`);
+  const raised = alertPage.getByRole("listitem").filter({ hasText: "CPU_HIGH" }).filter({ hasText: "restart-alert" });
+  feed.send({ serviceName: "restart-alert", cpuUsage: 95, memoryMb: 10, timestampMs: Date.now() - 2000 });
+  await raised.first().waitFor();
+
   feed.end();
   bot.end();
   grpc.close();
@@ -65,6 +73,14 @@ test("the page reconnects after a server restart and back-fills the gap", async 
   // Before the restart and after it, each sample once.
   await page.getByText(/, 4 samples kept/).waitFor();
   await shot(page, "restart-live");
+
+  // An alert raised by the restarted server reaches the feed; the one from
+  // before the restart stays; neither shows twice.
+  feed.send({ serviceName: "restart-alert", cpuUsage: 96, memoryMb: 10 });
+  await raised.nth(1).waitFor();
+  await alertPage.getByRole("status", { name: "Connection" }).getByText("live", { exact: true }).waitFor();
+  assert.equal(await raised.count(), 2);
+  await shot(alertPage, "restart-alerts");
 
   // The chat tab resumed after the last seq it saw: the line typed while
   // away is stored, a new line arrives, and nothing shows twice.
