@@ -494,6 +494,25 @@ async fn cors_is_same_origin_unless_configured() {
         "{:?}",
         reply.headers
     );
+    // Nor does a gRPC-Web call from another origin: the browser keeps the answer from that page.
+    let answer = http(
+        &server,
+        Method::POST,
+        "/streamhub.ServerService/GetServerInfo",
+        &[
+            ("origin", "http://elsewhere.example"),
+            ("content-type", "application/grpc-web+proto"),
+        ],
+        grpc_web_frame(&streamhub::proto::streamhub::ServerInfoRequest {}),
+    )
+    .await;
+    assert!(
+        !answer
+            .headers
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "{:?}",
+        answer.headers
+    );
     server.stop().await;
 
     let mut config = test_config();
