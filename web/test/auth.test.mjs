@@ -159,6 +159,10 @@ scopes = ["telemetry:publish:*"]
   await page.getByText("No service this token can read has reported yet.").waitFor();
   assert.equal(await page.getByRole("row", { name: /hidden-from-narrow/ }).count(), 0);
   await shot(page, "auth-narrow");
+  // A service view the token cannot read says so, not "no samples".
+  await page.goto(`${server.url}#/service/hidden-from-narrow`);
+  await page.getByText(/^History: This token cannot read hidden-from-narrow:/).waitFor();
+  assert.equal(await page.getByText(/No samples of/).count(), 0);
 });
 
 test("with a token, a file downloaded through the page matches the stored bytes", { skip: !hasAuth && "this binary has no authentication" }, async () => {

@@ -66,6 +66,11 @@ describe("dashboard", () => {
     // 50 requests in one second, from the request_count delta.
     await row.getByText("50/s").waitFor();
     await row.getByText(/ago/).waitFor();
+    // Its sparkline is drawn (the canvas is not blank).
+    await page.waitForFunction(() => {
+      const c = document.querySelector('tr[data-service="checkout"] canvas');
+      return c && c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v) => v !== 0);
+    });
     // The server's own host sampler appears too.
     await page.getByRole("row", { name: /^streamhub\b/ }).waitFor();
 

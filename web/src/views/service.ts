@@ -185,7 +185,8 @@ export function serviceView(): View {
     const s = store.services.get(name);
     const n = s ? s.ts.length : 0;
     if (!s || n === 0) {
-      text(latest, `No samples of ${name} yet.`);
+      // Empty only once the Watch backfill arrived and the history was not refused.
+      text(latest, !note.hidden ? "" : store.loaded ? `No samples of ${name} yet.` : "Waiting for the server…");
       return;
     }
     text(
@@ -217,6 +218,7 @@ export function serviceView(): View {
         const f = failure(e);
         note.hidden = false;
         text(note, `History: ${refusal(f, `read ${name}`)}`);
+        showLatest();
       });
   }
 
@@ -238,6 +240,7 @@ export function serviceView(): View {
       note.hidden = true;
       showLatest();
       store.addEventListener("flush", onFlush);
+      store.addEventListener("loaded", showLatest);
       themeBus.addEventListener("theme", onTheme);
       // Build once laid out, so the charts take the page's width.
       requestAnimationFrame(build);
@@ -253,6 +256,7 @@ export function serviceView(): View {
     },
     hide() {
       store.removeEventListener("flush", onFlush);
+      store.removeEventListener("loaded", showLatest);
       store.removeEventListener("state", onState);
       themeBus.removeEventListener("theme", onTheme);
       history?.abort();
