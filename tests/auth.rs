@@ -1238,6 +1238,40 @@ async fn token_new_text_output_pasted_into_a_config_authenticates_the_token() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn the_cli_says_when_the_identity_may_not_see_every_service() {
+    let (server, _keys) = start().await;
+    let services = |token: String| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+        command
+            .args(["--server", &server.url(), "services"])
+            .env_remove("RUST_BACKTRACE")
+            .env("STREAMHUB_TOKEN", token);
+        async move {
+            let output = tokio::time::timeout(WAIT, command.output())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        }
+    };
+    assert_eq!(
+        services(READER.to_owned()).await,
+        "none visible to this identity: reader may read the telemetry of api-* only"
+    );
+    let chatter = jwt("bob", "chat:join:*", now() + 600, SECRET);
+    assert_eq!(
+        services(chatter).await,
+        "none visible to this identity: bob has no telemetry:read scope"
+    );
+    assert_eq!(
+        services(ADMIN.to_owned()).await,
+        "no services have reported yet"
+    );
+    server.stop().await;
+}
+
 /// A `[[auth.tokens]]` entry for `token`, as TOML.
 fn entry_text(identity: &str, token: &str) -> String {
     token::config_entry(identity, &["telemetry:read:*".to_owned()], token)

@@ -129,7 +129,7 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         .await?
         .into_inner();
     if list.services.is_empty() && !ctx.json {
-        out("no services have reported yet");
+        out(&nothing_listed(ctx).await);
     }
     for entry in &list.services {
         match &entry.latest {
@@ -146,6 +146,50 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `services` prints for an empty list. ListServices lists only the
+/// names the identity may `telemetry:read`, so with authentication on and
+/// an identity that may not read every name, the list says nothing about
+/// what has reported: say whose view it is instead. Without an answer from
+/// WhoAmI (an older server) the plain message stays.
+async fn nothing_listed(ctx: &Context) -> String {
+    const NONE: &str = "no services have reported yet";
+    let Ok(me) = super::token::identity(ctx).await else {
+        return NONE.to_owned();
+    };
+    if !me.auth_enabled {
+        return NONE.to_owned();
+    }
+    let patterns = telemetry_read_patterns(&me.scopes);
+    let who = terminal_safe(&me.identity);
+    if patterns.contains(&"*") {
+        NONE.to_owned()
+    } else if patterns.is_empty() {
+        format!("none visible to this identity: {who} has no telemetry:read scope")
+    } else {
+        format!(
+            "none visible to this identity: {who} may read the telemetry of {} only",
+            terminal_safe(&patterns.join(", "))
+        )
+    }
+}
+
+/// The name patterns of the scopes (`*` or `resource:action:pattern`, either
+/// part `*`) that grant `telemetry:read`.
+fn telemetry_read_patterns(scopes: &[String]) -> Vec<&str> {
+    scopes
+        .iter()
+        .filter_map(|scope| {
+            if scope == "*" {
+                return Some("*");
+            }
+            let mut parts = scope.splitn(3, ':');
+            let (resource, action, pattern) = (parts.next()?, parts.next()?, parts.next()?);
+            (matches!(resource, "telemetry" | "*") && matches!(action, "read" | "*"))
+                .then_some(pattern)
+        })
+        .collect()
 }
 
 /// Arguments of `streamhub subscribe`.
