@@ -3,7 +3,7 @@
 # installs what the browser tests need if it is missing (Debian's chromium,
 # the npm packages pinned by web/package-lock.json), fails if the committed
 # bundle or generated client code is stale, builds the server binary and
-# runs the browser tests (node --test web/test/). Idempotent.
+# runs the browser tests (node --test web/test/*.test.mjs). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +23,4 @@ fi
 
 (cd web && npm run --silent check)
 cargo build --quiet
-node --test --test-timeout=120000 web/test/
+node --test --test-timeout=120000 web/test/*.test.mjs
