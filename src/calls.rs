@@ -1,6 +1,7 @@
 //! What the server counts about its calls and connections: open calls per
-//! gRPC method and RPCs finished per method and status code (a tower layer
-//! in front of the gRPC routes), and open connections.
+//! gRPC method and RPCs finished per method and status code (kept by the
+//! call layer in front of the gRPC routes, [`crate::rpc::StatusLayer`]),
+//! and open connections.
 //!
 //! A call is open from the moment its request reaches the gRPC routes until
 //! its response body is dropped (finished, or its client went away), so a
@@ -10,17 +11,12 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
-    pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll, ready},
 };
 
-use bytes::Bytes;
-use http_body::Frame;
 use metrics::{Counter, Recorder};
 use prost::Message;
 
@@ -159,41 +155,12 @@ impl CallStats {
     }
 }
 
-/// Tower layer counting the calls that pass it in [`CallStats`].
-#[derive(Debug, Clone)]
-pub struct CallLayer {
-    stats: Arc<CallStats>,
-}
-
-impl CallLayer {
-    /// A layer counting into `stats`.
-    pub fn new(stats: Arc<CallStats>) -> Self {
-        Self { stats }
-    }
-}
-
-impl<S> tower::Layer<S> for CallLayer {
-    type Service = CallService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        CallService {
-            inner,
-            stats: Arc::clone(&self.stats),
-        }
-    }
-}
-
-/// The service made by [`CallLayer`].
-#[derive(Debug, Clone)]
-pub struct CallService<S> {
-    inner: S,
-    stats: Arc<CallStats>,
-}
-
 /// An open call: counted open until dropped, then counted finished with
-/// the status it saw (CANCELLED if it saw none).
+/// the status it saw (CANCELLED if it saw none). Made by
+/// [`CallStats::start`]; the call layer ([`crate::rpc::StatusLayer`])
+/// keeps it in the call's response body, next to the deadline.
 #[derive(Debug)]
-struct OpenCall {
+pub struct OpenCall {
     method: Arc<MethodStats>,
     code: Option<usize>,
 }
@@ -205,7 +172,9 @@ impl OpenCall {
         Self { method, code: None }
     }
 
-    fn saw(&mut self, headers: &http::HeaderMap) {
+    /// Notes the `grpc-status` in `headers` (the response headers of a
+    /// trailers-only response, or trailers), if none was seen before.
+    pub fn saw(&mut self, headers: &http::HeaderMap) {
         if self.code.is_none()
             && let Some(value) = headers.get("grpc-status")
         {
@@ -218,6 +187,14 @@ impl OpenCall {
             );
         }
     }
+
+    /// The response body ended without trailers: counted as UNKNOWN
+    /// unless a status was seen before.
+    pub fn ended(&mut self) {
+        if self.code.is_none() {
+            self.code = Some(UNKNOWN);
+        }
+    }
 }
 
 impl Drop for OpenCall {
@@ -227,84 +204,13 @@ impl Drop for OpenCall {
     }
 }
 
-impl<S, B, ResBody> tower::Service<http::Request<B>> for CallService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>, Error = Infallible>,
-    S::Future: Send + 'static,
-    ResBody: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-{
-    type Response = http::Response<CountedBody<ResBody>>;
-    type Error = Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = self
-            .stats
-            .methods
-            .get(request.uri().path())
-            .map(|m| OpenCall::start(Arc::clone(m)));
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            // Dropped before the response (client gone): `call` drops too.
-            let response = response.await?;
-            let mut call = call;
-            if let Some(call) = &mut call {
-                // A trailers-only response carries its status here.
-                call.saw(response.headers());
-            }
-            Ok(response.map(|body| CountedBody { body, call }))
-        })
-    }
-}
-
-/// A response body that keeps its call counted open until dropped and
-/// notes the status in its trailers.
-#[derive(Debug)]
-pub struct CountedBody<B> {
-    body: B,
-    call: Option<OpenCall>,
-}
-
-impl<B> http_body::Body for CountedBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let (Some(trailers), Some(call)) = (frame.trailers_ref(), &mut self.call) {
-                    call.saw(trailers);
-                }
-            }
-            None => {
-                if let Some(call) = &mut self.call
-                    && call.code.is_none()
-                {
-                    call.code = Some(UNKNOWN);
-                }
-            }
-            Some(Err(_)) => {}
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+impl CallStats {
+    /// Counts a call of `path` open until the returned guard is dropped;
+    /// `None` (nothing counted) for a path the server does not serve.
+    pub fn start(&self, path: &str) -> Option<OpenCall> {
+        self.methods
+            .get(path)
+            .map(|method| OpenCall::start(Arc::clone(method)))
     }
 }
 
@@ -334,7 +240,8 @@ mod tests {
         let stats = CallStats::new(None);
         let path = "/chat.ChatService/Chat";
         let method = Arc::clone(&stats.methods[path]);
-        let call = OpenCall::start(Arc::clone(&method));
+        let call = stats.start(path).expect("served");
+        assert_eq!(Arc::as_ptr(&call.method), Arc::as_ptr(&method));
         assert_eq!(stats.open(path), 1);
         assert_eq!(stats.open_by_method(), [(Arc::from(path), 1)]);
         drop(call);

@@ -165,13 +165,27 @@ impl Default for ClusterConfig {
 }
 
 /// Plain HTTP and browser settings (see [`crate::web`]).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// Origins (e.g. `https://dash.example.com`) whose pages may call the
     /// server from a browser (CORS), besides the server's own origin. Empty:
     /// same-origin only. `*` allows any origin.
     pub cors_origins: Vec<String>,
+    /// Whether `/metrics` counts calls (open and finished, per method) and
+    /// telemetry samples and deliveries. Default true; false only to
+    /// measure what counting costs (BENCHMARKS.md section 6): those
+    /// series then stay at zero.
+    pub count: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            cors_origins: Vec::new(),
+            count: true,
+        }
+    }
 }
 
 impl ClusterConfig {

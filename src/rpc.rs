@@ -2,7 +2,7 @@
 //! request gate that counts calls and refuses new ones while draining, the
 //! status every stream ends with on shutdown, and the call layer that ends
 //! every call the way the gRPC spec says (deadlines, size limits, request
-//! cardinality).
+//! cardinality) and counts it.
 
 use std::{
     collections::HashSet,
@@ -21,7 +21,10 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::shutdown::SHUTTING_DOWN;
+use crate::{
+    calls::{CallStats, OpenCall},
+    shutdown::SHUTTING_DOWN,
+};
 
 /// The status every stream ends with when the server shuts down.
 pub fn shutting_down() -> Status {
@@ -208,7 +211,7 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 
 /// Tower layer in front of every route (generated, hand-written, and any
 /// later one) that makes each call end with the status the gRPC spec gives
-/// it, whatever the handler does:
+/// it, whatever the handler does, and counts it:
 ///
 /// - **Deadlines**: a call with a `grpc-timeout` header ends with
 ///   DEADLINE_EXCEEDED when it passes, streaming calls included. Before the
@@ -227,12 +230,28 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 ///   the call as soon as a second message begins (it counts frame lengths,
 ///   buffers nothing). Streaming-request methods, and Subscribe (its route
 ///   checks this itself, off the fan-out path), are not wrapped.
+/// - **Counting** ([`CallStats`], if given): each call of a served method
+///   is open from its request until its response body is dropped, then
+///   finished with the status it ended with (after the rewrites above).
+///
+/// All of it is one wrapper around the response body ([`CallBody`]), so a
+/// message of a long stream passes one extra `poll_frame` and one boxing
+/// (into `axum::body::Body`, the router's body type), not one per concern.
 ///
 /// The size limit and a missing request are recognised by tonic's own
 /// status messages (pinned by `tests/statuses.rs`), in trailers-only
 /// responses and in trailers alike.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusLayer;
+#[derive(Debug, Clone, Default)]
+pub struct StatusLayer {
+    calls: Option<Arc<CallStats>>,
+}
+
+impl StatusLayer {
+    /// The layer, counting calls in `calls` (`None`: not counted).
+    pub fn new(calls: Option<Arc<CallStats>>) -> Self {
+        Self { calls }
+    }
+}
 
 impl<S> tower::Layer<S> for StatusLayer {
     type Service = Call<S>;
@@ -240,7 +259,10 @@ impl<S> tower::Layer<S> for StatusLayer {
     fn layer(&self, inner: S) -> Self::Service {
         // Built as the routes are, not on the first call.
         LazyLock::force(&UNARY_REQUEST);
-        Call { inner }
+        Call {
+            inner,
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -248,16 +270,17 @@ impl<S> tower::Layer<S> for StatusLayer {
 #[derive(Debug, Clone)]
 pub struct Call<S> {
     inner: S,
+    calls: Option<Arc<CallStats>>,
 }
 
 impl<S, RB> tower::Service<http::Request<axum::body::Body>> for Call<S>
 where
     S: tower::Service<http::Request<axum::body::Body>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
-    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     RB::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = http::Response<axum::body::Body>;
     type Error = S::Error;
     type Future = CallFuture<S::Future>;
 
@@ -266,6 +289,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<axum::body::Body>) -> Self::Future {
+        let call = self
+            .calls
+            .as_ref()
+            .and_then(|calls| calls.start(request.uri().path()));
         if let Some(method) = UNARY_REQUEST.get(request.uri().path()) {
             request = request.map(|body| axum::body::Body::new(OneMessage::new(body, method)));
         }
@@ -285,6 +312,7 @@ where
         CallFuture {
             inner: Some(Box::pin(self.inner.call(request))),
             deadline,
+            call,
         }
     }
 }
@@ -308,6 +336,8 @@ impl CallDeadline {
 pub struct CallFuture<F> {
     inner: Option<Pin<Box<F>>>,
     deadline: Option<CallDeadline>,
+    /// Dropped with the future if the client goes away first (CANCELLED).
+    call: Option<OpenCall>,
 }
 
 impl<F> std::fmt::Debug for CallFuture<F> {
@@ -319,10 +349,10 @@ impl<F> std::fmt::Debug for CallFuture<F> {
 impl<F, E, RB> Future for CallFuture<F>
 where
     F: Future<Output = Result<http::Response<RB>, E>>,
-    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     RB::Error: Into<tonic::codegen::StdError>,
 {
-    type Output = Result<http::Response<tonic::body::Body>, E>;
+    type Output = Result<http::Response<axum::body::Body>, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -331,14 +361,20 @@ where
         };
         if let Poll::Ready(result) = inner.as_mut().poll(cx) {
             this.inner = None;
+            let mut call = this.call.take();
             return Poll::Ready(result.map(|response| {
                 let (mut parts, body) = response.into_parts();
                 fix_status(&mut parts.headers);
+                if let Some(call) = &mut call {
+                    // A trailers-only response carries its status here.
+                    call.saw(&parts.headers);
+                }
                 let body = CallBody {
-                    inner: Some(tonic::body::Body::new(body)),
+                    inner: Some(body),
                     deadline: this.deadline.take(),
+                    call,
                 };
-                http::Response::from_parts(parts, tonic::body::Body::new(body))
+                http::Response::from_parts(parts, axum::body::Body::new(body))
             }));
         }
         if let Some(deadline) = this.deadline.as_mut()
@@ -346,21 +382,43 @@ where
         {
             // Dropping the handler's future cancels it.
             this.inner = None;
-            return Poll::Ready(Ok(deadline.status().into_http()));
+            let response: http::Response<axum::body::Body> = deadline.status().into_http();
+            if let Some(call) = &mut this.call {
+                call.saw(response.headers());
+            }
+            // Counted finished now: the response is complete.
+            this.call = None;
+            return Poll::Ready(Ok(response));
         }
         Poll::Pending
     }
 }
 
 /// A response body that ends with DEADLINE_EXCEEDED when the call's
-/// deadline passes, and whose trailers say the spec's status.
-struct CallBody {
+/// deadline passes, whose trailers say the spec's status, and that keeps
+/// its call counted open until it is dropped.
+struct CallBody<B> {
     /// `None` once the call has ended.
-    inner: Option<tonic::body::Body>,
+    inner: Option<B>,
     deadline: Option<CallDeadline>,
+    call: Option<OpenCall>,
 }
 
-impl http_body::Body for CallBody {
+impl<B> CallBody<B> {
+    /// Ends the call with `trailers` (counted with their status).
+    fn end_with(&mut self, trailers: &http::HeaderMap) {
+        self.inner = None;
+        if let Some(call) = &mut self.call {
+            call.saw(trailers);
+        }
+    }
+}
+
+impl<B> http_body::Body for CallBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
+{
     type Data = bytes::Bytes;
     type Error = Status;
 
@@ -376,28 +434,28 @@ impl http_body::Body for CallBody {
             && deadline.sleep.as_mut().poll(cx).is_ready()
         {
             // Dropping the body drops the handler's stream.
-            this.inner = None;
             let mut trailers = http::HeaderMap::new();
-            return Poll::Ready(Some(
-                deadline
-                    .status()
-                    .add_header(&mut trailers)
-                    .map(|()| http_body::Frame::trailers(trailers)),
-            ));
+            let added = deadline.status().add_header(&mut trailers);
+            this.end_with(&trailers);
+            return Poll::Ready(Some(added.map(|()| http_body::Frame::trailers(trailers))));
         }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(trailers) = frame.trailers_mut() {
                     fix_status(trailers);
-                    this.inner = None;
+                    this.end_with(trailers);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Status::from_error(err.into())))),
             Poll::Ready(None) => {
                 this.inner = None;
+                if let Some(call) = &mut this.call {
+                    call.ended();
+                }
                 Poll::Ready(None)
             }
-            other => other,
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -170,7 +170,11 @@ where
             }
             None => Hub::new(telemetry_config),
         }
-        .with_counters(metrics.telemetry()),
+        .with_counters(if config.http.count {
+            metrics.telemetry()
+        } else {
+            telemetry::TelemetryCounters::default()
+        }),
     );
     shutdown.spawn(telemetry::host::report_self(
         Arc::clone(&hub),

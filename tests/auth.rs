@@ -965,7 +965,7 @@ async fn client_certificate_identities_get_their_configured_scopes() {
     assert_eq!(refused.headers()["grpc-status"], "16");
 }
 
-async fn http_body_util_collect(mut body: tonic::body::Body) -> String {
+async fn http_body_util_collect(mut body: axum::body::Body) -> String {
     use http_body::Body as _;
     let mut out = Vec::new();
     while let Some(frame) =

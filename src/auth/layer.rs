@@ -209,7 +209,9 @@ impl<S> Auth<S> {
     }
 }
 
-type Response = http::Response<tonic::body::Body>;
+/// The layer's response: the router's body type, so a response passed
+/// through is not boxed again.
+type Response = http::Response<axum::body::Body>;
 
 /// A refusal, as gRPC (a trailers-only status) or, for a plain HTTP
 /// request, as the HTTP status.
@@ -218,7 +220,7 @@ fn refusal(grpc: bool, status: &Status, http_status: http::StatusCode) -> Respon
         return status.clone().into_http();
     }
     let mut response =
-        http::Response::new(tonic::body::Body::new(format!("{}\n", status.message())));
+        http::Response::new(axum::body::Body::from(format!("{}\n", status.message())));
     *response.status_mut() = http_status;
     if http_status == http::StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
@@ -229,16 +231,18 @@ fn refusal(grpc: bool, status: &Status, http_status: http::StatusCode) -> Respon
     response
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Auth<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for Auth<S>
 where
-    S: tower::Service<http::Request<B>, Response = Response>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = S::Error;
     type Future = Either<
-        Either<Ready<Result<Response, S::Error>>, S::Future>,
+        Either<Ready<Result<Response, S::Error>>, PassThrough<S::Future, RB>>,
         BoxFuture<'static, Result<Response, S::Error>>,
     >;
 
@@ -249,10 +253,10 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         if !self.auth.enabled() {
             request.extensions_mut().insert(Identity::anonymous());
-            return Either::Left(Either::Right(self.inner.call(request)));
+            return Either::Left(Either::Right(pass(self.inner.call(request))));
         }
         if self.is_open(request.uri().path()) {
-            return Either::Left(Either::Right(self.inner.call(request)));
+            return Either::Left(Either::Right(pass(self.inner.call(request))));
         }
         let grpc = request
             .headers()
@@ -306,7 +310,7 @@ where
         request.extensions_mut().insert(identity.clone());
         let call = self.inner.call(request);
         if expires_at.is_none() && permit.is_none() {
-            return Either::Left(Either::Right(call));
+            return Either::Left(Either::Right(pass(call)));
         }
         Either::Right(Box::pin(async move {
             let deadline = expires_at.map(deadline_of);
@@ -325,11 +329,11 @@ where
             };
             // A trailers-only response (an error status) is complete.
             if response.headers().contains_key("grpc-status") {
-                return Ok(response);
+                return Ok(response.map(axum::body::Body::new));
             }
             Ok(response.map(|body| {
-                tonic::body::Body::new(Guarded {
-                    body,
+                axum::body::Body::new(Guarded {
+                    body: axum::body::Body::new(body),
                     deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
                     grpc,
                     ended: false,
@@ -340,6 +344,19 @@ where
             }))
         }))
     }
+}
+
+/// The inner service's response future, its body turned into the
+/// router's body type (free when it is one already, as the routes' is).
+type PassThrough<F, RB> = futures::future::MapOk<F, fn(http::Response<RB>) -> Response>;
+
+fn pass<F, RB, E>(future: F) -> PassThrough<F, RB>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<axum::BoxError>,
+{
+    futures::TryFutureExt::map_ok(future, |response| response.map(axum::body::Body::new))
 }
 
 /// When `at` comes, on tokio's clock.
@@ -353,7 +370,7 @@ fn deadline_of(at: SystemTime) -> tokio::time::Instant {
 /// A response body that ends at its credentials' expiry and holds the
 /// identity's call permit while it lives.
 struct Guarded {
-    body: tonic::body::Body,
+    body: axum::body::Body,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     grpc: bool,
     ended: bool,
@@ -364,12 +381,12 @@ struct Guarded {
 
 impl http_body::Body for Guarded {
     type Data = Bytes;
-    type Error = Status;
+    type Error = axum::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         if self.ended {
             return Poll::Ready(None);
         }
@@ -383,13 +400,16 @@ impl http_body::Body for Guarded {
                 this.ended = true;
                 tracing::info!(identity = %this.identity.name(), method = %this.method, "stream ended: token expired");
                 if !this.grpc {
-                    return Poll::Ready(Some(Err(Status::unauthenticated(TOKEN_EXPIRED))));
+                    return Poll::Ready(Some(Err(axum::Error::new(Status::unauthenticated(
+                        TOKEN_EXPIRED,
+                    )))));
                 }
                 let mut trailers = http::HeaderMap::new();
                 return Poll::Ready(Some(
                     Status::unauthenticated(TOKEN_EXPIRED)
                         .add_header(&mut trailers)
-                        .map(|()| Frame::trailers(trailers)),
+                        .map(|()| Frame::trailers(trailers))
+                        .map_err(axum::Error::new),
                 ));
             }
         }

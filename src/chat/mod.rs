@@ -11,6 +11,7 @@
 //!   `tonic::Status`.
 
 pub mod room;
+pub mod route;
 pub mod service;
 pub mod store;
 

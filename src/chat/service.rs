@@ -49,7 +49,27 @@ pub const OLDEST_SEQ_KEY: &str = "chat-oldest-seq";
 /// Messages read from storage per step of a replay.
 const REPLAY_CHUNK: usize = 256;
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One message of a member's response stream: a room's stored message,
+/// shared with every other member it goes to (so [`super::route`] encodes
+/// it once for all of them), or a message of this call alone.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A message as the room broadcast it to its members.
+    Shared(Arc<Message>),
+    /// A message for this call only (replayed history, notices).
+    Own(pb::ChatMessage),
+}
+
+impl From<Outgoing> for pb::ChatMessage {
+    fn from(outgoing: Outgoing) -> Self {
+        match outgoing {
+            Outgoing::Shared(message) => Self::from(&*message),
+            Outgoing::Own(message) => message,
+        }
+    }
+}
 
 /// The `chat.ChatService` implementation.
 #[derive(Clone)]
@@ -75,14 +95,14 @@ impl ChatService {
         }
     }
 
-    /// The tonic server wrapping this service, with message size limits.
-    pub fn into_server(
-        self,
-        max_message_size: usize,
-    ) -> chat_service_server::ChatServiceServer<Self> {
-        chat_service_server::ChatServiceServer::new(self)
+    /// The server of this service, with message size limits: tonic's
+    /// generated server, with Chat and WatchRoom served by
+    /// [`super::route`] (each stored message encoded once for all members).
+    pub fn into_server(self, max_message_size: usize) -> super::route::ChatServer {
+        let generated = chat_service_server::ChatServiceServer::new(self.clone())
             .max_decoding_message_size(max_message_size)
-            .max_encoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size);
+        super::route::ChatServer::new(self, generated, max_message_size)
     }
 }
 
@@ -418,7 +438,7 @@ impl ChatService {
         membership: Membership,
         failure: Arc<OnceLock<Status>>,
         mut log: StreamLog,
-    ) -> Response<BoxStream<pb::ChatMessage>> {
+    ) -> Response<BoxStream<Outgoing>> {
         let room = membership.room.clone();
 
         let mut headers = MetadataMap::new();
@@ -439,7 +459,7 @@ impl ChatService {
             while next <= membership.last {
                 if shutdown.is_triggered() {
                     log.end("server shutting down during replay");
-                    yield Ok(notice());
+                    yield Ok(Outgoing::Own(notice()));
                     yield Err(with_last_seq(shutting_down(), last_sent));
                     return;
                 }
@@ -470,7 +490,7 @@ impl ChatService {
                 for message in &chunk {
                     next = message.seq + 1;
                     last_sent = message.seq;
-                    yield Ok(pb::ChatMessage::from(&**message));
+                    yield Ok(Outgoing::Own(pb::ChatMessage::from(&**message)));
                 }
             }
             // Live.
@@ -483,7 +503,7 @@ impl ChatService {
                 match message {
                     Some(message) => {
                         last_sent = last_sent.max(message.seq);
-                        yield Ok(pb::ChatMessage::from(&*message));
+                        yield Ok(Outgoing::Shared(message));
                     }
                     None => break,
                 }
@@ -491,34 +511,30 @@ impl ChatService {
             // Delivery ended: deliver what was queued before it did.
             while let Ok(message) = membership.live.try_recv() {
                 last_sent = last_sent.max(message.seq);
-                yield Ok(pb::ChatMessage::from(&*message));
+                yield Ok(Outgoing::Shared(message));
             }
             let reason = membership.end.reason();
             match reason {
                 Some(EndReason::Shutdown) | None => {
                     log.end(format!("server shutting down; last seq sent {last_sent}"));
-                    yield Ok(notice());
+                    yield Ok(Outgoing::Own(notice()));
                 }
                 Some(other) => log.end(format!("{other:?}; last seq sent {last_sent}")),
             }
             yield Err(end_status(reason, failure.get(), last_sent));
         };
-        let mut response = Response::new(Box::pin(stream) as BoxStream<pb::ChatMessage>);
+        let mut response = Response::new(Box::pin(stream) as BoxStream<Outgoing>);
         *response.metadata_mut() = headers;
         response
     }
 }
 
-#[tonic::async_trait]
-impl chat_service_server::ChatService for ChatService {
-    type ChatStream = BoxStream<pb::ChatMessage>;
-
-    type WatchRoomStream = BoxStream<pb::ChatMessage>;
-
-    async fn watch_room(
+impl ChatService {
+    /// WatchRoom, its messages as [`Outgoing`].
+    pub(super) async fn open_watch(
         &self,
         request: Request<pb::WatchRoomRequest>,
-    ) -> Result<Response<Self::WatchRoomStream>, Status> {
+    ) -> Result<Response<BoxStream<Outgoing>>, Status> {
         let mut log = StreamLog::open(&request, "WatchRoom", &request.get_ref().room);
         let identity = auth::layer::identity(request.extensions());
         let mut join = watch_request(request.into_inner()).map_err(|err| {
@@ -536,7 +552,8 @@ impl chat_service_server::ChatService for ChatService {
         Ok(self.deliver(membership, Arc::new(OnceLock::new()), log))
     }
 
-    async fn send(
+    /// Send.
+    async fn send_one(
         &self,
         request: Request<pb::SendRequest>,
     ) -> Result<Response<pb::ChatMessage>, Status> {
@@ -558,10 +575,11 @@ impl chat_service_server::ChatService for ChatService {
         Ok(Response::new(pb::ChatMessage::from(&*stored)))
     }
 
-    async fn chat(
+    /// Chat, its messages as [`Outgoing`].
+    pub(super) async fn open_chat(
         &self,
         request: Request<Streaming<pb::ChatMessage>>,
-    ) -> Result<Response<Self::ChatStream>, Status> {
+    ) -> Result<Response<BoxStream<Outgoing>>, Status> {
         let mut log = StreamLog::open(&request, "Chat", "");
         let identity = auth::layer::identity(request.extensions());
         let mut join = join_request(request.metadata()).map_err(|err| {
@@ -602,6 +620,43 @@ impl chat_service_server::ChatService for ChatService {
 
         Ok(self.deliver(membership, failure, log))
     }
+}
+
+/// The generated server's entry points (what `into_server`'s route does
+/// not serve itself: [`super::route`] serves Chat and WatchRoom with
+/// shared frames).
+#[tonic::async_trait]
+impl chat_service_server::ChatService for ChatService {
+    type ChatStream = BoxStream<pb::ChatMessage>;
+
+    type WatchRoomStream = BoxStream<pb::ChatMessage>;
+
+    async fn watch_room(
+        &self,
+        request: Request<pb::WatchRoomRequest>,
+    ) -> Result<Response<Self::WatchRoomStream>, Status> {
+        Ok(self.open_watch(request).await?.map(to_pb))
+    }
+
+    async fn send(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::ChatMessage>, Status> {
+        self.send_one(request).await
+    }
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<pb::ChatMessage>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        Ok(self.open_chat(request).await?.map(to_pb))
+    }
+}
+
+/// A member's stream as protobuf messages.
+fn to_pb(stream: BoxStream<Outgoing>) -> BoxStream<pb::ChatMessage> {
+    use futures::StreamExt;
+    Box::pin(stream.map(|item| item.map(pb::ChatMessage::from)))
 }
 
 #[cfg(test)]

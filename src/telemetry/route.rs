@@ -74,7 +74,8 @@ impl NamedService for TelemetryServer {
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for TelemetryServer {
-    type Response = http::Response<tonic::body::Body>;
+    // The router's body type: a Subscribe body is boxed once, into it.
+    type Response = http::Response<axum::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
@@ -84,7 +85,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for TelemetryServer {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         if request.uri().path() != SUBSCRIBE_PATH {
-            return self.generated.call(request);
+            let call = self.generated.call(request);
+            return Box::pin(async move { Ok(call.await?.map(axum::body::Body::new)) });
         }
         let service = self.service.clone();
         let max_message_size = self.max_message_size;
@@ -93,7 +95,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for TelemetryServer {
             Ok(
                 match subscribe(&service, request, max_message_size, frames).await {
                     Ok(frames) => {
-                        let mut response = http::Response::new(tonic::body::Body::new(frames));
+                        let mut response = http::Response::new(axum::body::Body::new(frames));
                         response.headers_mut().insert(
                             http::header::CONTENT_TYPE,
                             http::HeaderValue::from_static("application/grpc"),

@@ -13,14 +13,18 @@
 //!
 //! [`app`] puts them together with the gRPC routes into the one
 //! `axum::Router` the server serves. Order, outermost first: CORS (it
-//! answers preflights itself), gRPC-Web (turns a gRPC-Web call into gRPC
-//! and back), [`CallLayer`] (counts calls per method, so it sees plain
-//! gRPC whichever way the call came), the gRPC routes. The plain HTTP
+//! answers preflights itself), gRPC-Web ([`grpc_web`]: turns a gRPC-Web
+//! call into gRPC and back; native calls pass untouched), the call layer
+//! ([`crate::rpc::StatusLayer`]: deadlines, the spec's statuses, and the
+//! count of calls per method, so it sees plain gRPC whichever way the call
+//! came), [`AuthLayer`], the gRPC routes. These are one tower stack, added
+//! to the router once, so a response body is boxed once on its way out. The plain HTTP
 //! routes sit beside them; any other path is UNIMPLEMENTED for a gRPC
 //! request, an embedded file for a browser, or 404.
 
 pub mod assets;
 pub mod files;
+pub mod grpc_web;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,11 +39,8 @@ use axum::{
 use tonic::service::Routes;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use tower_http::map_response_body::MapResponseBodyLayer;
-
 use crate::{
     auth::{self, AuthLayer},
-    calls::CallLayer,
     config::HttpConfig,
     server_metrics::Metrics,
     upload,
@@ -64,32 +65,26 @@ pub fn router(state: WebState) -> Router {
         .with_state(state)
 }
 
-/// The whole application: the gRPC `routes` (counted, and reachable over
-/// gRPC-Web), the plain HTTP routes, the embedded dashboard, and CORS as
-/// `http` configures it.
+/// The whole application: the gRPC `routes` (counted unless
+/// `http.count` is false, and reachable over gRPC-Web), the plain HTTP
+/// routes, the embedded dashboard, and CORS as `http` configures it.
 ///
 /// `auth` authenticates every gRPC call (native or gRPC-Web) and the
 /// `/metrics` and `/files/` routes; the dashboard's own files are open
 /// (they carry no data, and the page must load to ask for a token).
 pub fn app(routes: Routes, state: WebState, http: &HttpConfig, auth: &AuthLayer) -> Router {
-    let grpc = routes
-        .into_axum_router()
-        // Every call ends as the gRPC spec says (grpc-timeout on every
-        // call, the spec's codes for tonic's codec errors); authenticated
-        // before any handler runs; counted as it ends; reached by gRPC-Web
-        // too.
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(auth.clone())
-                .layer(crate::rpc::StatusLayer),
-        )
-        .layer(CallLayer::new(Arc::clone(state.metrics.calls())))
-        .layer(tonic_web::GrpcWebLayer::new());
-    let http_routes = router(state).layer(
+    let calls = http.count.then(|| Arc::clone(state.metrics.calls()));
+    let grpc = routes.into_axum_router().layer(
         tower::ServiceBuilder::new()
-            .layer(auth.clone())
-            .layer(MapResponseBodyLayer::new(tonic::body::Body::new)),
+            // Reached by gRPC-Web too; every call ends as the gRPC spec
+            // says (grpc-timeout on every call, the spec's codes for
+            // tonic's codec errors) and is counted as it ends;
+            // authenticated before any handler runs.
+            .layer(grpc_web::GrpcWebLayer)
+            .layer(crate::rpc::StatusLayer::new(calls))
+            .layer(auth.clone()),
     );
+    let http_routes = router(state).layer(auth.clone());
     let app = grpc.merge(http_routes).fallback(fallback);
     match cors(http) {
         Some(cors) => app.layer(cors),
