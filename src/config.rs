@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 /// Errors while loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A file, variable or flag held a value that does not fit its setting.
+    /// A file, variable or flag held a value that does not fit its setting:
+    /// where (file, environment variable or `--set`), which key and what
+    /// was expected, once per fault (see [`describe`]).
     #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    Invalid(String),
     /// A `--set` argument was not `key=value`.
     #[error("--set expects KEY=VALUE, got {0:?}")]
     BadOverride(String),
@@ -540,6 +542,45 @@ fn is_setting(key: &str) -> bool {
         .any(|known| known.eq_ignore_ascii_case(top))
 }
 
+/// A figment error as a user reads it: for each fault, where it came
+/// from (the file, the `STREAMHUB_…` variable, or `--set KEY`), the key as
+/// the file spells it, and what was wrong; without figment's profile name
+/// (`default.`) and without repeating itself.
+fn describe(err: figment::Error) -> String {
+    let faults: Vec<String> = err
+        .into_iter()
+        .map(|fault| {
+            let mut path = fault.path.clone();
+            if let figment::error::Kind::UnknownField(field, _) = &fault.kind {
+                path.push(field.clone());
+            }
+            let key = path.join(".");
+            let origin = fault.metadata.as_ref().map(|md| {
+                if md.name.contains("environment variable") {
+                    format!(
+                        "environment variable STREAMHUB_{}",
+                        path.join("__").to_ascii_uppercase()
+                    )
+                } else if let Some(figment::Source::File(file)) = &md.source {
+                    if key.is_empty() {
+                        file.display().to_string()
+                    } else {
+                        format!("{}: key `{key}`", file.display())
+                    }
+                } else {
+                    format!("--set {key}")
+                }
+            });
+            match (origin, key.is_empty()) {
+                (Some(origin), _) => format!("{origin}: {}", fault.kind),
+                (None, false) => format!("key `{key}`: {}", fault.kind),
+                (None, true) => fault.kind.to_string(),
+            }
+        })
+        .collect();
+    faults.join("; ")
+}
+
 /// The top-level keys of [`Config`] (checked against its fields by a unit
 /// test).
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -582,7 +623,9 @@ impl Config {
                 .unwrap_or_else(|_| value.into());
             figment = figment.merge(Serialized::default(key.trim(), value));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let config: Config = figment
+            .extract()
+            .map_err(|err| ConfigError::Invalid(describe(err)))?;
         config.validate()?;
         Ok(config)
     }

@@ -129,7 +129,13 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         .await?
         .into_inner();
     if list.services.is_empty() && !ctx.json {
-        out("no services have reported yet");
+        out(&super::token::empty_list_text(
+            ctx,
+            crate::auth::Resource::Telemetry,
+            "services",
+            "no services have reported yet",
+        )
+        .await);
     }
     for entry in &list.services {
         match &entry.latest {
@@ -190,6 +196,8 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
             Err(Lost::Fatal(err)) => return Err(err),
             Err(Lost::Transient(why)) => why,
         };
+        // A URL whose scheme the port does not speak never gets better.
+        ctx.check_scheme().await?;
         ctx.note(
             "reconnecting",
             &format!(
@@ -307,6 +315,8 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
             Err(Lost::Fatal(err)) => return Err(err),
             Err(Lost::Transient(why)) => why,
         };
+        // A URL whose scheme the port does not speak never gets better.
+        ctx.check_scheme().await?;
         ctx.note(
             "reconnecting",
             &format!(

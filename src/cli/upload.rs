@@ -424,7 +424,13 @@ pub async fn files(ctx: &Context) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if list.files.is_empty() && !ctx.json {
-        out("no files stored yet");
+        out(&super::token::empty_list_text(
+            ctx,
+            crate::auth::Resource::Upload,
+            "files",
+            "no files stored yet",
+        )
+        .await);
     }
     for file in &list.files {
         ctx.emit(
