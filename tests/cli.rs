@@ -867,3 +867,21 @@ async fn an_empty_list_says_when_nothing_is_visible_to_this_identity() {
     let text = stdout(&streamhub(&open.url(), &["services"]).await);
     assert!(text.contains("no services have reported yet"), "{text}");
 }
+
+// Multi-threaded: the in-process server keeps serving while this thread
+// blocks reading the CLI's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_to_a_name_that_has_not_reported_says_it_is_waiting() {
+    let server = TestServer::start().await;
+    let (mut subscribe, lines) = spawn_cli(&server.url(), &["subscribe", "not-yet"]);
+    let note = lines.wait_for("a waiting note", |v| v["event"] == "waiting");
+    assert!(
+        note["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"not-yet\" has not reported yet"),
+        "{note}"
+    );
+    ctrl_c(&subscribe);
+    assert_eq!(exit_code(&mut subscribe).await, Some(0));
+}

@@ -188,14 +188,16 @@ pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()>
 
 async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<()> {
     let mut received = 0u64;
+    let mut told_waiting = false;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         let server = ctx.current_server().to_owned();
-        let lost = match subscribe_once(ctx, args, &mut received, &mut backoff).await {
-            Ok(()) => return Ok(()),
-            Err(Lost::Fatal(err)) => return Err(err),
-            Err(Lost::Transient(why)) => why,
-        };
+        let lost =
+            match subscribe_once(ctx, args, &mut received, &mut backoff, &mut told_waiting).await {
+                Ok(()) => return Ok(()),
+                Err(Lost::Fatal(err)) => return Err(err),
+                Err(Lost::Transient(why)) => why,
+            };
         // A URL whose scheme the port does not speak never gets better.
         ctx.check_scheme().await?;
         ctx.note(
@@ -226,6 +228,7 @@ async fn subscribe_once(
     args: &SubscribeArgs,
     received: &mut u64,
     backoff: &mut Backoff,
+    told_waiting: &mut bool,
 ) -> Result<(), Lost> {
     let channel = ctx
         .connect()
@@ -246,6 +249,26 @@ async fn subscribe_once(
             "reconnected",
             &format!("reconnected to {}", ctx.current_server()),
         );
+    } else if !*told_waiting {
+        // A name that has not reported (a typo among them) would otherwise
+        // look like a hung command: say what it waits for.
+        *told_waiting = true;
+        let snapshot = client
+            .get_snapshot(MetricsRequest {
+                service_name: args.name.clone(),
+                interval_ms: 0,
+            })
+            .await;
+        if snapshot.is_err_and(|status| status.code() == tonic::Code::NotFound) {
+            ctx.note(
+                "waiting",
+                &format!(
+                    "{:?} has not reported yet (or is not visible to you); waiting for its \
+                     first sample (`streamhub services` lists the known ones)",
+                    args.name
+                ),
+            );
+        }
     }
     loop {
         match stream.next().await {
