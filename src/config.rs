@@ -542,6 +542,20 @@ fn is_setting(key: &str) -> bool {
         .any(|known| known.eq_ignore_ascii_case(top))
 }
 
+/// Whether the environment variable of setting `key` (`limits.max_connections`:
+/// `STREAMHUB_LIMITS__MAX_CONNECTIONS`, any case) is set but empty: such a
+/// variable counts as unset (`STREAMHUB_LISTEN= streamhub serve` serves on
+/// the default), as a shell user expects from `VAR= command`.
+fn set_but_empty(key: &str) -> bool {
+    let name = format!("STREAMHUB_{}", key.replace('.', "__"));
+    std::env::vars_os().any(|(var, value)| {
+        value.is_empty()
+            && var
+                .to_str()
+                .is_some_and(|var| var.eq_ignore_ascii_case(&name))
+    })
+}
+
 /// A figment error as a user reads it: for each fault, where it came
 /// from (the file, the `STREAMHUB_…` variable, or `--set KEY`), the key as
 /// the file spells it, and what was wrong; without figment's profile name
@@ -609,7 +623,7 @@ impl Config {
             figment = figment.merge(
                 Env::prefixed("STREAMHUB_")
                     .split("__")
-                    .filter(|key| is_setting(key.as_str())),
+                    .filter(|key| is_setting(key.as_str()) && !set_but_empty(key.as_str())),
             );
         }
         for item in &sources.overrides {

@@ -761,6 +761,18 @@ async fn empty_environment_variables_count_as_unset() {
     )
     .await;
     assert!(output.status.success(), "{}", stderr(&output));
+    // The server's own settings too: `STREAMHUB_LISTEN=` is the default.
+    let serve = streamhub_env(
+        &["serve", "--print-config"],
+        &[("STREAMHUB_LISTEN", ""), ("STREAMHUB_DRAIN_TIMEOUT", "")],
+    )
+    .await;
+    assert!(serve.status.success(), "{}", stderr(&serve));
+    assert!(
+        stdout(&serve).contains("listen = \"127.0.0.1:50051\""),
+        "{}",
+        stdout(&serve)
+    );
     let chat = streamhub_env(
         &[
             "--server",
