@@ -360,7 +360,15 @@ impl Context {
 /// [`Context::check_scheme`]; the port is asked once, on this failure
 /// path only).
 pub fn explain_failure(ctx: &Context, err: anyhow::Error) -> anyhow::Error {
-    if probe::is_mismatch(&format!("{err:#}")) {
+    let text = format!("{err:#}");
+    // Only failures below gRPC can come from a mismatch: a server that
+    // answered with a status of its own (NotFound, PermissionDenied, …)
+    // was reached.
+    let below_grpc = text.contains("cannot connect to")
+        || ["Cancelled", "Unknown", "Unavailable", "Internal"]
+            .iter()
+            .any(|code| text.contains(&format!("server answered {code}:")));
+    if !below_grpc || probe::is_mismatch(&text) {
         return err;
     }
     let checked = tokio::runtime::Builder::new_current_thread()
