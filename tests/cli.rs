@@ -683,6 +683,13 @@ async fn errors_print_once_without_a_backtrace_whatever_rust_backtrace_says() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     }
     assert!(stderr(&client).contains("cannot connect to"));
+    // What a refused connection means, said once.
+    let err = stderr(&client);
+    assert!(
+        err.contains("nothing is listening there") && err.contains("streamhub serve"),
+        "{err}"
+    );
+    assert!(!err.contains("tcp connect error"), "{err}");
 }
 
 #[tokio::test]

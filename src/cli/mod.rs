@@ -322,6 +322,13 @@ impl Context {
                         |ca| format!("the CA in {}", ca.display())
                     )
                 )
+            } else if chain.contains("Connection refused") {
+                // tonic repeats "tcp connect error"; say what it means.
+                anyhow::anyhow!(
+                    "cannot connect to {server}: nothing is listening there (connection \
+                     refused); is `streamhub serve` running? --server (STREAMHUB_SERVER) \
+                     picks another server"
+                )
             } else {
                 anyhow::anyhow!("cannot connect to {server}: {chain}")
             }
