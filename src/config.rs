@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 /// Errors while loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A file, variable or flag held a value that does not fit its setting.
+    /// A file, variable or flag held a value that does not fit its setting:
+    /// where (file, environment variable or `--set`), which key and what
+    /// was expected, once per fault (see [`describe`]).
     #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    Invalid(String),
     /// A `--set` argument was not `key=value`.
     #[error("--set expects KEY=VALUE, got {0:?}")]
     BadOverride(String),
@@ -554,6 +556,59 @@ fn is_setting(key: &str) -> bool {
         .any(|known| known.eq_ignore_ascii_case(top))
 }
 
+/// Whether the environment variable of setting `key` (`limits.max_connections`:
+/// `STREAMHUB_LIMITS__MAX_CONNECTIONS`, any case) is set but empty: such a
+/// variable counts as unset (`STREAMHUB_LISTEN= streamhub serve` serves on
+/// the default), as a shell user expects from `VAR= command`.
+fn set_but_empty(key: &str) -> bool {
+    let name = format!("STREAMHUB_{}", key.replace('.', "__"));
+    std::env::vars_os().any(|(var, value)| {
+        value.is_empty()
+            && var
+                .to_str()
+                .is_some_and(|var| var.eq_ignore_ascii_case(&name))
+    })
+}
+
+/// A figment error as a user reads it: for each fault, where it came
+/// from (the file, the `STREAMHUB_…` variable, or `--set KEY`), the key as
+/// the file spells it, and what was wrong; without figment's profile name
+/// (`default.`) and without repeating itself.
+fn describe(err: figment::Error) -> String {
+    let faults: Vec<String> = err
+        .into_iter()
+        .map(|fault| {
+            let mut path = fault.path.clone();
+            if let figment::error::Kind::UnknownField(field, _) = &fault.kind {
+                path.push(field.clone());
+            }
+            let key = path.join(".");
+            let origin = fault.metadata.as_ref().map(|md| {
+                if md.name.contains("environment variable") {
+                    format!(
+                        "environment variable STREAMHUB_{}",
+                        path.join("__").to_ascii_uppercase()
+                    )
+                } else if let Some(figment::Source::File(file)) = &md.source {
+                    if key.is_empty() {
+                        file.display().to_string()
+                    } else {
+                        format!("{}: key `{key}`", file.display())
+                    }
+                } else {
+                    format!("--set {key}")
+                }
+            });
+            match (origin, key.is_empty()) {
+                (Some(origin), _) => format!("{origin}: {}", fault.kind),
+                (None, false) => format!("key `{key}`: {}", fault.kind),
+                (None, true) => fault.kind.to_string(),
+            }
+        })
+        .collect();
+    faults.join("; ")
+}
+
 /// The top-level keys of [`Config`] (checked against its fields by a unit
 /// test).
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -582,7 +637,7 @@ impl Config {
             figment = figment.merge(
                 Env::prefixed("STREAMHUB_")
                     .split("__")
-                    .filter(|key| is_setting(key.as_str())),
+                    .filter(|key| is_setting(key.as_str()) && !set_but_empty(key.as_str())),
             );
         }
         for item in &sources.overrides {
@@ -596,7 +651,9 @@ impl Config {
                 .unwrap_or_else(|_| value.into());
             figment = figment.merge(Serialized::default(key.trim(), value));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let config: Config = figment
+            .extract()
+            .map_err(|err| ConfigError::Invalid(describe(err)))?;
         config.validate()?;
         Ok(config)
     }

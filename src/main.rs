@@ -1,7 +1,9 @@
 //! The `streamhub` binary: parses arguments, sets up logging, and calls the
 //! library.
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use streamhub::cli::{self, Context, Ended};
 use tracing_subscriber::EnvFilter;
 
@@ -76,8 +78,16 @@ enum Command {
     Bench(Box<cli::bench::BenchArgs>),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let matches = cli::args::prepare(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => cli::args::report(&err),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         // The NATS client logs every reconnect attempt at info.
@@ -110,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         token_file: cli.token_file,
     };
     let ctx = Context::new(cli.server, cli.json, security)?;
-    match command {
+    let result = match command {
         Command::Serve(_) => unreachable!("handled above"),
         Command::Snapshot(args) => block_on(cli::telemetry::snapshot(&ctx, args)),
         Command::Services => block_on(cli::telemetry::services(&ctx)),
@@ -130,11 +140,15 @@ fn main() -> anyhow::Result<()> {
         ),
         Command::Files => block_on(cli::upload::files(&ctx)),
         Command::Demo(args) => until_ctrl_c(cli::demo::run(&ctx, args), None),
-        Command::Token(command) => cli::token::run(&ctx, command),
         Command::Whoami => block_on(cli::token::whoami(&ctx)),
+        // These two talk to no server of the user's (or pick their own
+        // runtime): their errors need no diagnosis.
+        Command::Token(command) => return cli::token::run(&ctx, command),
         // The load generator pins itself, then builds its runtime.
-        Command::Bench(args) => cli::bench::run(&ctx.server, *args),
-    }
+        Command::Bench(args) => return cli::bench::run(&ctx.server, *args),
+    };
+    // A failure may come from a URL whose scheme the port does not speak.
+    result.map_err(|err| cli::explain_failure(&ctx, err))
 }
 
 /// Runs a client subcommand on tokio's default multi-thread runtime.

@@ -587,3 +587,320 @@ async fn a_closed_stdout_ends_a_client_quietly() {
     assert_eq!(code, Some(0), "{errors}");
     assert!(!errors.contains("panicked"), "{errors}");
 }
+
+/// Runs `streamhub ARGS...` with `env` set and RUST_BACKTRACE as given,
+/// stdin closed.
+async fn streamhub_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output();
+    within("the CLI", child).await.unwrap()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A server on a TLS port (self-signed certificate for localhost); the
+/// directory holding its files must outlive it.
+async fn tls_server() -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("c.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("k.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut config = test_config();
+    config.tls.cert = Some(dir.path().join("c.pem"));
+    config.tls.key = Some(dir.path().join("k.pem"));
+    (TestServer::start_with(config).await, dir)
+}
+
+#[tokio::test]
+async fn a_url_whose_scheme_the_port_does_not_speak_says_which_to_use() {
+    let (tls, _files) = tls_server().await;
+    let plain = TestServer::start().await;
+    let tls_port = tls.url().replace("http://", "");
+    let plain_port = plain.url().replace("http://", "");
+    // http:// to the TLS port, one-shot and long-running commands alike.
+    for args in [
+        vec!["services"],
+        vec!["files"],
+        vec!["subscribe", "x"],
+        vec!["chat", "--name", "z"],
+    ] {
+        let mut all = vec!["--server".to_owned(), format!("http://{tls_port}")];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let output = streamhub_env(&all, &[]).await;
+        assert!(!output.status.success(), "{args:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!("speaks TLS; use https://{tls_port}")),
+            "{args:?}: {err}"
+        );
+    }
+    // https:// to the plaintext port.
+    for args in [vec!["services"], vec!["subscribe", "x"]] {
+        let mut all = vec!["--server".to_owned(), format!("https://{plain_port}")];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let output = streamhub_env(&all, &[]).await;
+        assert!(!output.status.success(), "{args:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains("does not speak TLS") && err.contains(&format!("use http://{plain_port}")),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn errors_print_once_without_a_backtrace_whatever_rust_backtrace_says() {
+    let (_, unreachable) = unreachable_url();
+    let client = streamhub_env(
+        &["--server", &unreachable, "services"],
+        &[("RUST_BACKTRACE", "1")],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = 5\n").unwrap();
+    let serve = streamhub_env(
+        &["serve", "--config", bad.to_str().unwrap()],
+        &[("RUST_BACKTRACE", "1")],
+    )
+    .await;
+    for output in [&client, &serve] {
+        assert_eq!(output.status.code(), Some(1));
+        let err = stderr(output);
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(
+            !err.contains("backtrace") && !err.contains("Caused by"),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    assert!(stderr(&client).contains("cannot connect to"));
+    // What a refused connection means, said once.
+    let err = stderr(&client);
+    assert!(
+        err.contains("nothing is listening there") && err.contains("streamhub serve"),
+        "{err}"
+    );
+    assert!(!err.contains("tcp connect error"), "{err}");
+}
+
+#[tokio::test]
+async fn configuration_errors_name_the_file_or_variable_the_key_and_what_was_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = 5\n").unwrap();
+    let file = streamhub_env(&["serve", "--config", bad.to_str().unwrap()], &[]).await;
+    let err = stderr(&file);
+    assert!(
+        err.contains(
+            "bad.toml: key `listen`: invalid type: found signed int `5`, expected a string"
+        ),
+        "{err}"
+    );
+    let env = streamhub_env(&["serve"], &[("STREAMHUB_LIMITS__MAX_CONNECTIONS", "many")]).await;
+    let err = stderr(&env);
+    assert!(
+        err.contains("environment variable STREAMHUB_LIMITS__MAX_CONNECTIONS: invalid type"),
+        "{err}"
+    );
+    let set = streamhub_env(&["serve", "--set", "limits.max_connections=many"], &[]).await;
+    let err = stderr(&set);
+    assert!(
+        err.contains("--set limits.max_connections: invalid type"),
+        "{err}"
+    );
+    for output in [&file, &env, &set] {
+        let err = stderr(output);
+        assert!(!err.contains("default."), "figment's profile in {err}");
+        assert_eq!(err.matches("invalid type").count(), 1, "said twice: {err}");
+    }
+}
+
+#[tokio::test]
+async fn serve_help_lists_only_serves_own_flags_and_refuses_client_flags() {
+    let help = streamhub_env(&["serve", "--help"], &[]).await;
+    let text = stdout(&help);
+    assert!(text.contains("--listen"), "{text}");
+    for flag in [
+        "--server",
+        "--token",
+        "--token-file",
+        "--ca",
+        "--cert ",
+        "--key ",
+        "--json",
+    ] {
+        assert!(!text.contains(flag), "{flag} in serve --help:\n{text}");
+    }
+    // Client subcommands still list (and take) them, before or after.
+    let help = stdout(&streamhub_env(&["subscribe", "--help"], &[]).await);
+    for flag in ["--server", "--token", "--ca", "--json"] {
+        assert!(help.contains(flag), "{flag} missing:\n{help}");
+    }
+    let refused = streamhub_env(&["serve", "--server", "http://127.0.0.1:1"], &[]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("not of serve"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[tokio::test]
+async fn empty_environment_variables_count_as_unset() {
+    let server = TestServer::start().await;
+    let output = streamhub_env(
+        &["services"],
+        &[
+            ("STREAMHUB_SERVER", &server.url()),
+            ("STREAMHUB_TOKEN", ""),
+            ("STREAMHUB_TOKEN_FILE", ""),
+            ("STREAMHUB_CA", ""),
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    // The server's own settings too: `STREAMHUB_LISTEN=` is the default.
+    let serve = streamhub_env(
+        &["serve", "--print-config"],
+        &[("STREAMHUB_LISTEN", ""), ("STREAMHUB_DRAIN_TIMEOUT", "")],
+    )
+    .await;
+    assert!(serve.status.success(), "{}", stderr(&serve));
+    assert!(
+        stdout(&serve).contains("listen = \"127.0.0.1:50051\""),
+        "{}",
+        stdout(&serve)
+    );
+    let chat = streamhub_env(
+        &[
+            "--server",
+            &server.url(),
+            "chat",
+            "--name",
+            "z",
+            "--history",
+            "1",
+        ],
+        &[("STREAMHUB_CHAT_ROOM", "")],
+    )
+    .await;
+    assert!(chat.status.success(), "{}", stderr(&chat));
+}
+
+#[tokio::test]
+async fn chat_with_empty_input_shows_history_without_joining() {
+    use streamhub::proto::chat::{ChatMessage, chat_service_client::ChatServiceClient};
+    let server = TestServer::start().await;
+    chat_messages(server.url(), "quiet", "ann", &["hello".to_owned()]).await;
+    let mut watcher = ChatServiceClient::new(common::connect(server.url()).await);
+    // A member watching the room sees every join and leave.
+    let mut request = tonic::Request::new(futures::stream::pending::<ChatMessage>());
+    request
+        .metadata_mut()
+        .insert("chat-room", "quiet".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("chat-member", "watcher".parse().unwrap());
+    let mut inbound = watcher.chat(request).await.unwrap().into_inner();
+    for _ in 0..3 {
+        let output = streamhub_env(
+            &[
+                "--server",
+                &server.url(),
+                "--json",
+                "chat",
+                "--name",
+                "reader",
+                "--room",
+                "quiet",
+                "--history",
+                "5",
+            ],
+            &[],
+        )
+        .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let lines = json_lines(&output);
+        assert!(
+            lines.iter().any(|v| v["message"] == "hello"),
+            "history: {lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|v| v["sender"] == "reader"),
+            "joined: {lines:?}"
+        );
+    }
+    // Then a member that does say something: the watcher's next event is
+    // its join, not one of the readers'.
+    chat_messages(server.url(), "quiet", "bob", &["hi".to_owned()]).await;
+    loop {
+        let message = within("the next message", inbound.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(message.sender, "reader", "{message:?}");
+        if message.sender == "bob" {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_list_says_when_nothing_is_visible_to_this_identity() {
+    let token = "tok-files-only";
+    let mut config = test_config();
+    config.auth = streamhub::auth::AuthConfig {
+        tokens: vec![streamhub::auth::TokenEntry {
+            identity: "filer".into(),
+            sha256: hex::encode(streamhub::auth::token::digest(token)),
+            scopes: vec!["upload:read:rep*".into()],
+        }],
+        ..streamhub::auth::AuthConfig::default()
+    };
+    let server = TestServer::start_with(config).await;
+    let services = streamhub_env(
+        &["--server", &server.url(), "--token", token, "services"],
+        &[],
+    )
+    .await;
+    let text = stdout(&services);
+    assert!(text.contains("no services visible to \"filer\""), "{text}");
+    assert!(text.contains("telemetry:read:*"), "{text}");
+    let files = streamhub_env(&["--server", &server.url(), "--token", token, "files"], &[]).await;
+    let text = stdout(&files);
+    assert!(
+        text.contains("no files visible to \"filer\"") && text.contains("upload:read:rep*"),
+        "{text}"
+    );
+    // Without authentication an empty list is just empty.
+    let open = TestServer::start().await;
+    let text = stdout(&streamhub(&open.url(), &["services"]).await);
+    assert!(text.contains("no services have reported yet"), "{text}");
+}
+
+// Multi-threaded: the in-process server keeps serving while this thread
+// blocks reading the CLI's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_to_a_name_that_has_not_reported_says_it_is_waiting() {
+    let server = TestServer::start().await;
+    let (mut subscribe, lines) = spawn_cli(&server.url(), &["subscribe", "not-yet"]);
+    let note = lines.wait_for("a waiting note", |v| v["event"] == "waiting");
+    assert!(
+        note["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"not-yet\" has not reported yet"),
+        "{note}"
+    );
+    ctrl_c(&subscribe);
+    assert_eq!(exit_code(&mut subscribe).await, Some(0));
+}

@@ -8,7 +8,9 @@
 //! acknowledged under the same key, so nothing appears twice.
 //!
 //! With piped input the client exits once standard input has ended, every
-//! line is acknowledged and the history asked for has been shown. End of
+//! line is acknowledged and the history asked for has been shown. Input
+//! that has ended before the client joins (`</dev/null`) only reads the
+//! history, as `--quiet` does, so no join or leave is announced for it. End of
 //! input with nothing left to deliver ends it at once, even while the
 //! server is unreachable; Ctrl-C ends it at any moment (see `main.rs`).
 
@@ -185,6 +187,15 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
         crate::chat::now_ms().rem_euclid(1_000_000_000)
     );
     let mut session = Session::default();
+    // Input that has already ended or has a line ready (`</dev/null`, a
+    // file, a pipe that was written to) is read before joining, so that
+    // empty input reads the history without joining as a member: nobody
+    // sees a join and a leave from a client that had nothing to say. Input
+    // with nothing ready yet (a terminal, an open pipe) is not waited for.
+    if input_ready() {
+        let first = lines.recv().await;
+        session.take_line(&run_id, first);
+    }
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         let outcome = talk(ctx, &args, &run_id, &mut session, &mut lines, &mut backoff).await?;
@@ -193,6 +204,9 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
             Outcome::Retry(why) => {
                 // The server cannot be reached, and input has ended with
                 // nothing left to deliver: nothing to wait for.
+                // A URL whose scheme the port does not speak never gets
+                // better.
+                ctx.check_scheme().await?;
                 if session.nothing_to_deliver() {
                     return Ok(());
                 }
@@ -229,6 +243,26 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Whether standard input has a line or its end ready to read now: a
+/// non-blocking `poll` (readable or hung up). Not for a terminal, where a
+/// user types in their own time.
+fn input_ready() -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        return false;
+    }
+    let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok_and(|ready| ready > 0)
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
 }
 
 async fn read_stdin(tx: mpsc::Sender<String>) {
@@ -281,7 +315,9 @@ async fn talk(
     let (tx, rx) = mpsc::channel::<ChatMessage>(64);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     metadata(&mut request, ROOM_KEY, &args.room)?;
-    if !args.quiet {
+    // A client with nothing to say (input ended, nothing pending) only
+    // reads: it does not join as a member.
+    if !args.quiet && !session.nothing_to_deliver() {
         metadata(&mut request, MEMBER_KEY, &args.name)?;
     }
     match session.epoch {

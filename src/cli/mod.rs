@@ -4,9 +4,11 @@
 //! only parses and dispatches. Human-readable output by default, one JSON
 //! object per line with `--json`.
 
+pub mod args;
 pub mod bench;
 pub mod chat;
 pub mod demo;
+pub mod probe;
 pub mod serve;
 pub mod telemetry;
 pub mod token;
@@ -249,6 +251,21 @@ impl Context {
         }
     }
 
+    /// Fails when the current server's port speaks the other scheme than
+    /// its URL says (`http://` to a TLS port, `https://` to a plaintext
+    /// one), saying which to use: a mistake no retry can mend. Asks the
+    /// port (see [`probe`]); called after a failure, never on success.
+    ///
+    /// # Errors
+    ///
+    /// The mismatch, in words.
+    pub async fn check_scheme(&self) -> anyhow::Result<()> {
+        match probe::mismatch(self.current_server()).await {
+            Some(mismatch) => Err(anyhow::anyhow!(mismatch)),
+            None => Ok(()),
+        }
+    }
+
     /// Opens a channel to `server`: TLS for an `https://` URL (verified
     /// against `--ca` or the system roots, presenting `--cert`/`--key`),
     /// and the token on every call.
@@ -274,7 +291,26 @@ impl Context {
             ),
             _ => {}
         }
-        let channel = endpoint.connect().await.map_err(|err| {
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(err) => {
+                if let Some(mismatch) = probe::mismatch(server).await {
+                    anyhow::bail!("cannot connect to {server}: {mismatch}");
+                }
+                return Err(self.connect_error(server, &host, err));
+            }
+        };
+        Ok(InterceptedService::new(channel, credentials))
+    }
+
+    /// A failed connection as text, naming a refused certificate.
+    fn connect_error(
+        &self,
+        server: &str,
+        host: &str,
+        err: tonic::transport::Error,
+    ) -> anyhow::Error {
+        {
             let chain = format!("{:#}", anyhow::Error::from(err));
             if chain.contains("certificate") || chain.contains("Certificate") {
                 anyhow::anyhow!(
@@ -286,11 +322,17 @@ impl Context {
                         |ca| format!("the CA in {}", ca.display())
                     )
                 )
+            } else if chain.contains("Connection refused") {
+                // tonic repeats "tcp connect error"; say what it means.
+                anyhow::anyhow!(
+                    "cannot connect to {server}: nothing is listening there (connection \
+                     refused); is `streamhub serve` running? --server (STREAMHUB_SERVER) \
+                     picks another server"
+                )
             } else {
                 anyhow::anyhow!("cannot connect to {server}: {chain}")
             }
-        })?;
-        Ok(InterceptedService::new(channel, credentials))
+        }
     }
 
     /// Prints `value` as a JSON line, or `human` as text. Text that came
@@ -317,6 +359,32 @@ impl Context {
         } else {
             err_line(&terminal_safe(text));
         }
+    }
+}
+
+/// A failed client command's error, with the reason when the server's
+/// URL names the scheme its port does not speak (see
+/// [`Context::check_scheme`]; the port is asked once, on this failure
+/// path only).
+pub fn explain_failure(ctx: &Context, err: anyhow::Error) -> anyhow::Error {
+    let text = format!("{err:#}");
+    // Only failures below gRPC can come from a mismatch: a server that
+    // answered with a status of its own (NotFound, PermissionDenied, …)
+    // was reached.
+    let below_grpc = text.contains("cannot connect to")
+        || ["Cancelled", "Unknown", "Unavailable", "Internal"]
+            .iter()
+            .any(|code| text.contains(&format!("server answered {code}:")));
+    if !below_grpc || probe::is_mismatch(&text) {
+        return err;
+    }
+    let checked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|runtime| runtime.block_on(ctx.check_scheme()));
+    match checked {
+        Ok(Err(mismatch)) => err.context(mismatch.to_string()),
+        _ => err,
     }
 }
 

@@ -129,7 +129,13 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         .await?
         .into_inner();
     if list.services.is_empty() && !ctx.json {
-        out(&nothing_listed(ctx).await);
+        out(&super::token::empty_list_text(
+            ctx,
+            crate::auth::Resource::Telemetry,
+            "services",
+            "no services have reported yet",
+        )
+        .await);
     }
     for entry in &list.services {
         match &entry.latest {
@@ -146,50 +152,6 @@ pub async fn services(ctx: &Context) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// What `services` prints for an empty list. ListServices lists only the
-/// names the identity may `telemetry:read`, so with authentication on and
-/// an identity that may not read every name, the list says nothing about
-/// what has reported: say whose view it is instead. Without an answer from
-/// WhoAmI (an older server) the plain message stays.
-async fn nothing_listed(ctx: &Context) -> String {
-    const NONE: &str = "no services have reported yet";
-    let Ok(me) = super::token::identity(ctx).await else {
-        return NONE.to_owned();
-    };
-    if !me.auth_enabled {
-        return NONE.to_owned();
-    }
-    let patterns = telemetry_read_patterns(&me.scopes);
-    let who = terminal_safe(&me.identity);
-    if patterns.contains(&"*") {
-        NONE.to_owned()
-    } else if patterns.is_empty() {
-        format!("none visible to this identity: {who} has no telemetry:read scope")
-    } else {
-        format!(
-            "none visible to this identity: {who} may read the telemetry of {} only",
-            terminal_safe(&patterns.join(", "))
-        )
-    }
-}
-
-/// The name patterns of the scopes (`*` or `resource:action:pattern`, either
-/// part `*`) that grant `telemetry:read`.
-fn telemetry_read_patterns(scopes: &[String]) -> Vec<&str> {
-    scopes
-        .iter()
-        .filter_map(|scope| {
-            if scope == "*" {
-                return Some("*");
-            }
-            let mut parts = scope.splitn(3, ':');
-            let (resource, action, pattern) = (parts.next()?, parts.next()?, parts.next()?);
-            (matches!(resource, "telemetry" | "*") && matches!(action, "read" | "*"))
-                .then_some(pattern)
-        })
-        .collect()
 }
 
 /// Arguments of `streamhub subscribe`.
@@ -226,14 +188,18 @@ pub async fn subscribe(ctx: &Context, args: SubscribeArgs) -> anyhow::Result<()>
 
 async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<()> {
     let mut received = 0u64;
+    let mut told_waiting = false;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
         let server = ctx.current_server().to_owned();
-        let lost = match subscribe_once(ctx, args, &mut received, &mut backoff).await {
-            Ok(()) => return Ok(()),
-            Err(Lost::Fatal(err)) => return Err(err),
-            Err(Lost::Transient(why)) => why,
-        };
+        let lost =
+            match subscribe_once(ctx, args, &mut received, &mut backoff, &mut told_waiting).await {
+                Ok(()) => return Ok(()),
+                Err(Lost::Fatal(err)) => return Err(err),
+                Err(Lost::Transient(why)) => why,
+            };
+        // A URL whose scheme the port does not speak never gets better.
+        ctx.check_scheme().await?;
         ctx.note(
             "reconnecting",
             &format!(
@@ -262,6 +228,7 @@ async fn subscribe_once(
     args: &SubscribeArgs,
     received: &mut u64,
     backoff: &mut Backoff,
+    told_waiting: &mut bool,
 ) -> Result<(), Lost> {
     let channel = ctx
         .connect()
@@ -282,6 +249,26 @@ async fn subscribe_once(
             "reconnected",
             &format!("reconnected to {}", ctx.current_server()),
         );
+    } else if !*told_waiting {
+        // A name that has not reported (a typo among them) would otherwise
+        // look like a hung command: say what it waits for.
+        *told_waiting = true;
+        let snapshot = client
+            .get_snapshot(MetricsRequest {
+                service_name: args.name.clone(),
+                interval_ms: 0,
+            })
+            .await;
+        if snapshot.is_err_and(|status| status.code() == tonic::Code::NotFound) {
+            ctx.note(
+                "waiting",
+                &format!(
+                    "{:?} has not reported yet (or is not visible to you); waiting for its \
+                     first sample (`streamhub services` lists the known ones)",
+                    args.name
+                ),
+            );
+        }
     }
     loop {
         match stream.next().await {
@@ -351,6 +338,8 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
             Err(Lost::Fatal(err)) => return Err(err),
             Err(Lost::Transient(why)) => why,
         };
+        // A URL whose scheme the port does not speak never gets better.
+        ctx.check_scheme().await?;
         ctx.note(
             "reconnecting",
             &format!(

@@ -135,3 +135,49 @@ pub async fn identity(ctx: &Context) -> anyhow::Result<crate::proto::streamhub::
         .map_err(status_error)?
         .into_inner())
 }
+
+/// What an empty list means for this identity: `empty` (e.g. "no files
+/// stored yet") when it may read every name of `resource` (or the server
+/// has no authentication), else that nothing is visible to it, naming the
+/// scopes that limit what it sees. Falls back to `empty` when WhoAmI
+/// cannot be asked.
+pub async fn empty_list_text(
+    ctx: &Context,
+    resource: auth::Resource,
+    what: &str,
+    empty: &str,
+) -> String {
+    let Ok(me) = identity(ctx).await else {
+        return empty.to_owned();
+    };
+    let action = auth::Action::Read;
+    let needed = format!("{}:{}:*", resource.as_str(), action.as_str());
+    let scopes = Scopes::parse_lenient(&me.scopes.join(" ")).0;
+    if !me.auth_enabled || scopes.allows(resource, action, "*") {
+        return empty.to_owned();
+    }
+    let relevant: Vec<String> = me
+        .scopes
+        .iter()
+        .filter(|text| Scopes::parse([text.as_str()]).is_ok_and(|s| s.grants(resource, action)))
+        .cloned()
+        .collect();
+    if relevant.is_empty() {
+        format!(
+            "no {what} visible to {:?}: its scopes ({}) do not let it read any \
+             (it needs e.g. {needed})",
+            me.identity,
+            if me.scopes.is_empty() {
+                "none".to_owned()
+            } else {
+                me.scopes.join(" ")
+            }
+        )
+    } else {
+        format!(
+            "no {what} visible to {:?}: its scopes let it read only {} ({needed} would show all)",
+            me.identity,
+            relevant.join(" ")
+        )
+    }
+}

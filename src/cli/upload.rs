@@ -424,7 +424,13 @@ pub async fn files(ctx: &Context) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if list.files.is_empty() && !ctx.json {
-        out("no files stored yet");
+        out(&super::token::empty_list_text(
+            ctx,
+            crate::auth::Resource::Upload,
+            "files",
+            "no files stored yet",
+        )
+        .await);
     }
     for file in &list.files {
         ctx.emit(
@@ -491,9 +497,14 @@ pub async fn download(ctx: &Context, args: DownloadArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    let mut out = tokio::fs::File::create(&temp)
-        .await
-        .with_context(|| format!("cannot create {}", temp.display()))?;
+    let mut out = tokio::fs::File::create(&temp).await.with_context(|| {
+        // The partial file is ours; the user named the target.
+        format!(
+            "cannot write {} (its partial file {} cannot be created)",
+            target.display(),
+            temp.display()
+        )
+    })?;
     let result = async {
         let mut hasher = Sha256::new();
         let mut position = 0u64;
