@@ -2,7 +2,8 @@
 //! that never finish a handshake or never send a call, more connections
 //! than allowed, rapid resets, CONTINUATION floods and header bombs, PING
 //! and SETTINGS floods from a peer that does not read, empty DATA floods,
-//! streams beyond the limit, and half-sent messages on many streams.
+//! streams beyond the limit, half-sent messages on many streams, and
+//! HTTP/1.1 requests with huge headers.
 //!
 //! Each attack is bounded in count and time, and each test checks that
 //! another client's calls keep succeeding. Raw HTTP/2 is written by hand
@@ -563,5 +564,59 @@ async fn half_sent_messages_are_bounded_per_connection() {
     // Other connections have budgets of their own.
     assert_serves("bystander", &client).await;
     drop(calls);
+    server.stop().await;
+}
+
+/// Sends one HTTP/1.1 `GET /metrics` carrying a header of `size` bytes and
+/// returns the status line of the answer (empty if the server closed
+/// without one).
+async fn http1_get_with_header(server: &TestServer, size: usize) -> String {
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "h".repeat(size)
+    );
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    within("an HTTP/1.1 answer", async {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn http1_request_headers_are_bounded_by_max_header_list_size() {
+    let server = TestServer::start().await;
+    let client = server.channel().await;
+    // 4 KiB of headers is served (the limit is 16 KiB).
+    let line = http1_get_with_header(&server, 4 * 1024).await;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+    // 64 KiB, over `limits.max_header_list_size` but under hyper's own
+    // default buffer (~400 KiB), is refused with 431 or a close.
+    for _ in 0..20 {
+        let line = http1_get_with_header(&server, 64 * 1024).await;
+        assert!(
+            line.is_empty() || line.starts_with("HTTP/1.1 431"),
+            "{line:?}"
+        );
+    }
+    assert_serves("bystander", &client).await;
+    assert!(
+        http1_get_with_header(&server, 100)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     server.stop().await;
 }
