@@ -448,6 +448,15 @@ pub struct ChatConfig {
     pub announce_members: bool,
     /// Most rooms open at once.
     pub max_rooms: usize,
+    /// Most rooms one authenticated identity may have opened at once (a
+    /// room counts for the identity that opened it, until it closes);
+    /// 0: no per-identity limit.
+    pub max_rooms_per_identity: usize,
+    /// A room with no members and nothing pending for this long is closed:
+    /// its slot is free again, its history stays stored and it reopens on
+    /// the next join or send.
+    #[serde(with = "humantime_serde")]
+    pub room_idle_timeout: Duration,
     /// Most messages written in one storage commit (one fsync).
     pub max_batch: usize,
 }
@@ -461,6 +470,8 @@ impl Default for ChatConfig {
             idempotency_window: 10_000,
             announce_members: true,
             max_rooms: 10_000,
+            max_rooms_per_identity: 1_000,
+            room_idle_timeout: Duration::from_secs(5 * 60),
             max_batch: 1024,
         }
     }
@@ -695,6 +706,11 @@ impl Config {
                     "{name} must be at least 1"
                 )));
             }
+        }
+        if c.room_idle_timeout.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "chat.room_idle_timeout must be above zero".into(),
+            ));
         }
         if c.history == 0 {
             return Err(ConfigError::Inconsistent(

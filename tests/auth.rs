@@ -19,7 +19,7 @@ use streamhub::{
     chat::service::{HISTORY_KEY, LAST_SEQ_KEY, MEMBER_KEY, ROOM_KEY},
     config::Config,
     proto::{
-        chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
+        chat::{ChatMessage, MessageKind, SendRequest, chat_service_client::ChatServiceClient},
         fileupload::{
             DownloadRequest, FileChunk, ListFilesRequest, QueryUploadRequest,
             file_upload_service_client::FileUploadServiceClient,
@@ -1241,4 +1241,51 @@ async fn token_new_text_output_pasted_into_a_config_authenticates_the_token() {
 /// A `[[auth.tokens]]` entry for `token`, as TOML.
 fn entry_text(identity: &str, token: &str) -> String {
     token::config_entry(identity, &["telemetry:read:*".to_owned()], token)
+}
+
+/// Sends one message to `room` as `auth`.
+async fn send_as(channel: Channel, auth: &str, room: &str) -> Result<(), Status> {
+    let request = SendRequest {
+        room: room.into(),
+        message: Some(say("", "hello")),
+    };
+    within(
+        "send",
+        ChatServiceClient::new(channel).send(with(request, Some(auth))),
+    )
+    .await
+    .map(drop)
+}
+
+#[tokio::test]
+async fn one_identity_cannot_open_every_room() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.chat.max_rooms = 3;
+    config.chat.max_rooms_per_identity = 2;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let (alice, admin) = (bearer(ALICE), bearer(ADMIN));
+    send_as(channel.clone(), &alice, "dev-1").await.unwrap();
+    send_as(channel.clone(), &alice, "dev-2").await.unwrap();
+    // Rooms already open take no new slot.
+    send_as(channel.clone(), &alice, "dev-1").await.unwrap();
+    let refused = send_as(channel.clone(), &alice, "dev-3").await.unwrap_err();
+    assert_code("alice's third room", &refused, Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("chat.max_rooms_per_identity"),
+        "{refused:?}"
+    );
+    // Another identity still gets the slot alice could not take; then the
+    // server-wide limit speaks, naming its key.
+    send_as(channel.clone(), &admin, "ops").await.unwrap();
+    let refused = send_as(channel.clone(), &admin, "ops-2").await.unwrap_err();
+    assert_code("a fourth room", &refused, Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("`chat.max_rooms`"),
+        "{refused:?}"
+    );
+    // Joining a room alice opened is fine for admin.
+    send_as(channel.clone(), &admin, "dev-2").await.unwrap();
+    server.stop().await;
 }
