@@ -318,6 +318,10 @@ pub struct TelemetryConfig {
     pub min_interval: Duration,
     /// Most distinct service names the hub tracks.
     pub max_services: usize,
+    /// Most service names one authenticated identity may create (a name
+    /// counts for the identity whose report created it); 0: no
+    /// per-identity limit.
+    pub max_services_per_identity: usize,
     /// While a value stays above its threshold, repeat the alert at most
     /// this often.
     #[serde(with = "humantime_serde")]
@@ -340,6 +344,7 @@ impl Default for TelemetryConfig {
             default_interval: Duration::from_millis(1000),
             min_interval: Duration::from_millis(100),
             max_services: 10_000,
+            max_services_per_identity: 1_000,
             alert_repeat_interval: Duration::from_secs(60),
             rules: vec![
                 AlertRuleConfig {

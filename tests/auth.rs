@@ -1289,3 +1289,57 @@ async fn one_identity_cannot_open_every_room() {
     send_as(channel.clone(), &admin, "dev-2").await.unwrap();
     server.stop().await;
 }
+
+/// Publishes one report of `name` as `auth`; the status the feed ended with.
+async fn try_publish_as(channel: Channel, auth: &str, name: &str) -> Result<(), Status> {
+    let mut feed = TelemetryServiceClient::new(channel)
+        .live_feed(with(
+            futures::stream::iter(vec![payload(name, 1.0, 1.0, 0)]),
+            Some(auth),
+        ))
+        .await?
+        .into_inner();
+    match within("feed", feed.next()).await {
+        None => Ok(()),
+        Some(Err(status)) => Err(status),
+        Some(Ok(alert)) => panic!("unexpected alert {alert:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_identity_cannot_create_every_service_name() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.telemetry.max_services_per_identity = 2;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let (alice, admin) = (bearer(ALICE), bearer(ADMIN));
+    try_publish_as(channel.clone(), &alice, "api-1")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-2")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-1")
+        .await
+        .unwrap();
+    let refused = try_publish_as(channel.clone(), &alice, "api-3")
+        .await
+        .unwrap_err();
+    assert_code("alice's third name", &refused, Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("telemetry.max_services_per_identity"),
+        "{refused:?}"
+    );
+    // Others still create names, and alice may report a name she did not
+    // create.
+    try_publish_as(channel.clone(), &admin, "api-3")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-3")
+        .await
+        .unwrap();
+    server.stop().await;
+}
