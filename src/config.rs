@@ -334,6 +334,10 @@ pub struct TelemetryConfig {
     pub min_interval: Duration,
     /// Most distinct service names the hub tracks.
     pub max_services: usize,
+    /// Most service names one authenticated identity may create (a name
+    /// counts for the identity whose report created it); 0: no
+    /// per-identity limit.
+    pub max_services_per_identity: usize,
     /// While a value stays above its threshold, repeat the alert at most
     /// this often.
     #[serde(with = "humantime_serde")]
@@ -356,6 +360,7 @@ impl Default for TelemetryConfig {
             default_interval: Duration::from_millis(1000),
             min_interval: Duration::from_millis(100),
             max_services: 10_000,
+            max_services_per_identity: 1_000,
             alert_repeat_interval: Duration::from_secs(60),
             rules: vec![
                 AlertRuleConfig {
@@ -464,6 +469,15 @@ pub struct ChatConfig {
     pub announce_members: bool,
     /// Most rooms open at once.
     pub max_rooms: usize,
+    /// Most rooms one authenticated identity may have opened at once (a
+    /// room counts for the identity that opened it, until it closes);
+    /// 0: no per-identity limit.
+    pub max_rooms_per_identity: usize,
+    /// A room with no members and nothing pending for this long is closed:
+    /// its slot is free again, its history stays stored and it reopens on
+    /// the next join or send.
+    #[serde(with = "humantime_serde")]
+    pub room_idle_timeout: Duration,
     /// Most messages written in one storage commit (one fsync).
     pub max_batch: usize,
 }
@@ -477,6 +491,8 @@ impl Default for ChatConfig {
             idempotency_window: 10_000,
             announce_members: true,
             max_rooms: 10_000,
+            max_rooms_per_identity: 1_000,
+            room_idle_timeout: Duration::from_secs(5 * 60),
             max_batch: 1024,
         }
     }
@@ -766,6 +782,11 @@ impl Config {
                     "{name} must be at least 1"
                 )));
             }
+        }
+        if c.room_idle_timeout.is_zero() {
+            return Err(ConfigError::Inconsistent(
+                "chat.room_idle_timeout must be above zero".into(),
+            ));
         }
         if c.history == 0 {
             return Err(ConfigError::Inconsistent(

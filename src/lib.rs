@@ -18,6 +18,7 @@
 //! - [`rpc`]: what all services share (stream logs, the request gate).
 //! - [`calls`]: open calls per method, finished RPCs, open connections.
 //! - [`server_metrics`]: the server's Prometheus metrics (one recorder per server).
+//! - [`shares`]: per-identity shares of a server-wide count limit.
 //! - [`web`]: the plain HTTP routes (`/metrics`, `/files/`, the dashboard's
 //!   embedded assets), gRPC-Web and CORS.
 //! - [`server_info`]: the `streamhub.ServerService` (version, uptime,
@@ -52,6 +53,7 @@ pub mod runtime;
 pub mod server;
 pub mod server_info;
 pub mod server_metrics;
+pub mod shares;
 pub mod shutdown;
 pub mod telemetry;
 pub mod transport;

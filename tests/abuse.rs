@@ -2,7 +2,8 @@
 //! that never finish a handshake or never send a call, more connections
 //! than allowed, rapid resets, CONTINUATION floods and header bombs, PING
 //! and SETTINGS floods from a peer that does not read, empty DATA floods,
-//! streams beyond the limit, and half-sent messages on many streams.
+//! streams beyond the limit, half-sent messages on many streams,
+//! HTTP/1.1 requests with huge headers, and a server out of descriptors.
 //!
 //! Each attack is bounded in count and time, and each test checks that
 //! another client's calls keep succeeding. Raw HTTP/2 is written by hand
@@ -564,4 +565,208 @@ async fn half_sent_messages_are_bounded_per_connection() {
     assert_serves("bystander", &client).await;
     drop(calls);
     server.stop().await;
+}
+
+/// Sends one HTTP/1.1 `GET /metrics` carrying a header of `size` bytes and
+/// returns the status line of the answer (empty if the server closed
+/// without one).
+async fn http1_get_with_header(server: &TestServer, size: usize) -> String {
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nx-big: {}\r\nconnection: close\r\n\r\n",
+        "h".repeat(size)
+    );
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    within("an HTTP/1.1 answer", async {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn http1_request_headers_are_bounded_by_max_header_list_size() {
+    let server = TestServer::start().await;
+    let client = server.channel().await;
+    // 4 KiB of headers is served (the limit is 16 KiB).
+    let line = http1_get_with_header(&server, 4 * 1024).await;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+    // 64 KiB, over `limits.max_header_list_size` but under hyper's own
+    // default buffer (~400 KiB), is refused with 431 or a close.
+    for _ in 0..20 {
+        let line = http1_get_with_header(&server, 64 * 1024).await;
+        assert!(
+            line.is_empty() || line.starts_with("HTTP/1.1 431"),
+            "{line:?}"
+        );
+    }
+    assert_serves("bystander", &client).await;
+    assert!(
+        http1_get_with_header(&server, 100)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    server.stop().await;
+}
+
+/// `streamhub serve` under `prlimit --nofile=N:N`: its address and log.
+struct LimitedServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LimitedServer {
+    fn spawn(nofile: u32) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("server.log");
+        let mut child = std::process::Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_streamhub"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+impl Drop for LimitedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn accept_errors_are_backed_off_and_logged_rate_limited_and_serving_resumes() {
+    use streamhub::proto::fileupload::{
+        FileChunk, file_upload_service_client::FileUploadServiceClient,
+    };
+    let found = std::process::Command::new("prlimit")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("STREAMHUB_REQUIRE_ALL").map_or(true, |v| v.is_empty() || v == "0"),
+            "prlimit (util-linux) is required with STREAMHUB_REQUIRE_ALL=1"
+        );
+        println!("SKIPPED: accept errors: this test needs prlimit (util-linux) on the PATH");
+        return;
+    }
+    let server = LimitedServer::spawn(64);
+    let url = format!("http://{}", server.addr);
+    let channel = common::connect(url.clone()).await;
+    let chunk = FileChunk {
+        filename: "f.bin".into(),
+        data: vec![1; 1024 * 1024],
+        is_last: true,
+        ..FileChunk::default()
+    };
+    let uploaded = FileUploadServiceClient::new(channel.clone())
+        .upload(futures::stream::iter([chunk]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(uploaded.success);
+
+    // Unread /files/ responses hold a file each, so the server runs out
+    // of descriptors below its connection cap (64 - 32 = 32).
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let request = http::Request::get("http://localhost/files/f.bin")
+            .body(())
+            .unwrap();
+        let (response, _) = within("a stream", send.clone().ready())
+            .await
+            .unwrap()
+            .send_request(request, true)
+            .unwrap();
+        let response = within("a response", response).await.unwrap();
+        if response.status() != http::StatusCode::OK {
+            break;
+        }
+        held.push(response);
+    }
+    // Connections until accept fails: the kernel completes them, the
+    // server cannot take them.
+    let mut waiting = Vec::new();
+    let started = std::time::Instant::now();
+    within("the accept error in the log", async {
+        loop {
+            if server.log().contains("cannot accept connections") {
+                return;
+            }
+            waiting.push(TcpStream::connect(server.addr).await.unwrap());
+            assert!(waiting.len() < 200, "no accept error after 200 connections");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // Free the descriptors: the server accepts again and serves.
+    drop(held);
+    drop(send);
+    driver.abort();
+    drop(waiting);
+    let fresh = within("a new client", common::connect(url)).await;
+    assert_serves("after the accept errors", &fresh).await;
+    // Backed off (the line says when it retries) and rate-limited (at
+    // most one line a second while the errors last, not one per retry).
+    let log = server.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot accept connections"))
+        .collect();
+    let most = 2 + usize::try_from(started.elapsed().as_secs()).unwrap();
+    assert!(
+        !lines.is_empty() && lines.len() <= most,
+        "{} accept-error lines (at most {most}):\n{log}",
+        lines.len()
+    );
+    assert!(lines[0].contains("retry_in"), "{}", lines[0]);
+    drop(channel);
 }

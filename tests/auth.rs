@@ -19,7 +19,7 @@ use streamhub::{
     chat::service::{HISTORY_KEY, LAST_SEQ_KEY, MEMBER_KEY, ROOM_KEY},
     config::Config,
     proto::{
-        chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
+        chat::{ChatMessage, MessageKind, SendRequest, chat_service_client::ChatServiceClient},
         fileupload::{
             DownloadRequest, FileChunk, ListFilesRequest, QueryUploadRequest,
             file_upload_service_client::FileUploadServiceClient,
@@ -1280,4 +1280,105 @@ async fn the_cli_says_when_the_identity_may_not_see_every_service() {
 /// A `[[auth.tokens]]` entry for `token`, as TOML.
 fn entry_text(identity: &str, token: &str) -> String {
     token::config_entry(identity, &["telemetry:read:*".to_owned()], token)
+}
+
+/// Sends one message to `room` as `auth`.
+async fn send_as(channel: Channel, auth: &str, room: &str) -> Result<(), Status> {
+    let request = SendRequest {
+        room: room.into(),
+        message: Some(say("", "hello")),
+    };
+    within(
+        "send",
+        ChatServiceClient::new(channel).send(with(request, Some(auth))),
+    )
+    .await
+    .map(drop)
+}
+
+#[tokio::test]
+async fn one_identity_cannot_open_every_room() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.chat.max_rooms = 3;
+    config.chat.max_rooms_per_identity = 2;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let (alice, admin) = (bearer(ALICE), bearer(ADMIN));
+    send_as(channel.clone(), &alice, "dev-1").await.unwrap();
+    send_as(channel.clone(), &alice, "dev-2").await.unwrap();
+    // Rooms already open take no new slot.
+    send_as(channel.clone(), &alice, "dev-1").await.unwrap();
+    let refused = send_as(channel.clone(), &alice, "dev-3").await.unwrap_err();
+    assert_code("alice's third room", &refused, Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("chat.max_rooms_per_identity"),
+        "{refused:?}"
+    );
+    // Another identity still gets the slot alice could not take; then the
+    // server-wide limit speaks, naming its key.
+    send_as(channel.clone(), &admin, "ops").await.unwrap();
+    let refused = send_as(channel.clone(), &admin, "ops-2").await.unwrap_err();
+    assert_code("a fourth room", &refused, Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("`chat.max_rooms`"),
+        "{refused:?}"
+    );
+    // Joining a room alice opened is fine for admin.
+    send_as(channel.clone(), &admin, "dev-2").await.unwrap();
+    server.stop().await;
+}
+
+/// Publishes one report of `name` as `auth`; the status the feed ended with.
+async fn try_publish_as(channel: Channel, auth: &str, name: &str) -> Result<(), Status> {
+    let mut feed = TelemetryServiceClient::new(channel)
+        .live_feed(with(
+            futures::stream::iter(vec![payload(name, 1.0, 1.0, 0)]),
+            Some(auth),
+        ))
+        .await?
+        .into_inner();
+    match within("feed", feed.next()).await {
+        None => Ok(()),
+        Some(Err(status)) => Err(status),
+        Some(Ok(alert)) => panic!("unexpected alert {alert:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_identity_cannot_create_every_service_name() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.telemetry.max_services_per_identity = 2;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let (alice, admin) = (bearer(ALICE), bearer(ADMIN));
+    try_publish_as(channel.clone(), &alice, "api-1")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-2")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-1")
+        .await
+        .unwrap();
+    let refused = try_publish_as(channel.clone(), &alice, "api-3")
+        .await
+        .unwrap_err();
+    assert_code("alice's third name", &refused, Code::ResourceExhausted);
+    assert!(
+        refused
+            .message()
+            .contains("telemetry.max_services_per_identity"),
+        "{refused:?}"
+    );
+    // Others still create names, and alice may report a name she did not
+    // create.
+    try_publish_as(channel.clone(), &admin, "api-3")
+        .await
+        .unwrap();
+    try_publish_as(channel.clone(), &alice, "api-3")
+        .await
+        .unwrap();
+    server.stop().await;
 }

@@ -877,3 +877,87 @@ async fn cli_sends_piped_lines_and_exits_once_acknowledged() {
     assert_eq!(watcher.next_member().await.message, "bye");
     server.stop().await;
 }
+
+/// Sends `text` with idempotency key `key` to `room` without joining.
+async fn send_to(
+    channel: Channel,
+    room: &str,
+    text: &str,
+    key: &str,
+) -> Result<ChatMessage, Status> {
+    let request = streamhub::proto::chat::SendRequest {
+        room: room.into(),
+        message: Some(msg("web", text, key)),
+    };
+    within("send", ChatServiceClient::new(channel).send(request))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn idle_rooms_close_free_their_slot_and_reopen_with_their_history() {
+    let mut config = test_config();
+    config.chat.max_rooms = 1;
+    config.chat.room_idle_timeout = Duration::from_millis(100);
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let kept = send_to(channel.clone(), "a", "kept", "k1").await.unwrap();
+    // A member holds room "a" open: "b" finds no slot.
+    let mut member = join(&server, "a").await;
+    let refused = send_to(channel.clone(), "b", "no room", "")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("`chat.max_rooms`"),
+        "{refused:?}"
+    );
+    member.send(msg("ann", "still here", "")).await;
+    assert_eq!(member.next_member().await.message, "still here");
+    drop(member);
+    // Once "a" has been idle for the timeout, its slot is free for "b".
+    within("room a to close when idle", async {
+        loop {
+            match send_to(channel.clone(), "b", "b opens", "").await {
+                Ok(_) => return,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await;
+    // "b" closes in turn; "a" reopens with its history and its
+    // idempotency keys.
+    let again = within("room a to reopen", async {
+        loop {
+            match send_to(channel.clone(), "a", "kept", "k1").await {
+                Ok(again) => return again,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        (again.seq, again.epoch),
+        (kept.seq, kept.epoch),
+        "deduplicated"
+    );
+    let mut member = open(
+        server.channel().await,
+        &[("chat-room", "a".into()), ("chat-history", "10".into())],
+    )
+    .await
+    .unwrap();
+    let texts: Vec<String> = [member.next_member().await, member.next_member().await]
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(texts, ["kept", "still here"]);
+    drop(member);
+    server.stop().await;
+}

@@ -1100,3 +1100,48 @@ async fn each_node_reports_its_own_host_under_its_own_name() {
         server.stop().await;
     }
 }
+
+/// Joins `room` on `url` (with `extra` metadata), waiting while the node
+/// has no free room slot.
+async fn join_when_free(url: &str, room: &str, extra: &[(&'static str, String)]) -> Member {
+    within("a free room slot", async {
+        loop {
+            let mut meta = vec![("chat-room", room.to_owned())];
+            meta.extend_from_slice(extra);
+            match open(common::connect(url.to_owned()).await, &meta).await {
+                Ok(member) => return member,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn idle_rooms_close_on_a_node_and_reopen_with_their_history() {
+    if !nats_available("idle_rooms_close_on_a_node") {
+        return;
+    }
+    let nats = Nats::start();
+    let node = node_with(&[nats.url()], |config| {
+        config.chat.max_rooms = 1;
+        config.chat.room_idle_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let mut member = join(node.url(), "a").await;
+    member.send(msg("ann", "one", "ann-1")).await;
+    assert_eq!(member.next().await.message, "one");
+    drop(member);
+    // Room "a" closes when idle: "b" gets its slot.
+    let member = join_when_free(&node.url(), "b", &[]).await;
+    drop(member);
+    // And "a" reopens with its history.
+    let mut member = join_when_free(&node.url(), "a", &[("chat-history", "10".into())]).await;
+    let first = member.next().await;
+    assert_eq!((first.seq, first.message.as_str()), (1, "one"));
+    drop(member);
+    node.stop().await;
+}

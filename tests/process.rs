@@ -394,3 +394,45 @@ async fn a_closed_stdout_and_stderr_never_stop_the_server() {
     assert_shutting_down("subscribe", &end);
     assert_eq!(server.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_client_chosen_name_with_a_newline_cannot_forge_a_log_line() {
+    use streamhub::proto::chat::{WatchRoomRequest, chat_service_client::ChatServiceClient};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let data = dir.path().join("data");
+    let server = ServerProcess::spawn_on("127.0.0.1:0", &data, &[], Stdio::from(log));
+    let forged = "INFO streamhub: FORGED stream closed";
+    let mut chat = ChatServiceClient::new(common::connect(server.url()).await);
+    // Refused (a bad room name), but its stream is logged opened and closed.
+    let refused = within(
+        "WatchRoom",
+        chat.watch_room(WatchRoomRequest {
+            room: format!("evil\n{forged}\r\n{forged}"),
+            ..WatchRoomRequest::default()
+        }),
+    )
+    .await
+    .map(drop)
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let text = within("the stream's close in the log", async {
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap();
+            if text.contains("stream closed") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for line in text.lines() {
+        assert!(
+            !line.contains("FORGED") || line.contains("evil"),
+            "forged line: {line:?}\nlog:\n{text}"
+        );
+    }
+    assert!(text.contains(r"evil\n"), "the name, escaped:\n{text}");
+    drop(server);
+}

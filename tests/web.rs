@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
 use common::{TestServer, payload, test_config, within};
@@ -18,7 +18,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use streamhub::proto::{
     chat::{ChatMessage, SendRequest, chat_service_client::ChatServiceClient},
-    fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
+    fileupload::{DownloadRequest, FileChunk, file_upload_service_client::FileUploadServiceClient},
     streamhub::ServerInfoResponse,
     telemetry::{
         WatchEvent, WatchRequest, telemetry_service_client::TelemetryServiceClient,
@@ -542,5 +542,98 @@ async fn cors_is_same_origin_unless_configured() {
     )
     .await;
     assert!(header(&answer, "access-control-expose-headers").contains("grpc-status"));
+    server.stop().await;
+}
+
+/// An `h2` client connection, driven by a task the caller may abort.
+async fn h2_connection(
+    server: &TestServer,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+/// Sends `GET path` on `send` and returns the response head, its body
+/// left unread.
+async fn h2_get(
+    send: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> http::Response<h2::RecvStream> {
+    let request = Request::get(format!("http://localhost{path}"))
+        .body(())
+        .unwrap();
+    let (response, _) = within("a free stream", send.clone().ready())
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+    within("a response head", response).await.unwrap()
+}
+
+#[tokio::test]
+async fn unread_files_responses_take_download_slots_and_give_them_back() {
+    let mut config = test_config();
+    config.upload.max_downloads_per_connection = 2;
+    config.upload.max_concurrent_downloads = 3;
+    let server = TestServer::start_with(config).await;
+    // Much more than the HTTP/2 windows: an unread response stays open.
+    upload(&server, "big.bin", &vec![7; 1024 * 1024]).await;
+
+    let (mut first, first_task) = h2_connection(&server).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let response = h2_get(&mut first, "/files/big.bin").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        held.push(response);
+    }
+    // The connection's cap.
+    let refused = h2_get(&mut first, "/files/big.bin").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The server's cap: one more on another connection, then no more.
+    let (mut second, second_task) = h2_connection(&server).await;
+    let third = h2_get(&mut second, "/files/big.bin").await;
+    assert_eq!(third.status(), StatusCode::OK);
+    let refused = h2_get(&mut second, "/files/big.bin").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    // A gRPC Download is refused too: the same slots.
+    let mut client = FileUploadServiceClient::new(server.channel().await);
+    let download = client
+        .download(DownloadRequest {
+            filename: "big.bin".into(),
+            ..DownloadRequest::default()
+        })
+        .await;
+    let status = match download {
+        Err(status) => status,
+        Ok(response) => within("the download's status", response.into_inner().message())
+            .await
+            .unwrap_err(),
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    // The first client goes away without reading: its slots come back.
+    drop(held);
+    drop(first);
+    first_task.abort();
+    within("the slots to come back", async {
+        loop {
+            let (mut fresh, task) = h2_connection(&server).await;
+            let response = h2_get(&mut fresh, "/files/big.bin").await;
+            task.abort();
+            if response.status() == StatusCode::OK {
+                return;
+            }
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(third);
+    drop(second);
+    second_task.abort();
     server.stop().await;
 }

@@ -264,11 +264,18 @@ pub enum ChatError {
         identity: String,
     },
     /// The server holds its limit of open rooms.
-    #[error("too many rooms open: the limit is {limit}")]
+    #[error(
+        "too many rooms open: the limit is {limit} (`chat.max_rooms`); a room \
+         without members closes after `chat.room_idle_timeout`"
+    )]
     TooManyRooms {
         /// The configured limit.
         limit: usize,
     },
+    /// The caller's identity has opened its share of the rooms
+    /// (`chat.max_rooms_per_identity`).
+    #[error(transparent)]
+    ShareExhausted(#[from] crate::shares::ShareExhausted),
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,

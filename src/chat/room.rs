@@ -16,6 +16,13 @@
 //! A member whose queue is full is cut off (its queue is dropped and its
 //! [`EndSignal`] says why); nobody else waits for it.
 //!
+//! Open rooms are held in a [`RoomTable`], shared with the clustered hub:
+//! at most `chat.max_rooms`, each charged to the identity that opened it
+//! (at most `chat.max_rooms_per_identity` each, see [`crate::shares`]). A
+//! room with no members and nothing pending for `chat.room_idle_timeout`
+//! closes and leaves the table (its actor checks, see [`idle_expired`]);
+//! its history stays stored and the next join or send opens it again.
+//!
 //! [`RoomHub`] is what the gRPC service depends on; [`LocalHub`] is the
 //! single-server implementation. The clustered hub
 //! (`crate::cluster::chat::NatsHub`, a JetStream stream per room whose
@@ -26,6 +33,7 @@ use std::{
     collections::{HashMap, VecDeque, hash_map::Entry},
     path::Path,
     sync::{Arc, Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
 };
 
 use futures::future::BoxFuture;
@@ -37,7 +45,11 @@ use super::{
     ChatError, Draft, Kind, Message, RoomName, Start, StoreError, now_ms,
     store::{Append, StorageHealth, Store},
 };
-use crate::{config::ChatConfig, shutdown::Shutdown};
+use crate::{
+    config::ChatConfig,
+    shares::{Share, Shares},
+    shutdown::Shutdown,
+};
 
 /// A room service: join rooms, read their history.
 pub trait RoomHub: Send + Sync + 'static {
@@ -55,12 +67,18 @@ pub trait RoomHub: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Arc<Message>>, ChatError>>;
 
-    /// Sends one message to `room` (opening it if needed) without joining:
-    /// it takes its place in the room's one order like a member's message,
-    /// and the stored message, with its seq, is returned once it is
-    /// durable. A draft whose sender and idempotency key are known returns
-    /// the stored original instead.
-    fn send(&self, room: RoomName, draft: Draft) -> BoxFuture<'_, Result<Arc<Message>, ChatError>>;
+    /// Sends one message to `room` (opening it if needed, charged to
+    /// `owner`, the authenticated caller) without joining: it takes its
+    /// place in the room's one order like a member's message, and the
+    /// stored message, with its seq, is returned once it is durable. A
+    /// draft whose sender and idempotency key are known returns the stored
+    /// original instead.
+    fn send(
+        &self,
+        room: RoomName,
+        draft: Draft,
+        owner: Option<Arc<str>>,
+    ) -> BoxFuture<'_, Result<Arc<Message>, ChatError>>;
 }
 
 /// Counters the room hub feeds (no-ops unless the server hands it real
@@ -91,6 +109,9 @@ pub struct JoinRequest {
     pub start: Start,
     /// A name to announce the join and leave under, if any.
     pub member: Option<String>,
+    /// The authenticated caller, charged with the room if the join opens
+    /// it (`chat.max_rooms_per_identity`); `None` when anonymous.
+    pub owner: Option<Arc<str>>,
 }
 
 /// Why a member's delivery ended.
@@ -249,14 +270,119 @@ impl std::fmt::Debug for Membership {
     }
 }
 
-type RoomCell = Arc<OnceCell<Arc<Room>>>;
+/// A room being opened or open: filled in once by the first opener.
+pub(crate) type Cell<R> = Arc<OnceCell<Arc<R>>>;
+
+struct TableEntry<R> {
+    cell: Cell<R>,
+    /// The opener's share, given back when the entry goes.
+    _share: Option<Share>,
+}
+
+/// The open rooms of a hub (`R` is the hub's room type): at most
+/// `chat.max_rooms`, each charged to the identity that opened it. Shared by
+/// the local and the clustered hub.
+pub(crate) struct RoomTable<R> {
+    max_rooms: usize,
+    shares: Arc<Shares>,
+    rooms: Mutex<HashMap<RoomName, TableEntry<R>>>,
+}
+
+impl<R> RoomTable<R> {
+    /// An empty table with `config`'s limits.
+    pub(crate) fn new(config: &ChatConfig) -> Arc<Self> {
+        Arc::new(Self {
+            max_rooms: config.max_rooms,
+            shares: Shares::new(
+                "open rooms",
+                "chat.max_rooms_per_identity",
+                config.max_rooms_per_identity,
+            ),
+            rooms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The cell of `room`, a new one (charged to `owner`) if the room is
+    /// not open.
+    pub(crate) fn cell(&self, room: &RoomName, owner: Option<&str>) -> Result<Cell<R>, ChatError> {
+        let mut rooms = lock(&self.rooms);
+        let open = rooms.len();
+        match rooms.entry(room.clone()) {
+            Entry::Occupied(entry) => Ok(Arc::clone(&entry.get().cell)),
+            Entry::Vacant(entry) => {
+                if open >= self.max_rooms {
+                    return Err(ChatError::TooManyRooms {
+                        limit: self.max_rooms,
+                    });
+                }
+                let share = self.shares.claim(owner)?;
+                let cell = Arc::default();
+                entry.insert(TableEntry {
+                    cell: Arc::clone(&cell),
+                    _share: share,
+                });
+                Ok(cell)
+            }
+        }
+    }
+
+    /// Removes `room` if its entry is still `cell` (not a newer opening).
+    pub(crate) fn remove(&self, room: &RoomName, cell: &Cell<R>) {
+        let mut rooms = lock(&self.rooms);
+        if rooms
+            .get(room)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.cell, cell))
+        {
+            rooms.remove(room);
+        }
+    }
+
+    /// Removes `room` if its entry holds the open room `open`.
+    pub(crate) fn remove_open(&self, room: &RoomName, open: &Arc<R>) {
+        let mut rooms = lock(&self.rooms);
+        if rooms
+            .get(room)
+            .and_then(|entry| entry.cell.get())
+            .is_some_and(|held| Arc::ptr_eq(held, open))
+        {
+            rooms.remove(room);
+        }
+    }
+
+    /// Removes `room` whatever its entry holds.
+    pub(crate) fn forget(&self, room: &RoomName) {
+        lock(&self.rooms).remove(room);
+    }
+
+    /// Rooms in the table.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+}
+
+/// How often a room checks whether it has been idle for `idle`.
+pub(crate) fn idle_check_period(idle: Duration) -> Duration {
+    (idle / 4).max(Duration::from_millis(10))
+}
+
+/// Whether a room with `members` members, no pending submission
+/// (`pending` false) and last used at `last_used` has been idle for `idle`:
+/// then it may close.
+pub(crate) fn idle_expired(
+    members: usize,
+    pending: bool,
+    last_used: Instant,
+    idle: Duration,
+) -> bool {
+    members == 0 && !pending && last_used.elapsed() >= idle
+}
 
 /// The single-server room hub over the embedded store.
 pub struct LocalHub {
     store: Arc<Store>,
     config: ChatConfig,
     shutdown: Shutdown,
-    rooms: Mutex<HashMap<RoomName, RoomCell>>,
+    rooms: Arc<RoomTable<Room>>,
     counters: ChatCounters,
 }
 
@@ -277,9 +403,9 @@ impl LocalHub {
     pub fn with_store(store: Arc<Store>, config: ChatConfig, shutdown: Shutdown) -> Self {
         Self {
             store,
+            rooms: RoomTable::new(&config),
             config,
             shutdown,
-            rooms: Mutex::new(HashMap::new()),
             counters: ChatCounters::default(),
         }
     }
@@ -303,20 +429,9 @@ impl LocalHub {
         self.store.close();
     }
 
-    fn cell(&self, room: &RoomName) -> Result<RoomCell, ChatError> {
-        let mut rooms = lock(&self.rooms);
-        let open = rooms.len();
-        match rooms.entry(room.clone()) {
-            Entry::Occupied(entry) => Ok(Arc::clone(entry.get())),
-            Entry::Vacant(entry) => {
-                if open >= self.config.max_rooms {
-                    return Err(ChatError::TooManyRooms {
-                        limit: self.config.max_rooms,
-                    });
-                }
-                Ok(Arc::clone(entry.insert(Arc::default())))
-            }
-        }
+    /// Rooms open now.
+    pub fn open_rooms(&self) -> usize {
+        self.rooms.len()
     }
 
     async fn open_room(&self, name: &RoomName) -> Result<Arc<Room>, ChatError> {
@@ -337,7 +452,9 @@ impl LocalHub {
                 members: HashMap::new(),
                 next_id: 1,
                 closed: None,
+                last_used: Instant::now(),
             }),
+            gone: CancellationToken::new(),
         });
         let mut keys = Keys::new(self.config.idempotency_window);
         for message in &state.recent_keys {
@@ -354,36 +471,67 @@ impl LocalHub {
             history: self.config.history,
             max_batch: self.config.max_batch,
             counters: self.counters.clone(),
+            idle: self.config.room_idle_timeout,
+            table: Arc::clone(&self.rooms),
         };
         tracing::debug!(room = %name, epoch = state.epoch, last = state.last, "room opened");
         self.shutdown.spawn(actor.run(self.shutdown.token()));
         Ok(room)
     }
 
-    async fn room(&self, name: &RoomName) -> Result<Arc<Room>, ChatError> {
+    async fn room(&self, name: &RoomName, owner: Option<&str>) -> Result<Arc<Room>, ChatError> {
         if self.shutdown.is_triggered() {
             return Err(ChatError::ShuttingDown);
         }
-        let cell = self.cell(name)?;
-        let room = cell.get_or_try_init(|| self.open_room(name)).await?;
-        Ok(Arc::clone(room))
+        let cell = self.rooms.cell(name, owner)?;
+        match cell.get_or_try_init(|| self.open_room(name)).await {
+            Ok(room) => Ok(Arc::clone(room)),
+            Err(err) => {
+                // Nothing opened: the slot is free again.
+                if !cell.initialized() {
+                    self.rooms.remove(name, &cell);
+                }
+                Err(err)
+            }
+        }
     }
 
-    async fn join_once(&self, request: &JoinRequest) -> Result<Membership, ChatError> {
-        self.room(&request.room)
-            .await?
-            .join(request.start, request.member.clone())
+    /// Runs `attempt` on the open room `name`, again on a fresh opening if
+    /// the room closed under it: once after a storage failure (reopening
+    /// from what the store really holds), and whenever it closed as idle
+    /// (after its actor has finished, so the reopening reads all it
+    /// stored).
+    async fn on_room<T, F>(
+        &self,
+        name: &RoomName,
+        owner: Option<&str>,
+        attempt: impl Fn(Arc<Room>) -> F,
+    ) -> Result<T, ChatError>
+    where
+        F: Future<Output = Result<T, ChatError>>,
+    {
+        let mut reopened = false;
+        loop {
+            let room = self.room(name, owner).await?;
+            let result = attempt(Arc::clone(&room)).await;
+            let closed = lock(&room.shared).closed;
+            match (result, closed) {
+                (Err(ChatError::Store(_)), Some(Closed::Idle)) => room.gone.cancelled().await,
+                (Err(ChatError::Store(err)), _) if !reopened && !self.shutdown.is_triggered() => {
+                    tracing::warn!(room = %name, %err, "reopening room after a storage failure");
+                    self.rooms.remove_open(name, &room);
+                    reopened = true;
+                }
+                (result, _) => return result,
+            }
+        }
     }
 
-    async fn send_once(&self, name: &RoomName, draft: Draft) -> Result<Arc<Message>, ChatError> {
-        let room = self.room(name).await?;
+    async fn send_once(room: Arc<Room>, draft: Draft) -> Result<Arc<Message>, ChatError> {
         if lock(&room.shared).closed.is_some() {
-            // A room closed by a storage failure is reopened by the caller.
-            return Err(if self.shutdown.is_triggered() {
-                ChatError::ShuttingDown
-            } else {
-                ChatError::Store(StoreError::Closed)
-            });
+            // Closed by a storage failure or as idle: reopened by the
+            // caller; for a shutdown, the caller ends.
+            return Err(ChatError::Store(StoreError::Closed));
         }
         let (reply, answer) = oneshot::channel();
         room.tx
@@ -393,7 +541,7 @@ impl LocalHub {
                 reply: Some(reply),
             })
             .await
-            .map_err(|_| ChatError::ShuttingDown)?;
+            .map_err(|_| ChatError::Store(StoreError::Closed))?;
         // Dropped unanswered: the actor stopped (shutdown) before storing.
         answer.await.unwrap_or(Err(ChatError::ShuttingDown))
     }
@@ -402,16 +550,13 @@ impl LocalHub {
 impl RoomHub for LocalHub {
     fn join(&self, request: JoinRequest) -> BoxFuture<'_, Result<Membership, ChatError>> {
         Box::pin(async move {
-            match self.join_once(&request).await {
-                Err(ChatError::Store(err)) => {
-                    // The room's storage failed: reopen it from what the
-                    // store really holds, once.
-                    tracing::warn!(room = %request.room, %err, "reopening room after a storage failure");
-                    lock(&self.rooms).remove(&request.room);
-                    self.join_once(&request).await
-                }
-                other => other,
-            }
+            let result = self
+                .on_room(&request.room, request.owner.as_deref(), |room| {
+                    let joined = room.join(request.start, request.member.clone());
+                    async move { joined }
+                })
+                .await;
+            shutting_down(result, &self.shutdown)
         })
     }
 
@@ -431,19 +576,30 @@ impl RoomHub for LocalHub {
         })
     }
 
-    fn send(&self, room: RoomName, draft: Draft) -> BoxFuture<'_, Result<Arc<Message>, ChatError>> {
+    fn send(
+        &self,
+        room: RoomName,
+        draft: Draft,
+        owner: Option<Arc<str>>,
+    ) -> BoxFuture<'_, Result<Arc<Message>, ChatError>> {
         Box::pin(async move {
-            match self.send_once(&room, draft.clone()).await {
-                Err(ChatError::Store(err)) if !self.shutdown.is_triggered() => {
-                    // As for a join: reopen the room from what the store
-                    // really holds, once.
-                    tracing::warn!(room = %room, %err, "reopening room after a storage failure");
-                    lock(&self.rooms).remove(&room);
-                    self.send_once(&room, draft).await
-                }
-                other => other,
-            }
+            let result = self
+                .on_room(&room, owner.as_deref(), |open| {
+                    Self::send_once(open, draft.clone())
+                })
+                .await;
+            shutting_down(result, &self.shutdown)
         })
+    }
+}
+
+/// A storage error met while the server shuts down is the shutdown.
+fn shutting_down<T>(result: Result<T, ChatError>, shutdown: &Shutdown) -> Result<T, ChatError> {
+    match result {
+        Err(ChatError::Store(StoreError::Closed)) if shutdown.is_triggered() => {
+            Err(ChatError::ShuttingDown)
+        }
+        other => other,
     }
 }
 
@@ -489,6 +645,8 @@ pub(crate) fn add_member(
 enum Closed {
     Shutdown,
     StorageFailed,
+    /// No members and nothing pending for `chat.room_idle_timeout`.
+    Idle,
 }
 
 struct Shared {
@@ -498,14 +656,20 @@ struct Shared {
     members: HashMap<u64, Slot>,
     next_id: u64,
     closed: Option<Closed>,
+    /// When the last member left or the last message was delivered.
+    last_used: Instant,
 }
 
+/// One open room of the [`LocalHub`].
 struct Room {
     name: RoomName,
     tx: mpsc::Sender<Submission>,
     queue: usize,
     announce: bool,
     shared: Mutex<Shared>,
+    /// Cancelled once a room closed as idle has stored what it took and
+    /// left the table: a reopening then reads everything.
+    gone: CancellationToken,
 }
 
 impl Room {
@@ -517,7 +681,7 @@ impl Room {
         let mut shared = lock(&self.shared);
         match shared.closed {
             Some(Closed::Shutdown) => return Err(ChatError::ShuttingDown),
-            Some(Closed::StorageFailed) => {
+            Some(Closed::StorageFailed | Closed::Idle) => {
                 return Err(ChatError::Store(super::StoreError::Closed));
             }
             None => {}
@@ -576,6 +740,7 @@ impl Drop for Leave {
         let open = {
             let mut shared = lock(&self.room.shared);
             shared.members.remove(&self.id);
+            shared.last_used = Instant::now();
             shared.closed.is_none()
         };
         if open && let Some(name) = &self.name {
@@ -637,10 +802,17 @@ struct Actor {
     history: u64,
     max_batch: usize,
     counters: ChatCounters,
+    /// `chat.room_idle_timeout`.
+    idle: Duration,
+    /// The hub's table, to leave when closing as idle.
+    table: Arc<RoomTable<Room>>,
 }
 
 impl Actor {
     async fn run(mut self, token: CancellationToken) {
+        let period = idle_check_period(self.idle);
+        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 biased;
@@ -649,14 +821,21 @@ impl Actor {
                     Some(submission) => submission,
                     None => break,
                 },
+                _ = checks.tick() => {
+                    if self.close_if_idle() {
+                        break;
+                    }
+                    continue;
+                }
             };
             let batch = self.take_batch(first);
             if !self.process(batch).await {
                 return;
             }
         }
-        // Shutdown: accept nothing new, but store and deliver what was
-        // already submitted, then end every member.
+        // Shutdown or idle: accept nothing new, but store and deliver what
+        // was already submitted (a send that raced the idle close), then
+        // end every member.
         self.rx.close();
         while let Some(first) = self.rx.recv().await {
             let batch = self.take_batch(first);
@@ -665,11 +844,37 @@ impl Actor {
             }
         }
         let mut shared = lock(&self.room.shared);
-        shared.closed = Some(Closed::Shutdown);
+        let closed = *shared.closed.get_or_insert(Closed::Shutdown);
         for (_, slot) in shared.members.drain() {
             slot.end.end(EndReason::Shutdown);
         }
-        tracing::debug!(room = %self.room.name, last = self.last, "room closed for shutdown");
+        drop(shared);
+        if closed == Closed::Idle {
+            self.table.remove_open(&self.room.name, &self.room);
+            self.room.gone.cancel();
+            tracing::debug!(room = %self.room.name, last = self.last, "idle room closed");
+        } else {
+            tracing::debug!(room = %self.room.name, last = self.last, "room closed for shutdown");
+        }
+    }
+
+    /// Closes the room if it has been idle for `chat.room_idle_timeout`
+    /// (no members, nothing submitted); joins and sends then wait for it
+    /// to be gone and open it again.
+    fn close_if_idle(&self) -> bool {
+        let mut shared = lock(&self.room.shared);
+        if shared.closed.is_none()
+            && idle_expired(
+                shared.members.len(),
+                !self.rx.is_empty(),
+                shared.last_used,
+                self.idle,
+            )
+        {
+            shared.closed = Some(Closed::Idle);
+            return true;
+        }
+        false
     }
 
     fn take_batch(&mut self, first: Submission) -> Vec<Submission> {
@@ -797,6 +1002,7 @@ impl Actor {
         }
         shared.last = self.last;
         shared.oldest = self.oldest;
+        shared.last_used = Instant::now();
         for (member, ack) in acks {
             if let Some(slot) = shared.members.get(&member)
                 && let Err(mpsc::error::TrySendError::Full(_)) = slot.tx.try_send(ack)
@@ -832,6 +1038,7 @@ mod tests {
             room: RoomName::parse(room).expect("valid"),
             start,
             member: None,
+            owner: None,
         }
     }
 

@@ -143,7 +143,9 @@ pub fn status(err: &ChatError) -> Status {
             epoch,
             ..
         } => resume_refused(tonic::Code::FailedPrecondition, err, *oldest, *last, *epoch),
-        ChatError::TooManyRooms { .. } => Status::resource_exhausted(err.to_string()),
+        ChatError::TooManyRooms { .. } | ChatError::ShareExhausted(_) => {
+            Status::resource_exhausted(err.to_string())
+        }
         ChatError::ShuttingDown => shutting_down(),
         ChatError::Store(store) if store.is_full() => Status::resource_exhausted(err.to_string()),
         ChatError::Store(_) => Status::unavailable(err.to_string()),
@@ -216,6 +218,7 @@ pub fn join_request(map: &MetadataMap) -> Result<JoinRequest, ChatError> {
         room,
         start,
         member,
+        owner: None,
     })
 }
 
@@ -244,6 +247,7 @@ pub fn watch_request(request: pb::WatchRoomRequest) -> Result<JoinRequest, ChatE
         room,
         start,
         member,
+        owner: None,
     })
 }
 
@@ -419,6 +423,7 @@ fn end_status(reason: Option<&EndReason>, failure: Option<&Status>, last_sent: u
 fn admit(identity: &Identity, join: &mut JoinRequest) -> Result<(), Status> {
     auth::authorize(identity, Resource::Chat, Action::Join, join.room.as_str())?;
     if identity.is_authenticated() {
+        join.owner = Some(identity.shared_name());
         let mut member = join.member.take().unwrap_or_default();
         bind_name(MEMBER_KEY, &mut member, Some(identity)).map_err(|err| status(&err))?;
         join.member = Some(member);
@@ -569,7 +574,7 @@ impl ChatService {
         let draft = draft(message, self.limits, bound).map_err(|err| status(&err))?;
         let stored = self
             .hub
-            .send(room, draft)
+            .send(room, draft, bound.map(Identity::shared_name))
             .await
             .map_err(|err| status(&err))?;
         Ok(Response::new(pb::ChatMessage::from(&*stored)))

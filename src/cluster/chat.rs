@@ -31,12 +31,12 @@
 //!   the reconnect from the last seq it delivered.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::HashMap,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{
@@ -46,14 +46,17 @@ use async_nats::jetstream::{
 use futures::{StreamExt, future::BoxFuture};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{OnceCell, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, ClusterError, token};
 use crate::{
     chat::{
         ChatError, Draft, Kind, Message, RoomName, Start, now_ms,
-        room::{EndReason, JoinRequest, Membership, Outbox, RoomHub, Slot, Submission, add_member},
+        room::{
+            EndReason, JoinRequest, Membership, Outbox, RoomHub, RoomTable, Slot, Submission,
+            add_member, idle_check_period, idle_expired,
+        },
     },
     config::ChatConfig,
     shutdown::Shutdown,
@@ -116,14 +119,12 @@ fn unavailable(err: impl std::fmt::Display) -> ChatError {
     ))
 }
 
-type RoomCell = Arc<OnceCell<Arc<Room>>>;
-
 /// The clustered [`RoomHub`].
 pub struct NatsHub {
     cluster: Arc<Cluster>,
     config: ChatConfig,
     shutdown: Shutdown,
-    rooms: Mutex<HashMap<RoomName, RoomCell>>,
+    rooms: Arc<RoomTable<Room>>,
 }
 
 impl std::fmt::Debug for NatsHub {
@@ -136,6 +137,8 @@ impl std::fmt::Debug for NatsHub {
 enum Closed {
     Shutdown,
     Reset,
+    /// No members and nothing pending for `chat.room_idle_timeout`.
+    Idle,
 }
 
 struct Shared {
@@ -144,8 +147,11 @@ struct Shared {
     members: HashMap<u64, Slot>,
     next_id: u64,
     closed: Option<Closed>,
+    /// When the last member left or the last message was delivered.
+    last_used: Instant,
 }
 
+/// One room open on this node.
 struct Room {
     name: RoomName,
     stream: String,
@@ -171,9 +177,9 @@ impl NatsHub {
     pub fn new(cluster: Arc<Cluster>, config: ChatConfig, shutdown: Shutdown) -> Self {
         Self {
             cluster,
+            rooms: RoomTable::new(&config),
             config,
             shutdown,
-            rooms: Mutex::new(HashMap::new()),
         }
     }
 
@@ -187,22 +193,6 @@ impl NatsHub {
                 format!("{STREAM_PREFIX}{tok}"),
                 vec![format!("{SUBJECT_PREFIX}.{tok}")],
             )
-        }
-    }
-
-    fn cell(&self, room: &RoomName) -> Result<RoomCell, ChatError> {
-        let mut rooms = lock(&self.rooms);
-        let open = rooms.len();
-        match rooms.entry(room.clone()) {
-            Entry::Occupied(entry) => Ok(Arc::clone(entry.get())),
-            Entry::Vacant(entry) => {
-                if open >= self.config.max_rooms {
-                    return Err(ChatError::TooManyRooms {
-                        limit: self.config.max_rooms,
-                    });
-                }
-                Ok(Arc::clone(entry.insert(Arc::default())))
-            }
         }
     }
 
@@ -247,6 +237,7 @@ impl NatsHub {
                 members: HashMap::new(),
                 next_id: 1,
                 closed: None,
+                last_used: Instant::now(),
             }),
             delivered,
             published: AtomicU64::new(0),
@@ -260,6 +251,7 @@ impl NatsHub {
             rx,
             self.config.max_batch,
             self.shutdown.token(),
+            (Arc::clone(&self.rooms), self.config.room_idle_timeout),
         ));
         Ok(room)
     }
@@ -269,12 +261,22 @@ impl NatsHub {
             return Err(ChatError::ShuttingDown);
         }
         self.cluster.check().map_err(unavailable)?;
-        let cell = self.cell(&request.room)?;
-        let room = cell
-            .get_or_try_init(|| self.open_room(&request.room))
-            .await?;
+        let room = self.room(&request.room, request.owner.as_deref()).await?;
         room.join(&self.cluster, request.start, request.member.clone())
             .await
+    }
+
+    async fn room(&self, name: &RoomName, owner: Option<&str>) -> Result<Arc<Room>, ChatError> {
+        let cell = self.rooms.cell(name, owner)?;
+        match cell.get_or_try_init(|| self.open_room(name)).await {
+            Ok(room) => Ok(Arc::clone(room)),
+            Err(err) => {
+                if !cell.initialized() {
+                    self.rooms.remove(name, &cell);
+                }
+                Err(err)
+            }
+        }
     }
 
     async fn read(
@@ -349,8 +351,9 @@ impl RoomHub for NatsHub {
         Box::pin(async move {
             match self.join_once(&request).await {
                 Err(ChatError::Store(_)) => {
-                    // The room's stream was reset under it: open it anew.
-                    lock(&self.rooms).remove(&request.room);
+                    // The room's stream was reset under it, or the room
+                    // closed as idle: open it anew.
+                    self.rooms.forget(&request.room);
                     self.join_once(&request).await
                 }
                 other => other,
@@ -369,24 +372,37 @@ impl RoomHub for NatsHub {
         Box::pin(self.read(room, epoch, from, to, limit))
     }
 
-    fn send(&self, room: RoomName, draft: Draft) -> BoxFuture<'_, Result<Arc<Message>, ChatError>> {
+    fn send(
+        &self,
+        room: RoomName,
+        draft: Draft,
+        owner: Option<Arc<str>>,
+    ) -> BoxFuture<'_, Result<Arc<Message>, ChatError>> {
         Box::pin(async move {
-            if self.shutdown.is_triggered() {
-                return Err(ChatError::ShuttingDown);
+            for _ in 0..2 {
+                if self.shutdown.is_triggered() {
+                    return Err(ChatError::ShuttingDown);
+                }
+                self.cluster.check().map_err(unavailable)?;
+                let open = self.room(&room, owner.as_deref()).await?;
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let sent = open
+                    .tx
+                    .send(Submission {
+                        member: None,
+                        draft: draft.clone(),
+                        reply: Some(reply),
+                    })
+                    .await;
+                if sent.is_err() && lock(&open.shared).closed == Some(Closed::Idle) {
+                    // Closed as idle under this send: open it anew.
+                    self.rooms.remove_open(&room, &open);
+                    continue;
+                }
+                sent.map_err(|_| ChatError::ShuttingDown)?;
+                return answer.await.map_err(|_| ChatError::ShuttingDown)?;
             }
-            self.cluster.check().map_err(unavailable)?;
-            let cell = self.cell(&room)?;
-            let open = cell.get_or_try_init(|| self.open_room(&room)).await?;
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            open.tx
-                .send(Submission {
-                    member: None,
-                    draft,
-                    reply: Some(reply),
-                })
-                .await
-                .map_err(|_| ChatError::ShuttingDown)?;
-            answer.await.map_err(|_| ChatError::ShuttingDown)?
+            Err(ChatError::ShuttingDown)
         })
     }
 }
@@ -424,7 +440,7 @@ impl Room {
         let mut shared = lock(&self.shared);
         match shared.closed {
             Some(Closed::Shutdown) => return Err(ChatError::ShuttingDown),
-            Some(Closed::Reset) => {
+            Some(Closed::Reset | Closed::Idle) => {
                 return Err(ChatError::Store(crate::chat::StoreError::Closed));
             }
             None => {}
@@ -490,6 +506,7 @@ impl Room {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             });
         shared.last = seq;
+        shared.last_used = Instant::now();
         shared.oldest = shared.oldest.max((seq + 1).saturating_sub(self.history));
         drop(shared);
         self.delivered.send_replace(seq);
@@ -607,13 +624,14 @@ impl Room {
 
     fn close(&self, why: Closed, reason: impl Fn() -> EndReason) {
         let mut shared = lock(&self.shared);
-        shared.closed = Some(why);
+        shared.closed.get_or_insert(why);
         for (_, slot) in shared.members.drain() {
             slot.end.end(reason());
         }
     }
 
-    /// Publishes what members submit until `token`; then publishes what
+    /// Publishes what members submit until `token` (or until the room has
+    /// been idle for `idle`, when it leaves `table`); then publishes what
     /// was already submitted, waits for the feed to deliver it, and ends
     /// every member.
     async fn publisher(
@@ -622,8 +640,12 @@ impl Room {
         mut rx: mpsc::Receiver<Submission>,
         max_batch: usize,
         token: CancellationToken,
+        (table, idle): (Arc<RoomTable<Room>>, Duration),
     ) {
         let mut published = 0u64;
+        let period = idle_check_period(idle);
+        let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 biased;
@@ -633,6 +655,18 @@ impl Room {
                     Some(submission) => submission,
                     None => break,
                 },
+                _ = checks.tick() => {
+                    let mut shared = lock(&self.shared);
+                    let pending = !rx.is_empty()
+                        || self.published.load(Ordering::Relaxed) > shared.last;
+                    if shared.closed.is_none()
+                        && idle_expired(shared.members.len(), pending, shared.last_used, idle)
+                    {
+                        shared.closed = Some(Closed::Idle);
+                        break;
+                    }
+                    continue;
+                }
             };
             let batch = take_batch(&mut rx, first, max_batch);
             published = published.max(self.publish(&cluster, batch).await);
@@ -648,6 +682,11 @@ impl Room {
         let _ = tokio::time::timeout(wait, delivered.wait_for(|&d| d >= published)).await;
         self.close(Closed::Shutdown, || EndReason::Shutdown);
         self.done.cancel();
+        if lock(&self.shared).closed == Some(Closed::Idle) {
+            table.remove_open(&self.name, &self);
+            tracing::debug!(room = %self.name, "cluster: idle room closed");
+            return;
+        }
         tracing::debug!(room = %self.name, published, "cluster: room closed for shutdown");
     }
 

@@ -111,11 +111,15 @@ pub enum TelemetryError {
     #[error("{0}")]
     Unavailable(String),
     /// The table of services is full.
-    #[error("the hub already tracks its limit of {limit} services")]
+    #[error("the hub already tracks its limit of {limit} services (`telemetry.max_services`)")]
     TooManyServices {
         /// The configured limit.
         limit: usize,
     },
+    /// The publisher's identity created its share of the service names
+    /// (`telemetry.max_services_per_identity`).
+    #[error(transparent)]
+    ShareExhausted(#[from] crate::shares::ShareExhausted),
 }
 
 impl From<BrokerError> for TelemetryError {
@@ -187,6 +191,10 @@ pub struct Hub {
     /// Histories, change feed and alert feed: where samples land.
     records: Arc<Records>,
     counters: TelemetryCounters,
+    /// `telemetry.max_services_per_identity`: the service names each
+    /// authenticated identity created.
+    namers: Arc<crate::shares::Shares>,
+    named: std::sync::Mutex<std::collections::HashMap<Arc<str>, crate::shares::Share>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -213,6 +221,12 @@ impl Hub {
         Self {
             broker,
             records,
+            namers: crate::shares::Shares::new(
+                "service names",
+                "telemetry.max_services_per_identity",
+                config.max_services_per_identity,
+            ),
+            named: std::sync::Mutex::default(),
             config,
             rpc_count: Arc::new(AtomicU64::new(0)),
             counters: TelemetryCounters::default(),
@@ -240,6 +254,42 @@ impl Hub {
     /// self-service's `request_count`.
     pub fn rpc_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.rpc_count)
+    }
+
+    /// Charges the service name `service`, if new, to `identity` (the
+    /// authenticated publisher; `None` for anonymous ones, not counted),
+    /// before its first report is ingested. Names stay charged while the
+    /// hub tracks them.
+    ///
+    /// # Errors
+    /// [`TelemetryError::ShareExhausted`] when `identity` has created
+    /// `telemetry.max_services_per_identity` names already.
+    pub fn admit_name(&self, service: &str, identity: Option<&str>) -> Result<(), TelemetryError> {
+        if identity.is_none() || self.records.histories().get(service).is_some() {
+            return Ok(());
+        }
+        let mut named = self
+            .named
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if named.contains_key(service) {
+            return Ok(());
+        }
+        if let Some(share) = self.namers.claim(identity)? {
+            named.insert(Arc::from(service), share);
+        }
+        Ok(())
+    }
+
+    /// Gives back the charge [`Hub::admit_name`] took for `service` if the
+    /// hub does not track it after all (its report was refused).
+    pub fn unadmit_name(&self, service: &str) {
+        if self.records.histories().get(service).is_none() {
+            self.named
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(service);
+        }
     }
 
     /// Validates a report and publishes it as the service's latest

@@ -143,7 +143,9 @@ fn status(err: &TelemetryError) -> Status {
         | TelemetryError::NameTooLong { .. }
         | TelemetryError::BadValue { .. } => Status::invalid_argument(err.to_string()),
         TelemetryError::UnknownService(_) => Status::not_found(err.to_string()),
-        TelemetryError::TooManyServices { .. } => Status::resource_exhausted(err.to_string()),
+        TelemetryError::TooManyServices { .. } | TelemetryError::ShareExhausted(_) => {
+            Status::resource_exhausted(err.to_string())
+        }
         TelemetryError::Closed => shutting_down(),
         TelemetryError::Unavailable(_) => Status::unavailable(err.to_string()),
     }
@@ -290,7 +292,11 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                     yield Err(denied);
                     break;
                 }
-                match hub.ingest(payload.into()) {
+                let publisher = identity.is_authenticated().then(|| identity.name());
+                match hub
+                    .admit_name(&name, publisher)
+                    .and_then(|()| hub.ingest(payload.into()))
+                {
                     Ok(sample) => {
                         for alert in engine.evaluate(&sample) {
                             // Every watcher sees it too.
@@ -299,6 +305,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                         }
                     }
                     Err(err) => {
+                        hub.unadmit_name(&name);
                         let bad = Status::new(
                             status(&err).code(),
                             format!("payload {position} (service {name:?}): {err}"),

@@ -99,7 +99,11 @@ fn http_builder(settings: &Settings) -> Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // Every request head after the first must also arrive in time
         // (the first is the handshake, watched by the task).
-        .header_read_timeout(settings.handshake_timeout);
+        .header_read_timeout(settings.handshake_timeout)
+        // The request head must fit hyper's read buffer, so this bounds
+        // HTTP/1.1 headers by `limits.max_header_list_size` like HTTP/2's
+        // (431 and close beyond it); hyper's floor is 8 KiB.
+        .max_buf_size(http1_buf_size(limits.max_header_list_size));
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -113,6 +117,14 @@ fn http_builder(settings: &Settings) -> Builder<TokioExecutor> {
         .max_frame_size(limits.max_frame_size)
         .max_header_list_size(limits.max_header_list_size);
     builder
+}
+
+/// hyper's HTTP/1.1 read buffer for a header limit of `max_header_list_size`
+/// bytes: the limit itself, but at least hyper's minimum of 8 KiB.
+fn http1_buf_size(max_header_list_size: u32) -> usize {
+    usize::try_from(max_header_list_size)
+        .unwrap_or(usize::MAX)
+        .max(8 * 1024)
 }
 
 /// Serves one accepted connection until it closes.
