@@ -59,6 +59,12 @@ pub trait LatestBroker<T>: Send + Sync + 'static {
     /// Every topic with its newest value, sorted by name.
     fn topics(&self) -> Vec<(String, Option<T>)>;
 
+    /// Removes `topic` and its value unless a subscription is open on it;
+    /// true if the topic is gone (or never was). Used by the telemetry
+    /// hub's sweep of silent services, never on the publish or delivery
+    /// paths.
+    fn forget(&self, topic: &str) -> bool;
+
     /// Whether the broker's values are live right now. The in-process
     /// broker always is; a clustered one cut off from its peers returns
     /// [`BrokerError::Unavailable`], and callers then refuse to serve
@@ -185,6 +191,18 @@ impl<T: Clone + Send + Sync + 'static> LatestBroker<T> for MemoryBroker<T> {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    fn forget(&self, topic: &str) -> bool {
+        let mut topics = lock(&self.topics);
+        match topics.get(topic) {
+            None => true,
+            Some(tx) if tx.receiver_count() == 0 => {
+                topics.remove(topic);
+                true
+            }
+            Some(_) => false,
+        }
     }
 
     fn close(&self) {
@@ -325,8 +343,13 @@ mod tests {
         let _c = broker.subscribe("c").expect("room again");
         // Topics with values stay after their subscribers leave.
         let a = broker.subscribe("a").expect("subscribe");
+        assert!(!broker.forget("a"), "kept while subscribed");
         drop(a);
         assert_eq!(broker.latest("a"), Some(1));
+        // Until forgotten.
+        assert!(broker.forget("a"));
+        assert_eq!(broker.latest("a"), None);
+        assert!(broker.forget("never"));
     }
 
     #[tokio::test]

@@ -338,6 +338,12 @@ pub struct TelemetryConfig {
     /// counts for the identity whose report created it); 0: no
     /// per-identity limit.
     pub max_services_per_identity: usize,
+    /// A service that has not reported for this long, with no open
+    /// LiveFeed call publishing it and no Subscribe call waiting on it, is
+    /// dropped: its slot, its per-identity charge, latest sample and
+    /// history are freed; a later sample re-creates it. Zero: never.
+    #[serde(with = "humantime_serde")]
+    pub service_ttl: Duration,
     /// While a value stays above its threshold, repeat the alert at most
     /// this often.
     #[serde(with = "humantime_serde")]
@@ -361,6 +367,7 @@ impl Default for TelemetryConfig {
             min_interval: Duration::from_millis(100),
             max_services: 10_000,
             max_services_per_identity: 1_000,
+            service_ttl: Duration::from_secs(3600),
             alert_repeat_interval: Duration::from_secs(60),
             rules: vec![
                 AlertRuleConfig {

@@ -180,6 +180,7 @@ where
         Arc::clone(&hub),
         shutdown.token(),
     ));
+    shutdown.spawn(Arc::clone(&hub).sweep_periodically(shutdown.token()));
     let uploads = upload::Store::open(&config.data_dir, config.upload.clone())?;
     if let Some(c) = &cluster {
         uploads.set_shared_leases(NatsLeases::start(Arc::clone(c)).await?);

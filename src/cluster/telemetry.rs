@@ -505,6 +505,12 @@ impl LatestBroker<Sample> for NatsBroker {
         self.local.topics()
     }
 
+    /// Forgets this node's view only: the stream keeps the last sample
+    /// (re-read after a reconnect, it is skipped as applied already).
+    fn forget(&self, topic: &str) -> bool {
+        self.local.forget(topic)
+    }
+
     fn check(&self) -> Result<(), BrokerError> {
         self.cluster
             .check()

@@ -6,7 +6,11 @@
 //! most (28 KiB at the default 900) plus about 150 bytes of bookkeeping. A
 //! ring grows as samples arrive, so a service that reported a few times
 //! holds only those. The table holds at most `telemetry.max_services`
-//! series and, like the broker, forgets none while the server runs.
+//! series. A series that fell silent is dropped by the hub's sweep
+//! ([`Histories::remove`], see `Hub::sweep`): its ring is freed at once and
+//! its id goes back to a free list, to be reused by a later service with a
+//! new [`Key::generation`], so a watcher that still holds the old id can
+//! tell the two apart.
 //!
 //! Appending is O(1) and allocates nothing once a ring is full (while it
 //! fills, its buffer grows by doubling up to exactly its capacity).
@@ -16,6 +20,8 @@ use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
+
+use tokio::time::Instant;
 
 use super::{Sample, TelemetryError};
 
@@ -118,13 +124,31 @@ pub struct SeriesState {
     /// Samples ever appended (the newest sample's sequence number; 0 when
     /// none).
     pub seq: u64,
+    /// When the newest sample was appended (or the series created).
+    pub touched: Instant,
+    /// Dropped from the table: nothing lands here any more (a sample for
+    /// the name creates a new series).
+    pub dropped: bool,
+}
+
+/// A series' place in the table: its dense id, and the generation that
+/// tells it from earlier and later series that held the same id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// Position in the table; reused after a drop.
+    pub id: u32,
+    /// Different for each series that holds the id.
+    pub generation: u32,
 }
 
 /// One service's history.
 #[derive(Debug)]
 pub struct Series {
-    /// The dense id of the service (its position in the table).
+    /// The dense id of the service (its position in the table; reused by
+    /// another service once this one is dropped).
     pub id: u32,
+    /// Tells this series from others that held the same id.
+    pub generation: u32,
     /// The service name.
     pub name: Arc<str>,
     state: Mutex<SeriesState>,
@@ -168,6 +192,14 @@ impl Series {
         self.lock().seq
     }
 
+    /// The series' id and generation.
+    pub fn key(&self) -> Key {
+        Key {
+            id: self.id,
+            generation: self.generation,
+        }
+    }
+
     fn sample(&self, point: Point, seq: u64) -> Sample {
         Sample {
             service: Arc::clone(&self.name),
@@ -184,13 +216,18 @@ impl Series {
     pub fn append(state: &mut SeriesState, sample: &Sample) {
         state.ring.push(Point::of(sample));
         state.seq = sample.seq;
+        state.touched = Instant::now();
     }
 }
 
 #[derive(Debug, Default)]
 struct Table {
     by_name: HashMap<Arc<str>, Arc<Series>>,
-    by_id: Vec<Arc<Series>>,
+    /// `None`: a free id (also on `free`).
+    by_id: Vec<Option<Arc<Series>>>,
+    free: Vec<u32>,
+    /// The generation the next series gets.
+    generation: u32,
 }
 
 /// Every service's series, by name and by dense id.
@@ -233,39 +270,90 @@ impl Histories {
         if let Some(series) = table.by_name.get(name) {
             return Ok(Arc::clone(series));
         }
-        if table.by_id.len() >= self.max_services {
-            return Err(TelemetryError::TooManyServices {
-                limit: self.max_services,
-            });
-        }
-        let id = u32::try_from(table.by_id.len()).map_err(|_| TelemetryError::TooManyServices {
+        let full = TelemetryError::TooManyServices {
             limit: self.max_services,
-        })?;
+        };
+        if table.by_name.len() >= self.max_services {
+            return Err(full);
+        }
+        let id = match table.free.pop() {
+            Some(id) => id,
+            None => u32::try_from(table.by_id.len()).map_err(|_| full)?,
+        };
+        let generation = table.generation;
+        table.generation = generation.wrapping_add(1);
         let series = Arc::new(Series {
             id,
+            generation,
             name: Arc::clone(name),
             state: Mutex::new(SeriesState {
                 ring: Ring::new(self.capacity),
                 seq: 0,
+                touched: Instant::now(),
+                dropped: false,
             }),
         });
-        table.by_id.push(Arc::clone(&series));
+        match table.by_id.get_mut(id as usize) {
+            Some(slot) => *slot = Some(Arc::clone(&series)),
+            None => table.by_id.push(Some(Arc::clone(&series))),
+        }
         table.by_name.insert(Arc::clone(name), Arc::clone(&series));
         Ok(series)
     }
 
-    /// The series with id `id`.
-    pub fn by_id(&self, id: u32) -> Option<Arc<Series>> {
-        self.read().by_id.get(id as usize).cloned()
+    /// Takes `series` out of the table (if it is still there) and frees its
+    /// ring; its id is free for the next new service. The caller holds
+    /// `state`, the series' lock, and marks it dropped first, so a sample
+    /// that was about to land in it lands in a new series instead.
+    pub fn remove(&self, series: &Series, state: &mut SeriesState) {
+        state.dropped = true;
+        state.ring = Ring::new(1);
+        let mut table = self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ours = |s: &Arc<Series>| s.key() == series.key();
+        if table.by_name.get(&series.name).is_some_and(ours) {
+            table.by_name.remove(&series.name);
+        }
+        if let Some(slot) = table.by_id.get_mut(series.id as usize)
+            && slot.as_ref().is_some_and(ours)
+        {
+            *slot = None;
+            table.free.push(series.id);
+        }
     }
 
-    /// The series with ids from `from` on, in id order.
-    pub fn since(&self, from: usize) -> Vec<Arc<Series>> {
-        self.read()
+    /// The series with id `id`.
+    pub fn by_id(&self, id: u32) -> Option<Arc<Series>> {
+        self.read().by_id.get(id as usize).cloned().flatten()
+    }
+
+    /// The series with ids from `from` on, in id order, and the end of the
+    /// ids handed out so far (where the next call should start).
+    pub fn since(&self, from: usize) -> (usize, Vec<Arc<Series>>) {
+        let table = self.read();
+        let found = table
             .by_id
             .get(from..)
-            .map(<[_]>::to_vec)
-            .unwrap_or_default()
+            .map(|slots| slots.iter().flatten().cloned().collect())
+            .unwrap_or_default();
+        (table.by_id.len().max(from), found)
+    }
+
+    /// Every series, in id order.
+    pub fn all(&self) -> Vec<Arc<Series>> {
+        self.since(0).1
+    }
+
+    /// Number of series in the table.
+    pub fn len(&self) -> usize {
+        self.read().by_name.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
@@ -347,7 +435,43 @@ mod tests {
             histories.get_or_create(&Arc::from("c")).expect_err("full"),
             TelemetryError::TooManyServices { limit: 2 }
         );
-        assert_eq!(histories.since(1).len(), 1);
-        assert!(histories.since(5).is_empty());
+        assert_eq!(histories.since(1).1.len(), 1);
+        assert!(histories.since(5).1.is_empty());
+    }
+
+    #[test]
+    fn a_removed_series_frees_its_ring_and_its_id_for_a_new_generation() {
+        let histories = Histories::new(3, 2);
+        let a = histories.get_or_create(&Arc::from("a")).expect("fits");
+        let b = histories.get_or_create(&Arc::from("b")).expect("fits");
+        {
+            let mut state = a.lock();
+            Series::append(
+                &mut state,
+                &Sample {
+                    service: Arc::from("a"),
+                    cpu_usage: 0.0,
+                    memory_mb: 0.0,
+                    request_count: 1,
+                    timestamp_ms: 1,
+                    seq: 1,
+                },
+            );
+            histories.remove(&a, &mut state);
+            assert!(state.dropped && state.ring.is_empty());
+        }
+        assert!(histories.get("a").is_none());
+        assert!(histories.by_id(a.id).is_none());
+        assert_eq!(histories.len(), 1);
+        let c = histories
+            .get_or_create(&Arc::from("c"))
+            .expect("a slot again");
+        assert_eq!(c.id, a.id, "the id is reused");
+        assert_ne!(c.key(), a.key(), "with a new generation");
+        // Removing the old series again touches nothing of the new one.
+        histories.remove(&a, &mut a.lock());
+        assert_eq!(histories.by_id(c.id).map(|s| s.key()), Some(c.key()));
+        assert_eq!(histories.all().len(), 2);
+        assert_eq!(b.id, 1);
     }
 }

@@ -195,6 +195,48 @@ pub struct Hub {
     /// authenticated identity created.
     namers: Arc<crate::shares::Shares>,
     named: std::sync::Mutex<std::collections::HashMap<Arc<str>, crate::shares::Share>>,
+    /// Open LiveFeed calls by the name each published last: those names
+    /// are never dropped by [`Hub::sweep`].
+    feeding: Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>>,
+    /// Called with each name [`Hub::sweep`] drops (caches of other layers).
+    on_drop: std::sync::Mutex<Vec<DropHook>>,
+}
+
+/// A cache of another layer that forgets a dropped service's name.
+type DropHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// An open LiveFeed call's hold on the name it published last: while it
+/// lives, [`Hub::sweep`] keeps that service. Dropping it lets go.
+#[derive(Debug)]
+pub struct FeedPin {
+    feeding: Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, usize>>>,
+    name: Arc<str>,
+}
+
+impl FeedPin {
+    /// The name held.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for FeedPin {
+    fn drop(&mut self) {
+        let mut feeding = lock(&self.feeding);
+        if let Some(count) = feeding.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                feeding.remove(&self.name);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is one map update: consistent after a panic.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Hub {
@@ -227,6 +269,8 @@ impl Hub {
                 config.max_services_per_identity,
             ),
             named: std::sync::Mutex::default(),
+            feeding: Arc::default(),
+            on_drop: std::sync::Mutex::default(),
             config,
             rpc_count: Arc::new(AtomicU64::new(0)),
             counters: TelemetryCounters::default(),
@@ -259,7 +303,7 @@ impl Hub {
     /// Charges the service name `service`, if new, to `identity` (the
     /// authenticated publisher; `None` for anonymous ones, not counted),
     /// before its first report is ingested. Names stay charged while the
-    /// hub tracks them.
+    /// hub tracks them: until [`Hub::sweep`] drops them.
     ///
     /// # Errors
     /// [`TelemetryError::ShareExhausted`] when `identity` has created
@@ -289,6 +333,90 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(service);
+        }
+    }
+
+    /// Holds `service` against [`Hub::sweep`] for an open LiveFeed call,
+    /// which keeps one pin, for the name it published last (a call that
+    /// moves on to another name moves its pin).
+    pub fn pin_feed(&self, service: &str) -> FeedPin {
+        let name: Arc<str> = Arc::from(service);
+        *lock(&self.feeding).entry(Arc::clone(&name)).or_insert(0) += 1;
+        FeedPin {
+            feeding: Arc::clone(&self.feeding),
+            name,
+        }
+    }
+
+    /// Calls `hook` with each name [`Hub::sweep`] drops from now on.
+    pub fn on_drop(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        lock(&self.on_drop).push(Box::new(hook));
+    }
+
+    /// Drops every service that has not reported for
+    /// `telemetry.service_ttl`, unless a LiveFeed call holds it
+    /// ([`Hub::pin_feed`]) or a Subscribe call waits on it (an open
+    /// broker subscription). A dropped service leaves the broker (GetSnapshot
+    /// and ListServices no longer show it) and the history table (its ring
+    /// is freed, its id reused), frees its slot of
+    /// `telemetry.max_services` and its creator's charge of
+    /// `telemetry.max_services_per_identity`; watchers forget it. A later
+    /// sample under the name creates it anew. Returns the names dropped.
+    ///
+    /// O(services), off the publish and delivery paths: run it
+    /// periodically ([`Hub::sweep_periodically`]). Does nothing when the
+    /// ttl is zero.
+    pub fn sweep(&self) -> Vec<Arc<str>> {
+        let ttl = self.config.service_ttl;
+        let Some(stale_before) = tokio::time::Instant::now().checked_sub(ttl) else {
+            return Vec::new();
+        };
+        if ttl.is_zero() {
+            return Vec::new();
+        }
+        let dropped = self.records.sweep(stale_before, |name| {
+            !lock(&self.feeding).contains_key(name) && self.broker.forget(name)
+        });
+        if dropped.is_empty() {
+            return dropped;
+        }
+        {
+            let mut named = lock(&self.named);
+            for name in &dropped {
+                named.remove(name);
+            }
+        }
+        let hooks = lock(&self.on_drop);
+        for name in &dropped {
+            for hook in hooks.iter() {
+                hook(name);
+            }
+        }
+        tracing::debug!(
+            services = dropped.len(),
+            "telemetry: dropped services silent for {}",
+            humantime::format_duration(ttl)
+        );
+        dropped
+    }
+
+    /// Runs [`Hub::sweep`] every quarter of `telemetry.service_ttl`
+    /// (between 10 ms and 1 min) until `token` is cancelled; returns at
+    /// once when the ttl is zero.
+    pub async fn sweep_periodically(self: Arc<Self>, token: tokio_util::sync::CancellationToken) {
+        let ttl = self.config.service_ttl;
+        if ttl.is_zero() {
+            return;
+        }
+        let period = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            self.sweep();
         }
     }
 

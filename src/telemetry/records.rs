@@ -30,7 +30,7 @@ use tokio::sync::broadcast;
 
 use super::{
     Sample, TelemetryError,
-    history::{Histories, Series},
+    history::{Histories, Key, Series},
     watch::{AlertFeed, AlertRecord, CHANGE_FEED},
 };
 use crate::{
@@ -42,9 +42,9 @@ use crate::{
 #[derive(Debug)]
 pub struct Records {
     histories: Arc<Histories>,
-    /// The change feed: the id of each service whose sample landed (see
-    /// [`super::watch`]).
-    changes: broadcast::Sender<u32>,
+    /// The change feed: the key of each service whose sample landed, or
+    /// that was dropped (see [`super::watch`]).
+    changes: broadcast::Sender<Key>,
     alerts: AlertFeed,
 }
 
@@ -77,18 +77,54 @@ impl Records {
         sample: Sample,
         store: impl FnOnce(Sample) -> Result<(), BrokerError>,
     ) -> Result<Sample, TelemetryError> {
-        let series = self.histories.get_or_create(&sample.service)?;
-        let mut state = series.lock();
-        let sample = Sample {
-            seq: state.seq + 1,
-            ..sample
-        };
-        store(sample.clone())?;
-        Series::append(&mut state, &sample);
-        drop(state);
-        // No watcher is fine.
-        let _ = self.changes.send(series.id);
-        Ok(sample)
+        loop {
+            let series = self.histories.get_or_create(&sample.service)?;
+            let mut state = series.lock();
+            if state.dropped {
+                // Dropped by a sweep after we found it: the name starts
+                // over in a new series.
+                continue;
+            }
+            let sample = Sample {
+                seq: state.seq + 1,
+                ..sample
+            };
+            store(sample.clone())?;
+            Series::append(&mut state, &sample);
+            drop(state);
+            // No watcher is fine.
+            let _ = self.changes.send(series.key());
+            return Ok(sample);
+        }
+    }
+
+    /// Drops every service that has not landed a sample since
+    /// `stale_before` and that `release` lets go (it is called with the
+    /// service's lock held, so no sample lands meanwhile, and must free
+    /// whatever else holds the name, e.g. the broker's topic, returning
+    /// false to keep it). A dropped service's ring is freed, its id
+    /// reused later, and its key announced on the change feed so watchers
+    /// forget it. Returns the names dropped.
+    ///
+    /// O(services); runs off the publish and delivery paths (the hub's
+    /// periodic sweep).
+    pub fn sweep(
+        &self,
+        stale_before: tokio::time::Instant,
+        mut release: impl FnMut(&str) -> bool,
+    ) -> Vec<Arc<str>> {
+        let mut dropped = Vec::new();
+        for series in self.histories.all() {
+            let mut state = series.lock();
+            if state.dropped || state.touched > stale_before || !release(&series.name) {
+                continue;
+            }
+            self.histories.remove(&series, &mut state);
+            drop(state);
+            let _ = self.changes.send(series.key());
+            dropped.push(Arc::clone(&series.name));
+        }
+        dropped
     }
 
     /// Records an alert in the alert feed and sends it to every watcher
@@ -103,7 +139,7 @@ impl Records {
     }
 
     /// The change feed.
-    pub fn changes(&self) -> &broadcast::Sender<u32> {
+    pub fn changes(&self) -> &broadcast::Sender<Key> {
         &self.changes
     }
 

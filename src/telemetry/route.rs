@@ -60,11 +60,18 @@ impl TelemetryServer {
         generated: TelemetryServiceServer<TelemetryService>,
         max_message_size: usize,
     ) -> Self {
+        let frames: Arc<SharedFrames> = Arc::default();
+        let weak = Arc::downgrade(&frames);
+        service.hub().on_drop(move |name| {
+            if let Some(frames) = weak.upgrade() {
+                frames.forget(name);
+            }
+        });
         Self {
             service,
             generated,
             max_message_size,
-            frames: Arc::default(),
+            frames,
         }
     }
 }
@@ -157,7 +164,8 @@ fn after_request(next: Option<Result<MetricsRequest, Status>>) -> Option<Status>
 /// The newest frame of each service, shared by its subscribers: a sample
 /// is encoded once, by the first subscriber to send it, and the others send
 /// the same bytes. One entry per service that has had a sample sent, so it
-/// is bounded like the hub's own table (`telemetry.max_services`).
+/// is bounded like the hub's own table (`telemetry.max_services`); an
+/// entry goes when the hub's sweep drops its service.
 #[derive(Debug, Default)]
 struct SharedFrames {
     newest: Mutex<HashMap<Arc<str>, (Sample, Bytes)>>,
@@ -178,6 +186,14 @@ impl SharedFrames {
         let encoded = frame(sample.clone());
         newest.insert(Arc::clone(&sample.service), (sample, encoded.clone()));
         encoded
+    }
+
+    /// Forgets the frame of `service` (dropped by the hub's sweep).
+    fn forget(&self, service: &str) {
+        self.newest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(service);
     }
 }
 

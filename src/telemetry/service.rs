@@ -48,6 +48,11 @@ impl TelemetryService {
         }
     }
 
+    /// The hub behind this service.
+    pub(super) fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
     /// The server of this service, with message size limits: tonic's
     /// generated routes, and the server's own for Subscribe.
     pub fn into_server(self, max_message_size: usize) -> TelemetryServer {
@@ -249,6 +254,9 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
         // before the closing status.
         let stream = async_stream::stream! {
             let mut position: u64 = 0;
+            // The name this call published last, held against the sweep of
+            // silent services while the call is open.
+            let mut pin: Option<super::FeedPin> = None;
             loop {
                 let woke = tokio::select! {
                     biased;
@@ -293,6 +301,9 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
                     break;
                 }
                 let publisher = identity.is_authenticated().then(|| identity.name());
+                if pin.as_ref().is_none_or(|pin| pin.name() != name) {
+                    pin = Some(hub.pin_feed(&name));
+                }
                 match hub
                     .admit_name(&name, publisher)
                     .and_then(|()| hub.ingest(payload.into()))

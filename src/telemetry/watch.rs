@@ -18,6 +18,19 @@
 //! matched against the pattern, which is how services that appear later
 //! join the stream.
 //!
+//! # Services that are dropped
+//!
+//! A service silent for `telemetry.service_ttl` is dropped by the hub's
+//! sweep (see `Hub::sweep`), and its id may later go to another service.
+//! Ids on the change feed therefore come with the series' generation (a
+//! [`Key`]): a key whose generation differs from what the stream holds for
+//! that id means the id changed hands, and the stream looks the id up
+//! again. The sweep announces each dropped key too; the stream then
+//! forgets the service (it sends nothing for it, and no event says so: a
+//! dashboard sees the service fall silent, and it is absent from the
+//! backfill of a new watch). If the name reports again it is a new
+//! service to the stream, whose samples are sent from its first.
+//!
 //! # Slow readers
 //!
 //! Samples: skip to the newest, as Subscribe. A stream that is not polled
@@ -49,7 +62,7 @@ use tokio::{
 use super::{
     Sample,
     alerts::Alert,
-    history::{Histories, Series},
+    history::{Histories, Key, Series},
     now_ms,
     pacer::Pacer,
 };
@@ -296,18 +309,27 @@ pub struct WatchCounts {
     pub coalesced: u64,
 }
 
+/// What one watch stream knows of one id of the table.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The generation of the series last looked at under this id (`None`:
+    /// none, or it was dropped).
+    generation: Option<u32>,
+    /// `Some` when that series matches.
+    watched: Option<Box<Watched>>,
+}
+
 /// One watch stream's state: no task of its own; [`Watch::next`] is
 /// polled by the response stream.
 #[derive(Debug)]
 pub struct Watch {
     histories: Arc<Histories>,
-    changes: broadcast::Receiver<u32>,
+    changes: broadcast::Receiver<Key>,
     alerts: Option<broadcast::Receiver<Arc<AlertRecord>>>,
     options: WatchOptions,
     phase: Phase,
-    /// By series id: `Some` for matching services; ids below `classified`
-    /// have been looked at.
-    watched: Vec<Option<Box<Watched>>>,
+    /// By series id; ids below `classified` have been looked at.
+    watched: Vec<Slot>,
     classified: usize,
     ready: VecDeque<u32>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
@@ -320,7 +342,7 @@ impl Watch {
     /// exists, so nothing falls between the backfill and the live part.
     pub fn new(
         histories: Arc<Histories>,
-        changes: broadcast::Receiver<u32>,
+        changes: broadcast::Receiver<Key>,
         alerts: Option<AlertSubscription>,
         options: WatchOptions,
     ) -> Self {
@@ -350,7 +372,7 @@ impl Watch {
         let services = watch
             .watched
             .iter()
-            .flatten()
+            .filter_map(|slot| slot.watched.as_ref())
             .map(|w| Arc::clone(&w.series))
             .collect();
         watch.phase = Phase::Backfill {
@@ -373,30 +395,58 @@ impl Watch {
     /// Looks at the series created since the last look and adds those
     /// that match; each becomes ready, so its newest sample goes out.
     fn classify_new(&mut self) {
-        let new = self.histories.since(self.classified);
-        self.classified += new.len();
+        let (end, new) = self.histories.since(self.classified);
+        self.classified = end;
+        if self.watched.len() < end {
+            self.watched.resize_with(end, Slot::default);
+        }
         for series in new {
-            let id = series.id as usize;
-            if self.watched.len() <= id {
-                self.watched.resize_with(id + 1, || None);
-            }
-            if self.options.pattern.matches(&series.name)
-                && self.options.visible.allows(&series.name)
-            {
-                self.watched[id] = Some(Box::new(Watched {
+            self.classify(series);
+        }
+    }
+
+    /// Makes `series` what its id's slot holds, watched if it matches.
+    fn classify(&mut self, series: Arc<Series>) {
+        let id = series.id as usize;
+        if self.watched.len() <= id {
+            self.watched.resize_with(id + 1, Slot::default);
+        }
+        let matches =
+            self.options.pattern.matches(&series.name) && self.options.visible.allows(&series.name);
+        self.watched[id] = Slot {
+            generation: Some(series.generation),
+            watched: matches.then(|| {
+                Box::new(Watched {
                     series,
                     seen: 0,
                     pacer: Pacer::new(self.options.interval),
                     queued: false,
                     held: false,
-                }));
-                self.mark(id);
+                })
+            }),
+        };
+        if matches {
+            self.mark(id);
+        }
+    }
+
+    /// Looks the id up again: it was dropped, or went to a new series.
+    fn reclassify(&mut self, id: u32) {
+        match self.histories.by_id(id) {
+            Some(series) => self.classify(series),
+            None => {
+                if let Some(slot) = self.watched.get_mut(id as usize) {
+                    *slot = Slot::default();
+                }
             }
         }
     }
 
     fn mark(&mut self, id: usize) {
-        if let Some(Some(watched)) = self.watched.get_mut(id)
+        if let Some(Slot {
+            watched: Some(watched),
+            ..
+        }) = self.watched.get_mut(id)
             && !watched.queued
         {
             watched.queued = true;
@@ -404,17 +454,41 @@ impl Watch {
         }
     }
 
-    fn changed(&mut self, id: u32) {
-        if id as usize >= self.classified {
+    fn changed(&mut self, key: Key) {
+        if key.id as usize >= self.classified {
             self.classify_new();
         }
-        self.mark(id as usize);
+        let known = self
+            .watched
+            .get(key.id as usize)
+            .and_then(|slot| slot.generation);
+        if known != Some(key.generation) {
+            // A series this stream has not seen under that id (the one it
+            // saw was dropped): look again.
+            self.reclassify(key.id);
+        }
+        self.mark(key.id as usize);
     }
 
     /// Every matching service becomes ready (after a lag of the change
-    /// feed: whatever changed, its newest sample goes).
+    /// feed: whatever changed, its newest sample goes; whatever was
+    /// dropped or replaced is looked up again).
     fn rescan(&mut self) {
         self.classify_new();
+        let mut current: Vec<Option<Arc<Series>>> = vec![None; self.watched.len()];
+        for series in self.histories.all() {
+            if let Some(at) = current.get_mut(series.id as usize) {
+                *at = Some(series);
+            }
+        }
+        for (id, series) in current.into_iter().enumerate() {
+            let held = self.watched[id].generation;
+            match series {
+                Some(series) if held != Some(series.generation) => self.classify(series),
+                Some(_) => {}
+                None => self.watched[id] = Slot::default(),
+            }
+        }
         for id in 0..self.watched.len() {
             self.mark(id);
         }
@@ -434,11 +508,18 @@ impl Watch {
     /// The next ready sample that may go now, holding those that may not.
     fn next_ready(&mut self, now: Instant) -> Option<Sample> {
         while let Some(id) = self.ready.pop_front() {
-            let Some(Some(watched)) = self.watched.get_mut(id as usize) else {
+            let Some(slot) = self.watched.get_mut(id as usize) else {
+                continue;
+            };
+            let Some(watched) = &mut slot.watched else {
                 continue;
             };
             watched.queued = false;
             let Some(sample) = watched.series.newer_than(watched.seen) else {
+                if watched.series.lock().dropped {
+                    // Its ring is already freed; forget the rest.
+                    *slot = Slot::default();
+                }
                 continue;
             };
             if let Some(until) = watched.pacer.hold_until(now) {
@@ -466,7 +547,11 @@ impl Watch {
                 break;
             }
             self.timers.pop();
-            if let Some(Some(watched)) = self.watched.get_mut(id as usize) {
+            if let Some(Slot {
+                watched: Some(watched),
+                ..
+            }) = self.watched.get_mut(id as usize)
+            {
                 watched.held = false;
             }
             self.mark(id as usize);
@@ -481,7 +566,11 @@ impl Watch {
             while let Some(series) = services.pop_front() {
                 let (samples, seq) = series.recent(self.options.backfill_samples);
                 let id = series.id as usize;
-                if let Some(Some(watched)) = self.watched.get_mut(id) {
+                if let Some(Slot {
+                    watched: Some(watched),
+                    ..
+                }) = self.watched.get_mut(id)
+                {
                     if self.options.backfill_samples > 0 {
                         // Sent as backfill: live goes on from there.
                         watched.seen = seq;
