@@ -198,21 +198,27 @@ async fn a_watcher_forgets_a_dropped_service_and_follows_it_when_it_comes_back()
     let mut late = watch(channel.clone(), "w*").await;
     assert!(matches!(event(&mut late).await, Event::Live(_)));
 
-    // The freed id goes to a service the watcher does not match, then
-    // "w" comes back under a new id: the watcher (which last saw w's
-    // sample 2 under the old one) sends the new w's first sample, and
-    // nothing of "other".
-    publish(channel.clone(), "other", 1.0).await;
+    // "w" comes back, under its old id: both watchers send its first
+    // sample (the old one, which last sent w's sample 2 under that id,
+    // tells the new series from the old by its generation).
     common::live_feed(channel.clone(), vec![counted("w", 7)]).await;
     for stream in [&mut watcher, &mut late] {
-        match event(stream).await {
-            Event::Sample(sample) => {
-                assert_eq!(
-                    (sample.service_name.as_str(), sample.request_count),
-                    ("w", 7)
-                );
-            }
-            other => panic!("expected w's new sample, got {other:?}"),
-        }
+        assert_eq!(sample_of(event(stream).await), ("w".into(), 7));
+    }
+
+    // Dropped again; its id goes to a service the watchers do not match
+    // (nothing of it is sent), and "w" comes back under a new id.
+    until_dropped(&channel, "w").await;
+    publish(channel.clone(), "other", 1.0).await;
+    common::live_feed(channel.clone(), vec![counted("w", 8)]).await;
+    for stream in [&mut watcher, &mut late] {
+        assert_eq!(sample_of(event(stream).await), ("w".into(), 8));
+    }
+}
+
+fn sample_of(event: Event) -> (String, u64) {
+    match event {
+        Event::Sample(sample) => (sample.service_name, sample.request_count),
+        other => panic!("expected a sample, got {other:?}"),
     }
 }

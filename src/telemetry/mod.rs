@@ -590,4 +590,74 @@ mod tests {
             Err(TelemetryError::TooManyServices { limit: 1 })
         );
     }
+
+    /// Time is paused: `advance` makes services silent without waiting.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_drops_silent_services_with_their_charges_but_not_pinned_ones() {
+        let ttl = Duration::from_secs(60);
+        let hub = Hub::new(TelemetryConfig {
+            max_services: 3,
+            max_services_per_identity: 1,
+            service_ttl: ttl,
+            ..TelemetryConfig::default()
+        });
+        let forgotten = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&forgotten);
+        hub.on_drop(move |name| lock(&seen).push(name.to_owned()));
+        hub.admit_name("alice-1", Some("alice"))
+            .expect("her first name");
+        hub.ingest(report("alice-1", 1.0)).expect("fits");
+        assert!(matches!(
+            hub.admit_name("alice-2", Some("alice")),
+            Err(TelemetryError::ShareExhausted(_))
+        ));
+        hub.ingest(report("fed", 1.0)).expect("fits");
+        let pin = hub.pin_feed("fed");
+        hub.ingest(report("watched", 1.0)).expect("fits");
+        let subscription = hub.subscribe("watched").expect("subscribe");
+
+        tokio::time::advance(ttl / 2).await;
+        assert!(hub.sweep().is_empty(), "nothing silent for the ttl yet");
+        tokio::time::advance(ttl).await;
+        assert_eq!(
+            hub.sweep()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["alice-1"]
+        );
+        assert_eq!(*lock(&forgotten), ["alice-1"]);
+        assert_eq!(
+            hub.snapshot("alice-1"),
+            Err(TelemetryError::UnknownService("alice-1".into()))
+        );
+        assert!(hub.history("alice-1", 0).is_err());
+        // Her charge is back, and so is the slot.
+        hub.admit_name("alice-2", Some("alice"))
+            .expect("her share again");
+        hub.ingest(report("alice-2", 1.0)).expect("the slot again");
+
+        drop(pin);
+        drop(subscription);
+        tokio::time::advance(ttl).await;
+        let mut dropped: Vec<String> = hub.sweep().iter().map(|n| n.to_string()).collect();
+        dropped.sort();
+        assert_eq!(dropped, ["alice-2", "fed", "watched"]);
+        assert!(hub.services().expect("served").is_empty());
+        // A dropped name comes back with a fresh history.
+        let again = hub.ingest(report("fed", 2.0)).expect("re-created");
+        assert_eq!(again.seq, 1);
+        assert_eq!(hub.history("fed", 0).expect("known").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttl_of_zero_drops_nothing() {
+        let hub = Hub::new(TelemetryConfig {
+            service_ttl: Duration::ZERO,
+            ..TelemetryConfig::default()
+        });
+        hub.ingest(report("a", 1.0)).expect("fits");
+        tokio::time::advance(Duration::from_secs(86_400)).await;
+        assert!(hub.sweep().is_empty());
+    }
 }
