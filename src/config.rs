@@ -885,6 +885,7 @@ mod tests {
                 "limits.max_connection_age=5m".into(),
                 "upload.quota=1000000".into(),
                 "upload.partial_ttl=1h".into(),
+                "telemetry.service_ttl=90s".into(),
             ],
             ..Sources::default()
         };
@@ -897,6 +898,9 @@ mod tests {
         );
         assert_eq!(config.upload.quota, Some(1_000_000));
         assert_eq!(config.upload.partial_ttl, Duration::from_secs(3600));
+        assert_eq!(config.telemetry.service_ttl, Duration::from_secs(90));
+        let defaults = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(defaults.telemetry.service_ttl, Duration::from_secs(3600));
     }
 
     #[test]
