@@ -1382,3 +1382,33 @@ async fn one_identity_cannot_create_every_service_name() {
         .unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_name_charged_to_an_identity_is_given_back_when_its_service_is_dropped() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.telemetry.max_services_per_identity = 1;
+    config.telemetry.service_ttl = Duration::from_millis(300);
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let alice = bearer(ALICE);
+    try_publish_as(channel.clone(), &alice, "api-1")
+        .await
+        .unwrap();
+    // Refused while api-1 is charged to her; once it has been silent for
+    // the ttl it is dropped and her share is back (on the old code it
+    // never is).
+    within("alice's share to come back", async {
+        loop {
+            match try_publish_as(channel.clone(), &alice, "api-2").await {
+                Ok(()) => break,
+                Err(refused) => {
+                    assert_code("alice's second name", &refused, Code::ResourceExhausted);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.stop().await;
+}
