@@ -75,6 +75,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Samples a slow subscriber or watcher skipped because a newer one went instead",
     ),
     (
+        "streamhub_telemetry_services_dropped_total",
+        "Telemetry services dropped after telemetry.service_ttl without a sample",
+    ),
+    (
         "streamhub_upload_bytes_total",
         "Upload bytes accepted from clients",
     ),
@@ -118,6 +122,7 @@ impl Metrics {
             samples: counter("streamhub_telemetry_samples_total"),
             deliveries: counter("streamhub_telemetry_deliveries_total"),
             coalesced: counter("streamhub_telemetry_coalesced_total"),
+            dropped: counter("streamhub_telemetry_services_dropped_total"),
         };
         let chat = ChatCounters {
             messages: counter("streamhub_chat_messages_total"),

@@ -257,6 +257,8 @@ async fn metrics_count_known_traffic() {
     let delivered = get("streamhub_telemetry_deliveries_total", &[]);
     assert!(delivered >= 1.0, "{delivered}");
     assert!(get("streamhub_telemetry_coalesced_total", &[]) >= 0.0);
+    // Default ttl (1 h): nothing dropped, but the counter is there.
+    assert_eq!(get("streamhub_telemetry_services_dropped_total", &[]), 0.0);
     assert_eq!(get("streamhub_upload_bytes_total", &[]), 10_000.0);
     assert_eq!(get("streamhub_chat_messages_total", &[]), 2.0);
     assert_eq!(get("streamhub_chat_cutoffs_total", &[]), 0.0);

@@ -170,6 +170,9 @@ pub struct TelemetryCounters {
     /// Samples a slow subscriber or watcher skipped because a newer one
     /// went instead (`streamhub_telemetry_coalesced_total`).
     pub coalesced: Counter,
+    /// Services dropped by the sweep (`telemetry.service_ttl`;
+    /// `streamhub_telemetry_services_dropped_total`).
+    pub dropped: Counter,
 }
 
 impl Default for TelemetryCounters {
@@ -178,6 +181,7 @@ impl Default for TelemetryCounters {
             samples: Counter::noop(),
             deliveries: Counter::noop(),
             coalesced: Counter::noop(),
+            dropped: Counter::noop(),
         }
     }
 }
@@ -386,6 +390,7 @@ impl Hub {
                 named.remove(name);
             }
         }
+        self.counters.dropped.increment(dropped.len() as u64);
         let hooks = lock(&self.on_drop);
         for name in &dropped {
             for hook in hooks.iter() {
