@@ -261,6 +261,60 @@ async fn samples_reach_every_node_and_a_later_node_sees_the_latest() {
     }
 }
 
+/// The names `server` lists, polled until `done` holds for them.
+async fn listed_until(server: &TestServer, what: &str, done: impl Fn(&[String]) -> bool) {
+    let mut client = TelemetryServiceClient::new(server.channel().await);
+    within(what, async {
+        loop {
+            if let Ok(listed) = client.list_services(ListServicesRequest {}).await {
+                let names: Vec<String> = listed
+                    .into_inner()
+                    .services
+                    .into_iter()
+                    .map(|s| s.service_name)
+                    .collect();
+                if done(&names) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn each_node_drops_a_silent_service_and_its_slot_is_free_on_every_node() {
+    if !nats_available("each_node_drops_a_silent_service") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let tweak = |config: &mut streamhub::config::Config| {
+        config.telemetry.max_services = 1;
+        config.telemetry.service_ttl = Duration::from_secs(1);
+    };
+    let (a, b) = (node_with(&urls, tweak).await, node_with(&urls, tweak).await);
+    publish(a.channel().await, "old", 1.0).await;
+    // Each node lands it, then drops it once silent for the ttl.
+    for node in [&a, &b] {
+        listed_until(node, "old to land", |names| names == ["old"]).await;
+    }
+    for node in [&a, &b] {
+        listed_until(node, "old to be dropped", <[String]>::is_empty).await;
+    }
+    // Its slot is free on both: a new name fits (on the old code it
+    // never does), and the stream's last sample of "old" does not come
+    // back by itself.
+    publish(b.channel().await, "new", 1.0).await;
+    for node in [&a, &b] {
+        listed_until(node, "new to land", |names| names == ["new"]).await;
+    }
+    for server in [a, b] {
+        server.stop().await;
+    }
+}
+
 /// A Watch of the services matching `pattern`, alerts included, once its
 /// backfill is done (its Live marker seen).
 async fn watch_live(server: &TestServer, pattern: &str) -> Streaming<WatchEvent> {
