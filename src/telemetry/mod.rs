@@ -3,7 +3,8 @@
 //! - [`Hub`] is the core: it validates samples, keeps each service's latest
 //!   sample in a [`SampleBroker`] (a
 //!   [`LatestBroker`](crate::broker::LatestBroker)), and hands out
-//!   subscriptions.
+//!   subscriptions; its periodic sweep drops services silent for
+//!   `telemetry.service_ttl` ([`Hub::sweep`]).
 //! - [`alerts`] turns a stream of samples into edge-triggered alerts.
 //! - [`host`] samples this machine's CPU and memory.
 //! - [`pacer`] spaces one subscriber's messages at its interval.
