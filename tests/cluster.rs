@@ -959,6 +959,10 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
         target.expect("JetStream placed one of 12 room consumers on another server than n1");
     let victim: usize = leader.trim_start_matches('n').parse().unwrap();
     let a_url = format!("http://{}", a.1);
+    // A Subscribe on B, open across the loss too.
+    let mut on_b = subscribe(&b, "ha-svc").await;
+    publish(common::connect(a_url.clone()).await, "ha-svc", 0.5).await;
+    assert_eq!(next_cpu(&mut on_b).await, 0.5);
     // Lose one NATS server: JetStream keeps a quorum of two.
     servers[victim].kill();
     // JetStream elects new leaders for what the lost server led: allow
@@ -1041,7 +1045,31 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     })
     .await
     .expect("a member resuming on B receives the last message");
-    drop((writer, members, resumed));
+    // The Subscribe on B gets samples published on A after the loss
+    // (samples are not acknowledged: publish until one arrives).
+    tokio::time::timeout(failover, async {
+        let mut cpu = 1.0;
+        loop {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(a_url.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
+                let _ = common::live_feed(channel, vec![payload("ha-svc", cpu, 1.0, 0)]).await;
+            }
+            tokio::select! {
+                next = on_b.next() => {
+                    let sample = next.expect("stream open").expect("a sample");
+                    assert!(sample.cpu_usage >= 1.0, "{sample:?}");
+                    return;
+                }
+                () = tokio::time::sleep(Duration::from_millis(200)) => cpu += 1.0,
+            }
+        }
+    })
+    .await
+    .expect("a Subscribe on B receives a sample published on A after the loss");
+    drop((writer, members, resumed, on_b));
     let _ = a.0.send(());
     b.stop().await;
 }
