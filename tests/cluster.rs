@@ -799,6 +799,7 @@ async fn nats_restart_keeps_open_streams_and_nats_down_is_not_serving() {
     let urls = vec![nats.url()];
     let (a, b) = (node(&urls).await, node(&urls).await);
     let mut on_b = subscribe(&b, "svc").await;
+    let mut alerts_on_b = watch_live(&b, "svc").await;
     publish(a.channel().await, "svc", 1.0).await;
     assert_eq!(next_cpu(&mut on_b).await, 1.0);
     let mut member = join(b.url(), "room").await;
@@ -840,7 +841,14 @@ async fn nats_restart_keeps_open_streams_and_nats_down_is_not_serving() {
     assert_eq!(next_cpu(&mut on_b).await, 2.0);
     writer.send(msg("w", "after", "w-2")).await;
     assert_eq!(member.next().await.message, "after");
-    drop((member, writer));
+    // The alert subscription came back with the connection: an alert
+    // raised on A reaches a Watch on B opened before the restart.
+    publish(a.channel().await, "svc", 95.0).await;
+    assert_eq!(
+        watch_alerts(&mut alerts_on_b, 1).await,
+        vec![("svc".to_owned(), "CPU_HIGH".to_owned())]
+    );
+    drop((member, writer, alerts_on_b));
     a.stop().await;
     b.stop().await;
 }
