@@ -330,7 +330,7 @@ impl Cluster {
                 memory_storage: true,
                 // An abandoned consumer (recreated, or its node gone) is
                 // removed by the server after this long without pulls.
-                inactive_threshold: Duration::from_secs(30),
+                inactive_threshold: Duration::from_secs(10),
                 ..pull::Config::default()
             })
             .await
