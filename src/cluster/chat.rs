@@ -15,7 +15,7 @@
 //!   resend through any node within the stream's duplicate window
 //!   (`cluster.duplicate_window`) is not stored again: its sender gets the
 //!   original back as the acknowledgment. The *feed* follows the stream
-//!   with an ordered consumer and hands each stored message, in stream
+//!   with [`Cluster::follow`] and hands each stored message, in stream
 //!   order, to the node's members' bounded queues, under the lock joins
 //!   take. So a member's own copy (its acknowledgment) arrives only after
 //!   JetStream stored it, every member sees one order, and a join gets
@@ -28,7 +28,10 @@
 //!   UNAVAILABLE, and a member whose message cannot be stored is ended
 //!   with UNAVAILABLE (reconnect and resend: nothing is stored twice).
 //!   Members already joined keep their streams; the feed continues after
-//!   the reconnect from the last seq it delivered.
+//!   the reconnect from the last seq it delivered. Likewise when the NATS
+//!   server holding the feed's consumer is lost while the node's own
+//!   connection survives (a NATS cluster losing one server): the consumer
+//!   goes quiet, and [`Cluster::follow`] reports it within two heartbeats.
 
 use std::{
     collections::HashMap,

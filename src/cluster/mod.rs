@@ -8,7 +8,7 @@
 //!   [`SampleBroker`](crate::telemetry::SampleBroker) whose samples travel
 //!   on `streamhub.telemetry.sample.<name>` into the stream
 //!   `STREAMHUB_TELEMETRY` (one message kept per subject: the latest), and
-//!   come back to every node through one ordered consumer that lands them
+//!   come back to every node through one consumer that lands them
 //!   in the node's records (in-process broker, history, change feed);
 //!   alerts travel on `streamhub.telemetry.alert`.
 //! - [`chat`]: [`chat::NatsHub`], a [`RoomHub`](crate::chat::room::RoomHub)
@@ -35,7 +35,7 @@ use async_nats::{
     ConnectOptions, Event, ServerAddr,
     jetstream::{
         self,
-        consumer::{DeliverPolicy, pull::OrderedConfig},
+        consumer::{AckPolicy, DeliverPolicy, ReplayPolicy, pull},
         stream::{self, StorageType},
     },
 };
@@ -294,9 +294,20 @@ impl Cluster {
         }
     }
 
-    /// An ordered consumer of `stream` filtered on `subject`, from
-    /// `policy`: messages in stream order, no acks. It recovers by itself
-    /// from small losses; callers recreate it after errors and reconnects.
+    /// Follows `stream` filtered on `subject` from `policy`: messages in
+    /// stream order, no acks, through an ephemeral pull consumer (one
+    /// replica, in memory) that sends an idle heartbeat every
+    /// [`HEARTBEAT`] while it has nothing to deliver.
+    ///
+    /// The returned stream yields an error, and the caller recreates the
+    /// consumer from the last sequence it handled + 1, as soon as
+    /// anything is off: no heartbeat and no message for two periods (the
+    /// NATS server holding the consumer is gone, even though this
+    /// node's own connection is fine), a skipped delivery (the consumer
+    /// sequence is not the previous one + 1), the consumer deleted, or no
+    /// server answering. async-nats' own ordered consumer would recover
+    /// from those too, but only after two missed 15 s heartbeats (up to a
+    /// minute without delivering), which is why it is not used here.
     pub async fn follow(
         &self,
         stream: &str,
@@ -310,20 +321,53 @@ impl Cluster {
             .await
             .map_err(|e| ClusterError::js(format!("look up stream {stream}"), e))?;
         let consumer = stream_handle
-            .create_consumer(OrderedConfig {
+            .create_consumer(pull::Config {
                 filter_subject: subject.to_owned(),
                 deliver_policy: policy,
-                ..OrderedConfig::default()
+                ack_policy: AckPolicy::None,
+                replay_policy: ReplayPolicy::Instant,
+                num_replicas: 1,
+                memory_storage: true,
+                // An abandoned consumer (recreated, or its node gone) is
+                // removed by the server after this long without pulls.
+                inactive_threshold: Duration::from_secs(10),
+                ..pull::Config::default()
             })
             .await
             .map_err(|e| ClusterError::js(format!("follow stream {stream}"), e))?;
         let messages = consumer
+            .stream()
+            .max_messages_per_batch(FOLLOW_BATCH)
+            .expires(FOLLOW_EXPIRES)
+            .heartbeat(HEARTBEAT)
             .messages()
             .await
             .map_err(|e| ClusterError::js(format!("follow stream {stream}"), e))?;
-        Ok(messages.map(|m| m.map_err(|e| e.to_string())))
+        let mut delivered = 0u64;
+        Ok(messages.map(move |next| {
+            let message = next.map_err(|e| e.to_string())?;
+            let info = message.info().map_err(|e| e.to_string())?;
+            if info.consumer_sequence != delivered + 1 {
+                return Err(format!(
+                    "the consumer skipped from delivery {delivered} to {}",
+                    info.consumer_sequence
+                ));
+            }
+            delivered = info.consumer_sequence;
+            Ok(message)
+        }))
     }
 }
+
+/// How often a consumer made by [`Cluster::follow`] hears from its NATS
+/// server while idle; two periods without a word and it is recreated.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long one pull request of [`Cluster::follow`] lasts before the next.
+const FOLLOW_EXPIRES: Duration = Duration::from_secs(30);
+
+/// How many messages one pull request of [`Cluster::follow`] asks for.
+const FOLLOW_BATCH: usize = 500;
 
 /// Keeps health in step with the link until `token`: every name in
 /// `services`, and the server as a whole (`""`), NOT_SERVING while the

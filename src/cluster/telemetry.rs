@@ -6,7 +6,7 @@
 //!   [`super::token`]). The stream `STREAMHUB_TELEMETRY` captures those
 //!   subjects and keeps one message per subject: the latest value of every
 //!   service, for nodes that start (or reconnect) later.
-//! - Every node follows that stream with one ordered consumer and lands
+//! - Every node follows that stream ([`Cluster::follow`]) and lands
 //!   what it receives in its own records ([`Records::land`]: numbered,
 //!   stored in its own [`MemoryBroker`], appended to the history, announced
 //!   on the change feed); its subscribers and watchers wait on those,
