@@ -164,8 +164,14 @@ where
             Some(c) => {
                 let max = config.telemetry.max_services;
                 let records = Arc::new(telemetry::Records::new(&config.telemetry));
-                let broker =
-                    NatsBroker::start(Arc::clone(c), Arc::clone(&records), max, &shutdown).await?;
+                let broker = NatsBroker::start(
+                    Arc::clone(c),
+                    Arc::clone(&records),
+                    max,
+                    config.telemetry.history,
+                    &shutdown,
+                )
+                .await?;
                 Hub::with_broker(telemetry_config, broker, records)
             }
             None => Hub::new(telemetry_config),

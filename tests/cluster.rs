@@ -402,10 +402,11 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     assert_eq!(history_cpu(&a, "hist").await, [1.0, 2.0, 3.0]);
     assert_eq!(history_cpu(&b, "hist").await, [1.0, 2.0, 3.0]);
 
-    // A node started later has the latest value in its history (and in
-    // a Watch's backfill) at once.
+    // A node started later has the same history (and the same Watch
+    // backfill) at once: the stream keeps `telemetry.history` samples per
+    // service and a new node reads them all.
     let c = node(&urls).await;
-    assert_eq!(history_cpu(&c, "hist").await, [3.0]);
+    assert_eq!(history_cpu(&c, "hist").await, [1.0, 2.0, 3.0]);
     let mut backfill = TelemetryServiceClient::new(c.channel().await)
         .watch(WatchRequest {
             pattern: "hist".into(),
@@ -418,7 +419,7 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     match watch_event(&mut backfill).await {
         Event::Backfill(h) => {
             let cpu: Vec<f64> = h.samples.iter().map(|s| s.cpu_usage).collect();
-            assert_eq!(cpu, [3.0]);
+            assert_eq!(cpu, [1.0, 2.0, 3.0]);
         }
         other => panic!("expected the backfill, got {other:?}"),
     }
@@ -428,7 +429,9 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     let mut on_c = watch_live(&c, "hist").await;
     publish(b.channel().await, "hist", 5.0).await;
     watch_sample(&mut on_c, "hist", 5.0).await;
-    assert_eq!(history_cpu(&c, "hist").await, [3.0, 4.0, 5.0]);
+    for server in [&a, &b, &c] {
+        assert_eq!(history_cpu(server, "hist").await, [1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
     drop((on_a, on_b, on_c, backfill));
     for server in [a, b, c] {
         server.stop().await;

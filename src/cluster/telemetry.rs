@@ -4,8 +4,9 @@
 //! - A sample published on a node goes to the subject
 //!   `streamhub.telemetry.sample.<name>` (the name made a subject token by
 //!   [`super::token`]). The stream `STREAMHUB_TELEMETRY` captures those
-//!   subjects and keeps one message per subject: the latest value of every
-//!   service, for nodes that start (or reconnect) later.
+//!   subjects and keeps `telemetry.history` messages per subject (the
+//!   largest any node asked for): the history of every service, for nodes
+//!   that start (or reconnect) later.
 //! - Every node follows that stream ([`Cluster::follow`]) and lands
 //!   what it receives in its own records ([`Records::land`]: numbered,
 //!   stored in its own [`MemoryBroker`], appended to the history, announced
@@ -14,9 +15,15 @@
 //!   way (they land on no node before), so every node records each sample
 //!   once, in one order, and a slow subscriber still skips to the newest.
 //!   A sample's `seq` is numbered by each node as it lands (it is not sent).
-//! - On start, and after every reconnect, the consumer begins with the
-//!   last message of every subject; the node serves values as live only
-//!   once it has read up to the stream's end as of that moment. While it
+//! - On start the consumer reads the whole stream, so a node started
+//!   later has the same history as the others (and the latest value of
+//!   every service); after a reconnect it goes on from the stream
+//!   sequence it applied last + 1, so samples published while it was cut
+//!   off land too (as many per service as the stream still keeps). The
+//!   node serves values as live only once it has read up to the stream's
+//!   end as of that moment. Reading the whole stream costs one message per
+//!   stored sample at start: `telemetry.history` × services (900 × 1,000
+//!   is 900,000 small JSON messages, seconds of work). While it
 //!   is cut off, [`LatestBroker::check`] says so and the hub refuses
 //!   snapshots, lists, subscriptions and publishes with UNAVAILABLE; open
 //!   subscriptions stay open and continue after the reconnect.
@@ -181,6 +188,8 @@ pub struct NatsBroker {
     /// (re)connection.
     fresh: AtomicBool,
     closed: AtomicBool,
+    /// Samples the stream keeps per service (`telemetry.history`).
+    history: usize,
 }
 
 impl std::fmt::Debug for NatsBroker {
@@ -196,17 +205,30 @@ fn sample_subject(topic: &str) -> String {
 }
 
 impl NatsBroker {
-    /// Creates the stream if needed, subscribes to alerts, starts
-    /// following the stream (landing samples in `records`) and
-    /// publishing, and returns once the latest value of every service is
-    /// read (at most 30 s). Its tasks run until `shutdown`.
+    /// Creates the stream if needed (or raises the samples it keeps per
+    /// service to `history`), subscribes to alerts, starts following the
+    /// stream (landing samples in `records`) and publishing, and returns
+    /// once every stored sample is read (at most 30 s). Its tasks run
+    /// until `shutdown`.
+    ///
+    /// # Errors
+    /// [`ClusterError`] when the stream cannot be created, looked up or
+    /// updated, the alert subject cannot be subscribed to, or the stored
+    /// samples are not read within 30 s.
     pub async fn start(
         cluster: Arc<Cluster>,
         records: Arc<Records>,
         max_topics: usize,
+        history: usize,
         shutdown: &Shutdown,
     ) -> Result<Arc<Self>, ClusterError> {
-        cluster.ensure_stream(stream_config(&cluster)).await?;
+        let config = stream_config(&cluster, history);
+        let stream = cluster.ensure_stream(config.clone()).await?;
+        if stream.cached_info().config.max_messages_per_subject < config.max_messages_per_subject {
+            // Made by an older streamhub (the latest value only) or a node
+            // keeping less history: keep as much as this node shows.
+            cluster.update_stream(config).await?;
+        }
         // The client subscribes again by itself after a reconnect.
         let alert_feed = cluster
             .client()
@@ -224,6 +246,7 @@ impl NatsBroker {
             wake: Notify::new(),
             fresh: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            history,
         });
         let (caught_up_tx, mut caught_up) = watch::channel(false);
         shutdown.spawn(Arc::clone(&broker).feed(shutdown.token(), caught_up_tx));
@@ -233,7 +256,7 @@ impl NatsBroker {
         let ready = tokio::time::timeout(CATCH_UP, caught_up.wait_for(|c| *c)).await;
         if !matches!(ready, Ok(Ok(_))) {
             return Err(ClusterError::js(
-                format!("read the latest values of stream {STREAM}"),
+                format!("read the samples stored in stream {STREAM}"),
                 "not done within 30 s",
             ));
         }
@@ -339,9 +362,12 @@ impl NatsBroker {
     /// after errors and reconnects, until `token` is cancelled.
     async fn feed(self: Arc<Self>, token: CancellationToken, caught_up: watch::Sender<bool>) {
         let mut link = self.cluster.link();
-        // The stream sequence applied last, per service: a re-read after a
-        // reconnect delivers values already applied, which are skipped.
+        // The stream sequence applied last, per service: a re-read of the
+        // stream (it was recreated) may deliver values already applied,
+        // which are skipped.
         let mut applied: HashMap<Arc<str>, u64> = HashMap::new();
+        // The stream sequence handled last: a new consumer goes on after it.
+        let mut last = 0u64;
         let mut created = None;
         let filter = format!("{SAMPLE_PREFIX}.>");
         loop {
@@ -356,13 +382,20 @@ impl NatsBroker {
             let attempt = async {
                 let stream = self
                     .cluster
-                    .ensure_stream(stream_config(&self.cluster))
+                    .ensure_stream(stream_config(&self.cluster, self.history))
                     .await?;
                 let info = stream.cached_info();
-                let messages = self
-                    .cluster
-                    .follow(STREAM, &filter, DeliverPolicy::LastPerSubject)
-                    .await?;
+                // The same stream as before: go on after the last sequence
+                // handled; else (first start, or NATS lost its storage and
+                // sequences restart) read all it keeps.
+                let policy = if created == Some(info.created) && last > 0 {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    }
+                } else {
+                    DeliverPolicy::All
+                };
+                let messages = self.cluster.follow(STREAM, &filter, policy).await?;
                 Ok::<_, ClusterError>((info.created, info.state.last_sequence, messages))
             };
             let (stream_created, target, messages) = tokio::select! {
@@ -380,9 +413,10 @@ impl NatsBroker {
             if created != Some(stream_created) {
                 // A new stream (NATS lost its storage): sequences restart.
                 applied.clear();
+                last = 0;
                 created = Some(stream_created);
             }
-            if target == 0 {
+            if target <= last {
                 self.mark_fresh(&caught_up);
             }
             tokio::pin!(messages);
@@ -409,6 +443,7 @@ impl NatsBroker {
                     None => break,
                 };
                 let seq = message.info().map_or(0, |i| i.stream_sequence);
+                last = last.max(seq);
                 match serde_json::from_slice::<Wire>(&message.payload) {
                     Ok(wire) => self.apply(&mut applied, seq, wire.into()),
                     Err(err) => {
@@ -461,10 +496,10 @@ async fn pause(token: &CancellationToken) -> bool {
     }
 }
 
-fn stream_config(cluster: &Cluster) -> async_nats::jetstream::stream::Config {
+fn stream_config(cluster: &Cluster, history: usize) -> async_nats::jetstream::stream::Config {
     async_nats::jetstream::stream::Config {
-        max_messages_per_subject: 1,
-        description: Some("streamhub: the latest telemetry sample of every service".into()),
+        max_messages_per_subject: i64::try_from(history.max(1)).unwrap_or(i64::MAX),
+        description: Some("streamhub: the telemetry history of every service".into()),
         ..cluster.stream_config(STREAM.to_owned(), vec![format!("{SAMPLE_PREFIX}.>")])
     }
 }
