@@ -162,13 +162,11 @@ where
     let hub = Arc::new(
         match &cluster {
             Some(c) => {
-                let max = config.telemetry.max_services;
                 let records = Arc::new(telemetry::Records::new(&config.telemetry));
                 let broker = NatsBroker::start(
                     Arc::clone(c),
                     Arc::clone(&records),
-                    max,
-                    config.telemetry.history,
+                    &config.telemetry,
                     &shutdown,
                 )
                 .await?;

@@ -485,9 +485,48 @@ async fn an_alert_raised_on_one_node_reaches_watchers_on_every_node_once() {
     let high = vec![("hot".to_owned(), "CPU_HIGH".to_owned())];
     assert_eq!(watch_alerts(&mut on_a, 1).await, high);
     assert_eq!(watch_alerts(&mut on_b, 1).await, high);
+    // A node started later back-fills the alerts raised before it (the
+    // alert stream keeps them), in the order they were raised.
+    let c = node(&urls).await;
+    let all: Vec<(String, String)> = want.into_iter().chain(high).collect();
+    let backfilled = within("the later node back-filling the earlier alerts", async {
+        loop {
+            let got = backfilled_alerts(&c, "hot").await;
+            if got.len() >= all.len() {
+                return got;
+            }
+            // Its alert feed is still reading the stream: ask again.
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(backfilled, all);
     drop((on_a, on_b));
-    for server in [a, b] {
+    for server in [a, b, c] {
         server.stop().await;
+    }
+}
+
+/// The alerts of services matching `pattern` that a new Watch on `server`
+/// back-fills (up to 10), oldest first.
+async fn backfilled_alerts(server: &TestServer, pattern: &str) -> Vec<(String, String)> {
+    let mut watch = TelemetryServiceClient::new(server.channel().await)
+        .watch(WatchRequest {
+            pattern: pattern.into(),
+            alerts: true,
+            backfill_alerts: 10,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alerts = Vec::new();
+    loop {
+        match watch_event(&mut watch).await {
+            Event::Alert(a) => alerts.push((a.service_name, a.alert.unwrap().alert_type)),
+            Event::Live(_) => return alerts,
+            Event::Sample(_) | Event::Backfill(_) => {}
+        }
     }
 }
 
