@@ -40,7 +40,7 @@ use tonic_health::{
 use crate::{
     auth,
     chat::{
-        ChatError, MessageLimits,
+        ChatError, MessageLimits, StoreError,
         room::{LocalHub, RoomHub},
         service::ChatService,
         store::StorageHealth,
@@ -81,9 +81,20 @@ pub enum ServerError {
     /// The upload store could not be opened.
     #[error("cannot open the upload store: {0}")]
     Upload(#[from] upload::UploadError),
-    /// The chat storage could not be opened.
+    /// The chat storage could not be opened. (The cause is in the text,
+    /// not also a source, so `{:#}` says it once.)
     #[error("cannot open chat storage: {0}")]
-    Chat(#[from] ChatError),
+    Chat(ChatError),
+    /// Another process (most likely another streamhub) holds the chat
+    /// storage of this data directory open.
+    #[error(
+        "another streamhub (or process) is using data directory {} (chat storage is locked)",
+        path.display()
+    )]
+    DataDirInUse {
+        /// The data directory.
+        path: std::path::PathBuf,
+    },
     /// The listener's address could not be read.
     #[error("listener error: {0}")]
     Listener(#[from] std::io::Error),
@@ -199,7 +210,13 @@ where
         None => {
             let dir = config.data_dir.join("chat");
             let local = Arc::new(
-                LocalHub::open(&dir, config.chat.clone(), shutdown.clone())?
+                LocalHub::open(&dir, config.chat.clone(), shutdown.clone())
+                    .map_err(|err| match err {
+                        ChatError::Store(StoreError::Locked) => ServerError::DataDirInUse {
+                            path: config.data_dir.clone(),
+                        },
+                        other => ServerError::Chat(other),
+                    })?
                     .with_counters(metrics.chat()),
             );
             (Arc::clone(&local) as Arc<dyn RoomHub>, Some(local))

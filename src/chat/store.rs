@@ -60,6 +60,10 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The database file is locked: another process (most likely another
+    /// streamhub on the same data directory) has it open.
+    #[error("the chat database is locked by another process")]
+    Locked,
     /// The database failed.
     #[error("chat storage error: {0}")]
     Db(#[from] Box<redb::Error>),
@@ -257,7 +261,12 @@ pub fn file_opener(dir: &Path) -> Result<Opener, StoreError> {
             }
             Err(e) => return Err(db_err(io::Error::from(e))),
         };
-        redb::Builder::new().create_file(file).map_err(db_err)
+        redb::Builder::new()
+            .create_file(file)
+            .map_err(|err| match err {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+                other => db_err(other),
+            })
     }))
 }
 
@@ -925,5 +934,15 @@ mod tests {
         let err = Store::open(dir.path(), 64).expect_err("refused");
         assert!(err.to_string().contains("not a regular file"), "{err}");
         assert_eq!(std::fs::read(&target).expect("read"), b"not yours");
+    }
+
+    /// New-user finding 5: a second opener of one directory is told the
+    /// database is locked, in one sentence without redb's text.
+    #[test]
+    fn a_database_open_elsewhere_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Store::open(dir.path(), 64).expect("opens");
+        let err = Store::open(dir.path(), 64).expect_err("refused");
+        assert!(matches!(err, StoreError::Locked), "{err:?}");
     }
 }
