@@ -918,6 +918,7 @@ impl Actor {
                         text: draft.text,
                         key: draft.key,
                         timestamp_ms,
+                        encoding: Default::default(),
                     });
                     if let Some(reply) = reply {
                         replies.push((reply, Arc::clone(&original)));
@@ -937,6 +938,7 @@ impl Actor {
                 text: draft.text,
                 key: draft.key,
                 timestamp_ms: now,
+                encoding: Default::default(),
             });
             if let Some(reply) = reply {
                 replies.push((reply, Arc::clone(&message)));

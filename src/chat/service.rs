@@ -379,6 +379,7 @@ fn notice() -> pb::ChatMessage {
         text: SHUTTING_DOWN.to_owned(),
         key: String::new(),
         timestamp_ms: super::now_ms(),
+        encoding: Default::default(),
     })
 }
 

@@ -96,6 +96,7 @@ fn decode(seq: u64, epoch: u64, payload: &[u8]) -> Option<Message> {
         text: wire.text,
         key: wire.key,
         timestamp_ms: wire.timestamp_ms,
+        encoding: Default::default(),
     })
 }
 
@@ -759,6 +760,7 @@ impl Room {
                             text: draft.text,
                             key: draft.key,
                             timestamp_ms: now,
+                            encoding: Default::default(),
                         })));
                     }
                 }
@@ -805,6 +807,7 @@ impl Room {
             text: draft.text,
             key: draft.key,
             timestamp_ms: now_ms(),
+            encoding: Default::default(),
         }))
     }
 
