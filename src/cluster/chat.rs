@@ -266,8 +266,13 @@ impl NatsHub {
         }
         self.cluster.check().map_err(unavailable)?;
         let room = self.room(&request.room, request.owner.as_deref()).await?;
-        room.join(&self.cluster, request.start, request.member.clone())
-            .await
+        let presence = self
+            .rooms
+            .enter(&request.room, &room, request.owner.as_deref())?;
+        Ok(room
+            .join(&self.cluster, request.start, request.member.clone())
+            .await?
+            .holding(presence))
     }
 
     async fn room(&self, name: &RoomName, owner: Option<&str>) -> Result<Arc<Room>, ChatError> {
