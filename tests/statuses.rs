@@ -688,3 +688,29 @@ async fn v1alpha_reflection_answers_a_failed_lookup_and_stays_open() {
     assert!(within("end", answers.next()).await.is_none());
     server.stop().await;
 }
+
+/// A malformed `grpc-timeout` is refused with INTERNAL naming the header
+/// and its form (as grpc-go does), before the handler runs: it used to be
+/// ignored, so the call ran without the deadline its client meant.
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_internal_naming_the_header() {
+    let server = TestServer::start().await;
+    for bad in ["abc", "1", "-1S", "123456789S", "1x", "S"] {
+        let mut call = RawCall::open(&server, GET_SNAPSHOT, &[("grpc-timeout", bad)]).await;
+        call.send(encoded(&common::request("nobody", 0)));
+        call.close();
+        let ended = call.ended().await;
+        assert_code(bad, &ended, Code::Internal);
+        assert!(
+            ended.message.contains("grpc-timeout") && ended.message.contains("8 digits"),
+            "{bad}: {}",
+            ended.message
+        );
+    }
+    // A well-formed one still runs the call.
+    let mut quick = RawCall::open(&server, GET_SNAPSHOT, &[("grpc-timeout", "10S")]).await;
+    quick.send(encoded(&common::request("nobody", 0)));
+    quick.close();
+    assert_code("well-formed", &quick.ended().await, Code::NotFound);
+    server.stop().await;
+}

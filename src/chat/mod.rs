@@ -316,8 +316,8 @@ pub enum ChatError {
         /// The configured limit.
         limit: usize,
     },
-    /// The caller's identity has opened its share of the rooms
-    /// (`chat.max_rooms_per_identity`).
+    /// The caller's identity is in (or opened) its share of the open
+    /// rooms already (`chat.max_rooms_per_identity`).
     #[error(transparent)]
     ShareExhausted(#[from] crate::shares::ShareExhausted),
     /// The server is shutting down.
@@ -349,7 +349,8 @@ pub struct MessageLimits {
     pub max_text_bytes: usize,
 }
 
-/// Checks a member's name (sender or `chat-member`) for `field`.
+/// Checks a member's name (sender or `chat-member`) for `field`: 1 to
+/// `MAX_SENDER_LEN` bytes, no control characters (as room names).
 pub fn validate_name(field: &'static str, name: &str) -> Result<(), ChatError> {
     if name.is_empty() {
         return Err(ChatError::invalid(field, "is empty"));
@@ -358,6 +359,14 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<(), ChatError> {
         return Err(ChatError::invalid(
             field,
             format!("is {} bytes; the limit is {MAX_SENDER_LEN}", name.len()),
+        ));
+    }
+    // The rule of room and file names: a newline in a name could forge
+    // lines in logs and terminals.
+    if name.chars().any(char::is_control) {
+        return Err(ChatError::invalid(
+            field,
+            "contains characters that are not printable",
         ));
     }
     Ok(())

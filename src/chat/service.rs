@@ -178,6 +178,14 @@ impl From<&Message> for pb::ChatMessage {
 }
 
 fn text<'a>(map: &'a MetadataMap, key: &'static str) -> Result<Option<&'a str>, ChatError> {
+    // Two values would leave it to chance which one the call used.
+    let given = map.get_all(key).iter().count();
+    if given > 1 {
+        return Err(ChatError::invalid(
+            key,
+            format!("is given {given} times; give it once"),
+        ));
+    }
     match map.get(key) {
         None => Ok(None),
         Some(value) => value
@@ -702,6 +710,8 @@ mod tests {
         let long = "r".repeat(65);
         let bad = join_request(&map(&[(ROOM_KEY, long.as_str())])).expect_err("bad");
         assert_eq!(status(&bad).code(), tonic::Code::InvalidArgument);
+        let bad = join_request(&map(&[(MEMBER_KEY, "ann\tx")])).expect_err("bad");
+        assert!(bad.to_string().starts_with(MEMBER_KEY), "{bad}");
     }
 
     #[test]
