@@ -354,6 +354,20 @@ fn malformed_timeout(value: &[u8]) -> Status {
     ))
 }
 
+/// Trailers a handler wants on its call's DEADLINE_EXCEEDED ending, which
+/// [`StatusLayer`] writes after dropping the handler's stream (so the
+/// handler cannot): put in the response's extensions (tonic carries them
+/// to the HTTP response); called once, when the deadline passes. Chat
+/// adds `chat-last-seq`, as every other ending of a chat call has.
+#[derive(Clone)]
+pub struct DeadlineTrailers(pub Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
+
+impl std::fmt::Debug for DeadlineTrailers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeadlineTrailers")
+    }
+}
+
 /// A call's deadline: its timer and the timeout the client asked for.
 struct CallDeadline {
     sleep: Pin<Box<tokio::time::Sleep>>,
@@ -420,6 +434,7 @@ where
                 let body = CallBody {
                     inner: Some(body),
                     deadline: this.deadline.take(),
+                    extra: parts.extensions.get::<DeadlineTrailers>().cloned(),
                     call,
                 };
                 http::Response::from_parts(parts, axum::body::Body::new(body))
@@ -449,6 +464,8 @@ struct CallBody<B> {
     /// `None` once the call has ended.
     inner: Option<B>,
     deadline: Option<CallDeadline>,
+    /// What the handler adds to a DEADLINE_EXCEEDED ending's trailers.
+    extra: Option<DeadlineTrailers>,
     call: Option<OpenCall>,
 }
 
@@ -484,6 +501,9 @@ where
             // Dropping the body drops the handler's stream.
             let mut trailers = http::HeaderMap::new();
             let added = deadline.status().add_header(&mut trailers);
+            if let Some(extra) = &this.extra {
+                (extra.0)(&mut trailers);
+            }
             this.end_with(&trailers);
             return Poll::Ready(Some(added.map(|()| http_body::Frame::trailers(trailers))));
         }

@@ -59,6 +59,8 @@ struct Ended {
     data: Vec<u8>,
     code: Code,
     message: String,
+    /// The `chat-last-seq` the call ended with, if any.
+    last_seq: Option<String>,
 }
 
 /// A raw gRPC call over its own HTTP/2 connection.
@@ -129,6 +131,10 @@ fn status_in(headers: &http::HeaderMap, data: Vec<u8>) -> Option<Ended> {
         data,
         code: status.code(),
         message: status.message().to_owned(),
+        last_seq: headers
+            .get("chat-last-seq")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     })
 }
 
@@ -392,6 +398,8 @@ async fn grpc_timeout_ends_every_kind_of_call_with_deadline_exceeded() {
     let ended = chat.ended().await;
     assert_code("chat", &ended, Code::DeadlineExceeded);
     assert!(!ended.data.is_empty(), "the message was delivered first");
+    // Like every other ending of a chat call: the last seq it delivered.
+    assert_eq!(ended.last_seq.as_deref(), Some("1"), "chat-last-seq");
 
     let mut watch = RawCall::open(&server, "/grpc.health.v1.Health/Watch", &timeout).await;
     watch.send(encoded(&HealthCheckRequest::default()));
