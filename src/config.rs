@@ -476,9 +476,10 @@ pub struct ChatConfig {
     pub announce_members: bool,
     /// Most rooms open at once.
     pub max_rooms: usize,
-    /// Most rooms one authenticated identity may have opened at once (a
-    /// room counts for the identity that opened it, until it closes);
-    /// 0: no per-identity limit.
+    /// Most open rooms one authenticated identity may be in at once (a
+    /// room counts for each identity with a call in it, until its last
+    /// call there ends; a room nobody is in counts for its opener until
+    /// somebody enters it); 0: no per-identity limit.
     pub max_rooms_per_identity: usize,
     /// A room with no members and nothing pending for this long is closed:
     /// its slot is free again, its history stays stored and it reopens on

@@ -191,7 +191,9 @@ impl Deadline {
 
 /// Parses a `grpc-timeout` value: at most 8 digits and a unit (`H`, `M`,
 /// `S`, `m`, `u`, `n`), as the gRPC over HTTP/2 protocol defines it.
-/// `None` for anything else (the header is then ignored, as tonic does).
+/// `None` for anything else (the call is then refused with INTERNAL
+/// naming the header, as grpc-go does; tonic ignored it, so the call ran
+/// without a deadline).
 pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
@@ -213,7 +215,9 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
 /// later one) that makes each call end with the status the gRPC spec gives
 /// it, whatever the handler does, and counts it:
 ///
-/// - **Deadlines**: a call with a `grpc-timeout` header ends with
+/// - **Deadlines**: a call whose `grpc-timeout` header is malformed is
+///   refused with INTERNAL naming the header and its form, before its
+///   handler runs. A call with a `grpc-timeout` header ends with
 ///   DEADLINE_EXCEEDED when it passes, streaming calls included. Before the
 ///   response headers the handler's future is dropped and a trailers-only
 ///   status sent; after, the response body is dropped (so the handler's
@@ -296,10 +300,26 @@ where
         if let Some(method) = UNARY_REQUEST.get(request.uri().path()) {
             request = request.map(|body| axum::body::Body::new(OneMessage::new(body, method)));
         }
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|value| parse_grpc_timeout(value.as_bytes()));
+        let (timeout, refused) = match request.headers().get("grpc-timeout") {
+            None => (None, None),
+            Some(value) => match parse_grpc_timeout(value.as_bytes()) {
+                Some(timeout) => (Some(timeout), None),
+                // As grpc-go: a call must not run without the deadline
+                // its client meant to set.
+                None if is_grpc(request.headers()) => {
+                    (None, Some(malformed_timeout(value.as_bytes())))
+                }
+                None => (None, None),
+            },
+        };
+        if let Some(status) = refused {
+            return CallFuture {
+                inner: None,
+                deadline: None,
+                call,
+                refused: Some(status),
+            };
+        }
         let mut deadline = None;
         if let Some(timeout) = timeout {
             let at = tokio::time::Instant::now() + timeout;
@@ -313,7 +333,38 @@ where
             inner: Some(Box::pin(self.inner.call(request))),
             deadline,
             call,
+            refused: None,
         }
+    }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc…`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// INTERNAL for a `grpc-timeout` header that is not the protocol's form.
+fn malformed_timeout(value: &[u8]) -> Status {
+    let shown: String = String::from_utf8_lossy(value).chars().take(32).collect();
+    Status::internal(format!(
+        "malformed grpc-timeout header {shown:?}: expected 1 to 8 digits and a unit \
+         (H, M, S, m, u or n), e.g. 500m or 30S"
+    ))
+}
+
+/// Trailers a handler wants on its call's DEADLINE_EXCEEDED ending, which
+/// [`StatusLayer`] writes after dropping the handler's stream (so the
+/// handler cannot): put in the response's extensions (tonic carries them
+/// to the HTTP response); called once, when the deadline passes. Chat
+/// adds `chat-last-seq`, as every other ending of a chat call has.
+#[derive(Clone)]
+pub struct DeadlineTrailers(pub Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
+
+impl std::fmt::Debug for DeadlineTrailers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeadlineTrailers")
     }
 }
 
@@ -338,6 +389,9 @@ pub struct CallFuture<F> {
     deadline: Option<CallDeadline>,
     /// Dropped with the future if the client goes away first (CANCELLED).
     call: Option<OpenCall>,
+    /// The status of a call refused before its handler ran (a malformed
+    /// `grpc-timeout`), answered trailers-only.
+    refused: Option<Status>,
 }
 
 impl<F> std::fmt::Debug for CallFuture<F> {
@@ -356,6 +410,14 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        if let Some(status) = this.refused.take() {
+            let response: http::Response<axum::body::Body> = status.into_http();
+            if let Some(call) = &mut this.call {
+                call.saw(response.headers());
+            }
+            this.call = None;
+            return Poll::Ready(Ok(response));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Pending;
         };
@@ -372,6 +434,7 @@ where
                 let body = CallBody {
                     inner: Some(body),
                     deadline: this.deadline.take(),
+                    extra: parts.extensions.get::<DeadlineTrailers>().cloned(),
                     call,
                 };
                 http::Response::from_parts(parts, axum::body::Body::new(body))
@@ -401,6 +464,8 @@ struct CallBody<B> {
     /// `None` once the call has ended.
     inner: Option<B>,
     deadline: Option<CallDeadline>,
+    /// What the handler adds to a DEADLINE_EXCEEDED ending's trailers.
+    extra: Option<DeadlineTrailers>,
     call: Option<OpenCall>,
 }
 
@@ -436,6 +501,9 @@ where
             // Dropping the body drops the handler's stream.
             let mut trailers = http::HeaderMap::new();
             let added = deadline.status().add_header(&mut trailers);
+            if let Some(extra) = &this.extra {
+                (extra.0)(&mut trailers);
+            }
             this.end_with(&trailers);
             return Poll::Ready(Some(added.map(|()| http_body::Frame::trailers(trailers))));
         }

@@ -2,9 +2,9 @@
 //! take every slot: `chat.max_rooms_per_identity` of `chat.max_rooms`, and
 //! the like. No gRPC types.
 //!
-//! A slot (an open room, say) is charged to the identity that created it,
-//! for as long as it exists, whoever uses it later; the [`Share`] it holds
-//! gives the slot back when dropped. Like `upload.quota_per_identity`
+//! A slot is charged to an identity for as long as the caller holds the
+//! [`Share`]; dropping it gives the slot back. (Open rooms are charged to
+//! each identity in them, see `chat::room::RoomTable`.) Like `upload.quota_per_identity`
 //! (`crate::upload::owners`), shares apply to authenticated identities
 //! only: with authentication off every caller is the same anonymous
 //! identity, and the release of unused slots is what protects the others.
@@ -94,6 +94,13 @@ impl Shares {
 pub struct Share {
     shares: Arc<Shares>,
     identity: Arc<str>,
+}
+
+impl Share {
+    /// The identity charged.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
 }
 
 impl Drop for Share {

@@ -1329,6 +1329,59 @@ async fn one_identity_cannot_open_every_room() {
     server.stop().await;
 }
 
+/// Rooms are charged to the identities in them, not to their opener: one
+/// identity staying in the rooms another opened (the break-it tester's
+/// share pinning) uses up its own share, never the other's.
+#[tokio::test]
+async fn staying_in_anothers_rooms_does_not_use_up_their_share() {
+    let keys = tempfile::tempdir().unwrap();
+    let mut config = auth_config(&keys);
+    config.chat.max_rooms = 10;
+    config.chat.max_rooms_per_identity = 2;
+    let server = TestServer::start_with(config).await;
+    let channel = server.channel().await;
+    let (alice, admin) = (bearer(ALICE), bearer(ADMIN));
+    send_as(channel.clone(), &alice, "dev-pin-1").await.unwrap();
+    send_as(channel.clone(), &alice, "dev-pin-2").await.unwrap();
+    // Admin stays in both: they are admin's now, not alice's.
+    let first = join(channel.clone(), Some(&admin), "dev-pin-1", None)
+        .await
+        .unwrap();
+    let second = join(channel.clone(), Some(&admin), "dev-pin-2", None)
+        .await
+        .unwrap();
+    send_as(channel.clone(), &alice, "dev-new")
+        .await
+        .expect("alice's share is free once she is in none of her rooms");
+    // A second call in a room admin is in costs nothing more...
+    let again = join(channel.clone(), Some(&admin), "dev-pin-1", None)
+        .await
+        .unwrap();
+    // ...but a third room is beyond admin's own share.
+    let refused = join(channel.clone(), Some(&admin), "dev-new", None)
+        .await
+        .unwrap_err();
+    assert_code("admin's third room", &refused, Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("chat.max_rooms_per_identity"),
+        "{refused:?}"
+    );
+    // Leaving gives admin its share back.
+    drop((first, again));
+    within("admin's share back", async {
+        loop {
+            match join(channel.clone(), Some(&admin), "dev-new", None).await {
+                Ok(joined) => break joined,
+                Err(status) => assert_code("admin re-entering", &status, Code::ResourceExhausted),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(second);
+    server.stop().await;
+}
+
 /// Publishes one report of `name` as `auth`; the status the feed ended with.
 async fn try_publish_as(channel: Channel, auth: &str, name: &str) -> Result<(), Status> {
     let mut feed = TelemetryServiceClient::new(channel)

@@ -961,3 +961,48 @@ async fn idle_rooms_close_free_their_slot_and_reopen_with_their_history() {
     drop(member);
     server.stop().await;
 }
+
+/// Every client-chosen name follows the room and file name rule: no
+/// control characters (a newline in a sender used to be stored and sent
+/// to every member), and a metadata key given twice is refused instead
+/// of the first value being taken silently.
+#[tokio::test]
+async fn control_characters_in_names_and_repeated_metadata_are_refused() {
+    let server = TestServer::start().await;
+    let Err(status) = open(
+        server.channel().await,
+        &[("chat-room", "r".into()), ("chat-member", "ann\tx".into())],
+    )
+    .await
+    else {
+        panic!("a member name with a tab was accepted");
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("chat-member"), "{status:?}");
+
+    for sender in ["ann\nroot: hi", "ann\r", "a\u{7f}"] {
+        let mut m = join(&server, "r").await;
+        m.send(msg(sender, "hi", "")).await;
+        let status = m.error().await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("sender"), "{status:?}");
+    }
+
+    let (_tx, rx) = mpsc::channel::<ChatMessage>(1);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    for room in ["first", "second"] {
+        request
+            .metadata_mut()
+            .append("chat-room", room.parse().unwrap());
+    }
+    let status = ChatServiceClient::new(server.channel().await)
+        .chat(request)
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("chat-room") && status.message().contains("2 times"),
+        "{status:?}"
+    );
+    server.stop().await;
+}

@@ -59,6 +59,8 @@ struct Ended {
     data: Vec<u8>,
     code: Code,
     message: String,
+    /// The `chat-last-seq` the call ended with, if any.
+    last_seq: Option<String>,
 }
 
 /// A raw gRPC call over its own HTTP/2 connection.
@@ -129,6 +131,10 @@ fn status_in(headers: &http::HeaderMap, data: Vec<u8>) -> Option<Ended> {
         data,
         code: status.code(),
         message: status.message().to_owned(),
+        last_seq: headers
+            .get("chat-last-seq")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     })
 }
 
@@ -392,6 +398,8 @@ async fn grpc_timeout_ends_every_kind_of_call_with_deadline_exceeded() {
     let ended = chat.ended().await;
     assert_code("chat", &ended, Code::DeadlineExceeded);
     assert!(!ended.data.is_empty(), "the message was delivered first");
+    // Like every other ending of a chat call: the last seq it delivered.
+    assert_eq!(ended.last_seq.as_deref(), Some("1"), "chat-last-seq");
 
     let mut watch = RawCall::open(&server, "/grpc.health.v1.Health/Watch", &timeout).await;
     watch.send(encoded(&HealthCheckRequest::default()));
@@ -686,5 +694,31 @@ async fn v1alpha_reflection_answers_a_failed_lookup_and_stays_open() {
     );
     // The client closed its side: the call ends with OK.
     assert!(within("end", answers.next()).await.is_none());
+    server.stop().await;
+}
+
+/// A malformed `grpc-timeout` is refused with INTERNAL naming the header
+/// and its form (as grpc-go does), before the handler runs: it used to be
+/// ignored, so the call ran without the deadline its client meant.
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_internal_naming_the_header() {
+    let server = TestServer::start().await;
+    for bad in ["abc", "1", "-1S", "123456789S", "1x", "S"] {
+        let mut call = RawCall::open(&server, GET_SNAPSHOT, &[("grpc-timeout", bad)]).await;
+        call.send(encoded(&common::request("nobody", 0)));
+        call.close();
+        let ended = call.ended().await;
+        assert_code(bad, &ended, Code::Internal);
+        assert!(
+            ended.message.contains("grpc-timeout") && ended.message.contains("8 digits"),
+            "{bad}: {}",
+            ended.message
+        );
+    }
+    // A well-formed one still runs the call.
+    let mut quick = RawCall::open(&server, GET_SNAPSHOT, &[("grpc-timeout", "10S")]).await;
+    quick.send(encoded(&common::request("nobody", 0)));
+    quick.close();
+    assert_code("well-formed", &quick.ended().await, Code::NotFound);
     server.stop().await;
 }

@@ -115,6 +115,18 @@ async fn snapshot_returns_the_latest_sample_or_says_what_is_wrong() {
         .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument);
     assert!(long.message().contains("201"), "{}", long.message());
+    // Control characters are refused, as in room and file names (a
+    // newline used to be accepted and shown in every list).
+    let forged = client
+        .get_snapshot(request("api\nroot", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument);
+    assert!(
+        forged.message().contains("service_name") && forged.message().contains("printable"),
+        "{}",
+        forged.message()
+    );
     // 200 bytes is fine (just unknown).
     let max = client
         .get_snapshot(request(&"x".repeat(200), 0))

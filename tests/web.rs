@@ -639,3 +639,60 @@ async fn unread_files_responses_take_download_slots_and_give_them_back() {
     second_task.abort();
     server.stop().await;
 }
+
+/// A `GET /files/` client that stops reading (HTTP/1.1, a tiny receive
+/// window, so its response blocks on a full TCP buffer) loses its download
+/// slot after `upload.idle_timeout`, as a stalled gRPC Download does: the
+/// next client is served instead of getting 429 for ever.
+#[tokio::test]
+async fn a_files_client_that_stops_reading_frees_its_download_slot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut config = test_config();
+    config.upload.idle_timeout = Duration::from_millis(300);
+    config.upload.max_concurrent_downloads = 1;
+    let server = TestServer::start_with(config).await;
+    let data = vec![7u8; 16 << 20];
+    upload(&server, "big.bin", &data).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr).await.unwrap();
+    stalled
+        .write_all(b"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The response has begun (so it holds the one slot); then no more is
+    // read from this socket.
+    let mut head = [0u8; 12];
+    within(
+        "the stalled response's status line",
+        stalled.read_exact(&mut head),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        &head,
+        b"HTTP/1.1 200",
+        "{:?}",
+        String::from_utf8_lossy(&head)
+    );
+
+    within("the stalled response's slot to be freed", async {
+        loop {
+            let reply = get(&server, "/files/big.bin", &[("range", "bytes=0-9")]).await;
+            if reply.status == StatusCode::PARTIAL_CONTENT {
+                assert_eq!(&reply.body[..], &data[..10]);
+                break;
+            }
+            assert_eq!(
+                reply.status,
+                StatusCode::TOO_MANY_REQUESTS,
+                "{:?}",
+                reply.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(stalled);
+}

@@ -88,6 +88,50 @@ pub struct Message {
     pub key: String,
     /// Server time of storing, Unix milliseconds.
     pub timestamp_ms: i64,
+    /// Its wire encoding, made by the first call that sends it (see
+    /// `chat::route`) and freed with the message, when no member's queue
+    /// holds it any more.
+    pub encoding: Encoding,
+}
+
+/// A message's wire encoding, filled once by the service layer. It travels
+/// in the message's `Arc`, so every member sending one broadcast message
+/// copies one encoding, and nothing keeps it once the message is gone.
+/// Equal to any other (it is derived from the message's fields); a clone
+/// starts empty, since a clone may be changed before it is sent.
+#[derive(Default)]
+pub struct Encoding(std::sync::OnceLock<bytes::Bytes>);
+
+impl Encoding {
+    /// The encoding, made by `encode` if this is the first asking.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> bytes::Bytes) -> bytes::Bytes {
+        self.0.get_or_init(encode).clone()
+    }
+
+    /// Bytes held: the encoding's length, 0 before the first send.
+    pub fn held(&self) -> usize {
+        self.0.get().map_or(0, bytes::Bytes::len)
+    }
+}
+
+impl Clone for Encoding {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Encoding {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Encoding {}
+
+impl std::fmt::Debug for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Encoding({} bytes)", self.held())
+    }
 }
 
 /// A message submitted to a room, before it has a seq.
@@ -272,8 +316,8 @@ pub enum ChatError {
         /// The configured limit.
         limit: usize,
     },
-    /// The caller's identity has opened its share of the rooms
-    /// (`chat.max_rooms_per_identity`).
+    /// The caller's identity is in (or opened) its share of the open
+    /// rooms already (`chat.max_rooms_per_identity`).
     #[error(transparent)]
     ShareExhausted(#[from] crate::shares::ShareExhausted),
     /// The server is shutting down.
@@ -305,7 +349,8 @@ pub struct MessageLimits {
     pub max_text_bytes: usize,
 }
 
-/// Checks a member's name (sender or `chat-member`) for `field`.
+/// Checks a member's name (sender or `chat-member`) for `field`: 1 to
+/// `MAX_SENDER_LEN` bytes, no control characters (as room names).
 pub fn validate_name(field: &'static str, name: &str) -> Result<(), ChatError> {
     if name.is_empty() {
         return Err(ChatError::invalid(field, "is empty"));
@@ -314,6 +359,14 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<(), ChatError> {
         return Err(ChatError::invalid(
             field,
             format!("is {} bytes; the limit is {MAX_SENDER_LEN}", name.len()),
+        ));
+    }
+    // The rule of room and file names: a newline in a name could forge
+    // lines in logs and terminals.
+    if name.chars().any(char::is_control) {
+        return Err(ChatError::invalid(
+            field,
+            "contains characters that are not printable",
         ));
     }
     Ok(())

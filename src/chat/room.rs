@@ -17,8 +17,9 @@
 //! [`EndSignal`] says why); nobody else waits for it.
 //!
 //! Open rooms are held in a [`RoomTable`], shared with the clustered hub:
-//! at most `chat.max_rooms`, each charged to the identity that opened it
-//! (at most `chat.max_rooms_per_identity` each, see [`crate::shares`]). A
+//! at most `chat.max_rooms`, each charged to the identities in it, or to
+//! its opener while nobody is (at most `chat.max_rooms_per_identity` each,
+//! see [`RoomTable`] and [`crate::shares`]). A
 //! room with no members and nothing pending for `chat.room_idle_timeout`
 //! closes and leaves the table (its actor checks, see [`idle_expired`]);
 //! its history stays stored and the next join or send opens it again.
@@ -109,8 +110,8 @@ pub struct JoinRequest {
     pub start: Start,
     /// A name to announce the join and leave under, if any.
     pub member: Option<String>,
-    /// The authenticated caller, charged with the room if the join opens
-    /// it (`chat.max_rooms_per_identity`); `None` when anonymous.
+    /// The authenticated caller, charged with the room while it is in it
+    /// (`chat.max_rooms_per_identity`); `None` when anonymous.
     pub owner: Option<Arc<str>>,
 }
 
@@ -259,6 +260,19 @@ impl Membership {
             _leave: leave,
         }
     }
+
+    /// This membership, also holding `presence` (its identity's charge for
+    /// being in the room) until it is dropped.
+    pub(crate) fn holding<R: Send + Sync + 'static>(
+        mut self,
+        presence: Option<Presence<R>>,
+    ) -> Self {
+        if presence.is_some() {
+            let leave = std::mem::replace(&mut self._leave, Box::new(()));
+            self._leave = Box::new((leave, presence));
+        }
+        self
+    }
 }
 
 impl std::fmt::Debug for Membership {
@@ -275,13 +289,23 @@ pub(crate) type Cell<R> = Arc<OnceCell<Arc<R>>>;
 
 struct TableEntry<R> {
     cell: Cell<R>,
-    /// The opener's share, given back when the entry goes.
-    _share: Option<Share>,
+    /// The opener's share, until anyone is in the room (or the room
+    /// closes): a room opened by Send is charged to its sender until
+    /// somebody joins or watches it.
+    opener: Option<Share>,
+    /// The identities in the room (members and watchers), each charged
+    /// once however many calls it has there, with that number of calls.
+    present: HashMap<Arc<str>, (usize, Option<Share>)>,
 }
 
 /// The open rooms of a hub (`R` is the hub's room type): at most
-/// `chat.max_rooms`, each charged to the identity that opened it. Shared by
-/// the local and the clustered hub.
+/// `chat.max_rooms`. A room counts against `chat.max_rooms_per_identity`
+/// of each identity that is in it (member or watcher), from its
+/// [`RoomTable::enter`] until its last call there ends; a room nobody is
+/// in is charged to its opener until somebody enters, then to nobody
+/// (it closes when idle). So one identity cannot use up another's share by
+/// staying in the rooms the other opened. Shared by the local and the
+/// clustered hub.
 pub(crate) struct RoomTable<R> {
     max_rooms: usize,
     shares: Arc<Shares>,
@@ -319,11 +343,61 @@ impl<R> RoomTable<R> {
                 let cell = Arc::default();
                 entry.insert(TableEntry {
                     cell: Arc::clone(&cell),
-                    _share: share,
+                    opener: share,
+                    present: HashMap::new(),
                 });
                 Ok(cell)
             }
         }
+    }
+
+    /// Charges `identity` (`None`: anonymous, not counted) for being in
+    /// the open room `open` until the returned [`Presence`] is dropped;
+    /// a second call of the same identity in the room costs nothing more.
+    /// The opener's charge ends here (taken over if the opener is the one
+    /// entering).
+    ///
+    /// # Errors
+    /// [`ChatError::ShareExhausted`] when `identity` is in its share of
+    /// rooms already.
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        room: &RoomName,
+        open: &Arc<R>,
+        identity: Option<&str>,
+    ) -> Result<Option<Presence<R>>, ChatError> {
+        let Some(identity) = identity else {
+            return Ok(None);
+        };
+        let mut rooms = lock(&self.rooms);
+        let Some(entry) = rooms
+            .get_mut(room)
+            .filter(|entry| entry.cell.get().is_some_and(|held| Arc::ptr_eq(held, open)))
+        else {
+            // Gone from the table (closing): nothing left to charge.
+            return Ok(None);
+        };
+        if let Some((calls, _)) = entry.present.get_mut(identity) {
+            *calls += 1;
+        } else {
+            let share = match entry.opener.take() {
+                Some(share) if share.identity() == identity => Some(share),
+                opener => match self.shares.claim(Some(identity)) {
+                    Ok(share) => share,
+                    Err(exhausted) => {
+                        entry.opener = opener;
+                        return Err(exhausted.into());
+                    }
+                },
+            };
+            entry.present.insert(Arc::from(identity), (1, share));
+        }
+        Ok(Some(Presence {
+            table: Arc::clone(self),
+            room: room.clone(),
+            cell: Arc::clone(&entry.cell),
+            identity: Arc::from(identity),
+        }))
     }
 
     /// Removes `room` if its entry is still `cell` (not a newer opening).
@@ -357,6 +431,33 @@ impl<R> RoomTable<R> {
     /// Rooms in the table.
     pub(crate) fn len(&self) -> usize {
         lock(&self.rooms).len()
+    }
+}
+
+/// One call of an identity in a room (see [`RoomTable::enter`]); when the
+/// identity's last call there ends, its share of rooms gets the room back.
+pub(crate) struct Presence<R> {
+    table: Arc<RoomTable<R>>,
+    room: RoomName,
+    cell: Cell<R>,
+    identity: Arc<str>,
+}
+
+impl<R> Drop for Presence<R> {
+    fn drop(&mut self) {
+        let mut rooms = lock(&self.table.rooms);
+        let Some(entry) = rooms
+            .get_mut(&self.room)
+            .filter(|entry| Arc::ptr_eq(&entry.cell, &self.cell))
+        else {
+            return;
+        };
+        if let Some((calls, _)) = entry.present.get_mut(&self.identity) {
+            *calls = calls.saturating_sub(1);
+            if *calls == 0 {
+                entry.present.remove(&self.identity);
+            }
+        }
     }
 }
 
@@ -552,7 +653,13 @@ impl RoomHub for LocalHub {
         Box::pin(async move {
             let result = self
                 .on_room(&request.room, request.owner.as_deref(), |room| {
-                    let joined = room.join(request.start, request.member.clone());
+                    let joined = self
+                        .rooms
+                        .enter(&request.room, &room, request.owner.as_deref())
+                        .and_then(|presence| {
+                            room.join(request.start, request.member.clone())
+                                .map(|joined| joined.holding(presence))
+                        });
                     async move { joined }
                 })
                 .await;
@@ -918,6 +1025,7 @@ impl Actor {
                         text: draft.text,
                         key: draft.key,
                         timestamp_ms,
+                        encoding: Default::default(),
                     });
                     if let Some(reply) = reply {
                         replies.push((reply, Arc::clone(&original)));
@@ -937,6 +1045,7 @@ impl Actor {
                 text: draft.text,
                 key: draft.key,
                 timestamp_ms: now,
+                encoding: Default::default(),
             });
             if let Some(reply) = reply {
                 replies.push((reply, Arc::clone(&message)));

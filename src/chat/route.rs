@@ -9,13 +9,13 @@
 //! size limits, framing, trailers: the same as the generated route) with a
 //! codec whose encoder takes a room's shared message ([`Outgoing`]) and
 //! copies its encoding, made once by the first member's call that sends it
-//! and kept in a small table shared by every call ([`SharedEncodings`]).
+//! and kept in the message itself ([`super::Encoding`]): it is freed with
+//! the message, when the last member's queue lets go of it, so no table
+//! holds encodings of rooms long closed or pushes out live ones.
 //! Send and the other paths go to the generated server.
 
 use std::{
-    collections::{HashMap, VecDeque},
     convert::Infallible,
-    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
 };
 
@@ -40,18 +40,12 @@ pub const CHAT_PATH: &str = "/chat.ChatService/Chat";
 /// The HTTP path of `ChatService.WatchRoom`.
 pub const WATCH_ROOM_PATH: &str = "/chat.ChatService/WatchRoom";
 
-/// Encoded messages kept for calls still to send them: enough for every
-/// member of a busy room to find the messages its queue holds
-/// (`chat.member_queue`, 256 by default), across a few rooms.
-const KEPT: usize = 1024;
-
 /// The chat service as the server mounts it.
 #[derive(Debug, Clone)]
 pub struct ChatServer {
     service: ChatService,
     generated: ChatServiceServer<ChatService>,
     max_message_size: usize,
-    encodings: Arc<SharedEncodings>,
 }
 
 impl ChatServer {
@@ -64,7 +58,6 @@ impl ChatServer {
             service,
             generated,
             max_message_size,
-            encodings: Arc::default(),
         }
     }
 
@@ -73,7 +66,6 @@ impl ChatServer {
         D: prost::Message + Default + Send + 'static,
     {
         Grpc::new(SharedCodec {
-            encodings: Arc::clone(&self.encodings),
             _decode: std::marker::PhantomData,
         })
         .apply_max_message_size_config(Some(self.max_message_size), Some(self.max_message_size))
@@ -152,51 +144,17 @@ impl ServerStreamingService<pb::WatchRoomRequest> for WatchMethod {
     }
 }
 
-/// The encodings of the room messages sent most recently, shared by every
-/// call: the first call to send a message encodes it, the others copy the
-/// bytes. Keyed by the message's allocation, which the table keeps alive
-/// while it holds the entry (so no other message can share the key); the
-/// oldest of more than [`KEPT`] entries is dropped. A message no longer
-/// in the table (a member far behind) is encoded again, as before.
-#[derive(Debug, Default)]
-struct SharedEncodings {
-    table: Mutex<Table>,
-}
-
-#[derive(Debug, Default)]
-struct Table {
-    by_message: HashMap<usize, (Arc<Message>, Bytes)>,
-    order: VecDeque<usize>,
-}
-
-impl SharedEncodings {
-    /// The protobuf encoding of `message` (a `chat.ChatMessage`).
-    fn encoding(&self, message: &Arc<Message>) -> Bytes {
-        let key = Arc::as_ptr(message) as usize;
-        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((known, bytes)) = table.by_message.get(&key)
-            && Arc::ptr_eq(known, message)
-        {
-            return bytes.clone();
-        }
-        let bytes = Bytes::from(pb::ChatMessage::from(&**message).encode_to_vec());
-        table
-            .by_message
-            .insert(key, (Arc::clone(message), bytes.clone()));
-        table.order.push_back(key);
-        while table.order.len() > KEPT {
-            if let Some(oldest) = table.order.pop_front() {
-                table.by_message.remove(&oldest);
-            }
-        }
-        bytes
-    }
+/// The protobuf encoding of `message` (a `chat.ChatMessage`): made by the
+/// first call that sends it, then copied from the message.
+fn encoding(message: &Message) -> Bytes {
+    message
+        .encoding
+        .get_or_init(|| Bytes::from(pb::ChatMessage::from(message).encode_to_vec()))
 }
 
 /// Decodes requests with prost; encodes [`Outgoing`] messages, a shared
 /// one by copying its shared encoding.
 struct SharedCodec<D> {
-    encodings: Arc<SharedEncodings>,
     _decode: std::marker::PhantomData<fn() -> D>,
 }
 
@@ -210,9 +168,7 @@ where
     type Decoder = ProstDecoder<D>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        SharedEncoder {
-            encodings: Arc::clone(&self.encodings),
-        }
+        SharedEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -221,9 +177,7 @@ where
 }
 
 /// The encoder of [`SharedCodec`].
-struct SharedEncoder {
-    encodings: Arc<SharedEncodings>,
-}
+struct SharedEncoder;
 
 impl Encoder for SharedEncoder {
     type Item = Outgoing;
@@ -232,7 +186,7 @@ impl Encoder for SharedEncoder {
     fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {
             Outgoing::Shared(message) => {
-                dst.put_slice(&self.encodings.encoding(&message));
+                dst.put_slice(&encoding(&message));
                 Ok(())
             }
             Outgoing::Own(message) => message
@@ -244,6 +198,8 @@ impl Encoder for SharedEncoder {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn message(seq: u64) -> Arc<Message> {
@@ -255,47 +211,40 @@ mod tests {
             text: format!("hello {seq}"),
             key: String::new(),
             timestamp_ms: 1_700_000_000_000,
+            encoding: Default::default(),
         })
     }
 
     #[test]
     fn members_of_one_message_share_its_encoding() {
-        let encodings = SharedEncodings::default();
         let first = message(1);
-        let bytes = encodings.encoding(&first);
+        let bytes = encoding(&first);
         assert_eq!(
             bytes,
             pb::ChatMessage::from(&*first).encode_to_vec(),
             "the protobuf encoding"
         );
-        assert_eq!(
-            encodings.encoding(&first).as_ptr(),
-            bytes.as_ptr(),
-            "encoded once"
-        );
-        // An equal message in another allocation is its own entry.
+        assert_eq!(encoding(&first).as_ptr(), bytes.as_ptr(), "encoded once");
+        // A copy (which may be changed) starts without the encoding.
         let copy = Arc::new((*first).clone());
-        assert_ne!(encodings.encoding(&copy).as_ptr(), bytes.as_ptr());
+        assert_eq!(copy.encoding.held(), 0);
+        assert_ne!(encoding(&copy).as_ptr(), bytes.as_ptr());
+        assert_eq!(encoding(&copy), bytes);
     }
 
+    /// The encoding lives in the message's allocation: when the last
+    /// reference (a member's queue) goes, so does the encoding; nothing
+    /// else holds it. (The old shared table kept the newest 1,024
+    /// messages and their encodings after every room had closed.)
     #[test]
-    fn the_table_keeps_the_newest_messages_only() {
-        let encodings = SharedEncodings::default();
-        let oldest = message(0);
-        let kept = encodings.encoding(&oldest);
-        for seq in 1..=KEPT as u64 {
-            encodings.encoding(&message(seq));
-        }
-        let table = encodings
-            .table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        assert_eq!(table.by_message.len(), KEPT);
-        assert_eq!(table.order.len(), KEPT);
-        drop(table);
-        // Dropped from the table: encoded again, to the same bytes.
-        let again = encodings.encoding(&oldest);
-        assert_ne!(again.as_ptr(), kept.as_ptr());
-        assert_eq!(again, kept);
+    fn nothing_keeps_an_encoding_once_its_message_is_gone() {
+        let sent = message(1);
+        let bytes = encoding(&sent);
+        assert_eq!(sent.encoding.held(), bytes.len());
+        let watch = Arc::downgrade(&sent);
+        drop(sent);
+        assert!(watch.upgrade().is_none(), "nothing else holds the message");
+        // The only other owner of the bytes is this test's handle.
+        assert!(bytes.is_unique(), "nothing else holds the encoding");
     }
 }

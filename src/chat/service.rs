@@ -10,7 +10,10 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use futures::Stream;
@@ -27,7 +30,7 @@ use super::{
 use crate::{
     auth::{self, Action, Identity, Resource},
     proto::chat::{self as pb, chat_service_server},
-    rpc::{StreamLog, shutting_down},
+    rpc::{DeadlineTrailers, StreamLog, shutting_down},
     shutdown::{SHUTTING_DOWN, Shutdown},
 };
 
@@ -178,6 +181,14 @@ impl From<&Message> for pb::ChatMessage {
 }
 
 fn text<'a>(map: &'a MetadataMap, key: &'static str) -> Result<Option<&'a str>, ChatError> {
+    // Two values would leave it to chance which one the call used.
+    let given = map.get_all(key).iter().count();
+    if given > 1 {
+        return Err(ChatError::invalid(
+            key,
+            format!("is given {given} times; give it once"),
+        ));
+    }
     match map.get(key) {
         None => Ok(None),
         Some(value) => value
@@ -379,6 +390,7 @@ fn notice() -> pb::ChatMessage {
         text: SHUTTING_DOWN.to_owned(),
         key: String::new(),
         timestamp_ms: super::now_ms(),
+        encoding: Default::default(),
     })
 }
 
@@ -456,9 +468,15 @@ impl ChatService {
 
         let hub = Arc::clone(&self.hub);
         let shutdown = self.shutdown.clone();
+        // The last seq handed on, for the trailer of a call its deadline
+        // ends (the status layer ends it, dropping this stream).
+        let sent = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&sent);
         let stream = async_stream::stream! {
+            let sent = seen;
             let mut membership = membership;
             let mut last_sent = membership.replay_from.saturating_sub(1);
+            sent.store(last_sent, Ordering::Relaxed);
             // Replay, in chunks, what was stored before joining.
             let mut next = membership.replay_from;
             while next <= membership.last {
@@ -495,6 +513,7 @@ impl ChatService {
                 for message in &chunk {
                     next = message.seq + 1;
                     last_sent = message.seq;
+                    sent.store(last_sent, Ordering::Relaxed);
                     yield Ok(Outgoing::Own(pb::ChatMessage::from(&**message)));
                 }
             }
@@ -508,6 +527,7 @@ impl ChatService {
                 match message {
                     Some(message) => {
                         last_sent = last_sent.max(message.seq);
+                        sent.store(last_sent, Ordering::Relaxed);
                         yield Ok(Outgoing::Shared(message));
                     }
                     None => break,
@@ -516,6 +536,7 @@ impl ChatService {
             // Delivery ended: deliver what was queued before it did.
             while let Ok(message) = membership.live.try_recv() {
                 last_sent = last_sent.max(message.seq);
+                sent.store(last_sent, Ordering::Relaxed);
                 yield Ok(Outgoing::Shared(message));
             }
             let reason = membership.end.reason();
@@ -530,6 +551,12 @@ impl ChatService {
         };
         let mut response = Response::new(Box::pin(stream) as BoxStream<Outgoing>);
         *response.metadata_mut() = headers;
+        response
+            .extensions_mut()
+            .insert(DeadlineTrailers(Arc::new(move |trailers| {
+                let last = sent.load(Ordering::Relaxed);
+                trailers.insert(LAST_SEQ_KEY, http::HeaderValue::from(last));
+            })));
         response
     }
 }
@@ -701,6 +728,8 @@ mod tests {
         let long = "r".repeat(65);
         let bad = join_request(&map(&[(ROOM_KEY, long.as_str())])).expect_err("bad");
         assert_eq!(status(&bad).code(), tonic::Code::InvalidArgument);
+        let bad = join_request(&map(&[(MEMBER_KEY, "ann\tx")])).expect_err("bad");
+        assert!(bad.to_string().starts_with(MEMBER_KEY), "{bad}");
     }
 
     #[test]

@@ -709,6 +709,7 @@ fn decode(room: &str, seq: u64, epoch: u64, bytes: &[u8]) -> Result<Message, Sto
         text,
         key,
         timestamp_ms,
+        encoding: Default::default(),
     })
 }
 
@@ -811,6 +812,7 @@ mod tests {
             text: text.into(),
             key: key.into(),
             timestamp_ms: 1_700_000_000_000,
+            encoding: Default::default(),
         })
     }
 

@@ -96,6 +96,7 @@ fn decode(seq: u64, epoch: u64, payload: &[u8]) -> Option<Message> {
         text: wire.text,
         key: wire.key,
         timestamp_ms: wire.timestamp_ms,
+        encoding: Default::default(),
     })
 }
 
@@ -265,8 +266,13 @@ impl NatsHub {
         }
         self.cluster.check().map_err(unavailable)?;
         let room = self.room(&request.room, request.owner.as_deref()).await?;
-        room.join(&self.cluster, request.start, request.member.clone())
-            .await
+        let presence = self
+            .rooms
+            .enter(&request.room, &room, request.owner.as_deref())?;
+        Ok(room
+            .join(&self.cluster, request.start, request.member.clone())
+            .await?
+            .holding(presence))
     }
 
     async fn room(&self, name: &RoomName, owner: Option<&str>) -> Result<Arc<Room>, ChatError> {
@@ -759,6 +765,7 @@ impl Room {
                             text: draft.text,
                             key: draft.key,
                             timestamp_ms: now,
+                            encoding: Default::default(),
                         })));
                     }
                 }
@@ -805,6 +812,7 @@ impl Room {
             text: draft.text,
             key: draft.key,
             timestamp_ms: now_ms(),
+            encoding: Default::default(),
         }))
     }
 

@@ -93,6 +93,9 @@ pub enum TelemetryError {
         /// Its length in bytes.
         len: usize,
     },
+    /// The service name has a control character (newline, tab, ...).
+    #[error("service_name contains characters that are not printable")]
+    NameNotPrintable,
     /// A measured value is NaN, infinite or negative.
     #[error("{field} is {value}; it must be a finite number, zero or more")]
     BadValue {
@@ -133,13 +136,17 @@ impl From<BrokerError> for TelemetryError {
     }
 }
 
-/// Checks a service name: 1 to [`MAX_NAME_LEN`] bytes.
+/// Checks a service name: 1 to [`MAX_NAME_LEN`] bytes, no control
+/// characters (the rule of room and file names).
 pub fn validate_name(name: &str) -> Result<(), TelemetryError> {
     if name.is_empty() {
         return Err(TelemetryError::EmptyName);
     }
     if name.len() > MAX_NAME_LEN {
         return Err(TelemetryError::NameTooLong { len: name.len() });
+    }
+    if name.chars().any(char::is_control) {
+        return Err(TelemetryError::NameNotPrintable);
     }
     Ok(())
 }

@@ -146,6 +146,7 @@ fn status(err: &TelemetryError) -> Status {
     match err {
         TelemetryError::EmptyName
         | TelemetryError::NameTooLong { .. }
+        | TelemetryError::NameNotPrintable
         | TelemetryError::BadValue { .. } => Status::invalid_argument(err.to_string()),
         TelemetryError::UnknownService(_) => Status::not_found(err.to_string()),
         TelemetryError::TooManyServices { .. } | TelemetryError::ShareExhausted(_) => {

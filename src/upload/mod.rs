@@ -18,6 +18,7 @@
 pub mod limits;
 pub mod owners;
 pub mod service;
+pub mod stall;
 pub mod store;
 
 pub use store::{Store, StoredFile};

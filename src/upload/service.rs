@@ -2,15 +2,7 @@
 //! maps [`UploadError`]s to statuses, and decides what happens to the bytes
 //! of a call that does not complete (kept for a resume, or discarded).
 
-use std::{
-    pin::Pin,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::Poll,
-    time::Duration,
-};
+use std::{pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use futures::Stream;
 use tokio::time::Instant;
@@ -22,6 +14,7 @@ use super::{
     Chunk, Sequence, UploadError,
     limits::CallSlot,
     owners::Owners,
+    stall::Stallable,
     store::{Store, StoredReader, Upload, expires_ms},
 };
 use crate::{
@@ -785,35 +778,35 @@ impl file_upload_service_server::FileUploadService for UploadService {
         let idle = self.store.config().idle_timeout;
         // The open file and the call's slot, taken away by the watchdog
         // from a download whose client stops taking data.
-        let held = Arc::new(Mutex::new(Some(Held {
-            reader,
-            _slot: slot,
-        })));
-        let progress = Arc::new(AtomicU64::new(0));
-        let done = CancellationToken::new();
-        tokio::spawn(watchdog(
-            Arc::clone(&held),
-            Arc::clone(&progress),
-            done.clone(),
+        let name = filename.clone();
+        let held = Stallable::spawn(
+            Held {
+                reader,
+                _slot: slot,
+            },
             idle,
-            filename.clone(),
-        ));
+            move |stalled: &Held| {
+                tracing::warn!(
+                    download = %name,
+                    offset = stalled.reader.offset(),
+                    "download stopped: its client took no data for {}",
+                    humantime::format_duration(idle)
+                );
+            },
+        );
         let store = Arc::clone(&self.store);
         let shutdown = self.shutdown.clone();
         // One chunk is read when the previous one has been taken: a client
         // that stops reading holds about one chunk, in HTTP/2's buffer.
         let stream = async_stream::stream! {
-            let _done = done.drop_guard();
             let mut sent = 0u64;
             loop {
-                progress.fetch_add(1, Ordering::Relaxed);
                 if shutdown.is_triggered() {
                     log.end("server shutting down");
                     yield Err(shutting_down());
                     break;
                 }
-                let taken = held.lock().unwrap_or_else(PoisonError::into_inner).take();
-                let Some(Held { reader, _slot }) = taken else {
+                let Some(Held { reader, _slot }) = held.take() else {
                     log.end("stalled: the client took no data");
                     yield Err(Status::aborted(format!(
                         "download of {filename} stopped: the client took no data for {} \
@@ -832,7 +825,6 @@ impl file_upload_service_server::FileUploadService for UploadService {
                     }
                     read = store.read_chunk(reader, chunk_size) => read,
                 };
-                progress.fetch_add(1, Ordering::Relaxed);
                 let data = match data {
                     Ok(data) => data,
                     Err(err) => {
@@ -855,8 +847,7 @@ impl file_upload_service_server::FileUploadService for UploadService {
                     },
                 };
                 if !is_last {
-                    *held.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some(Held { reader, _slot });
+                    held.put(Held { reader, _slot });
                 }
                 yield Ok(chunk);
                 if is_last {
@@ -873,38 +864,4 @@ impl file_upload_service_server::FileUploadService for UploadService {
 struct Held {
     reader: StoredReader,
     _slot: CallSlot,
-}
-
-/// Closes the file and frees the slot of a download whose stream has not
-/// moved for `idle` (its client takes no data, so HTTP/2 flow control
-/// stopped it); the stream then ends with ABORTED when polled again. Ends
-/// with the stream (`done`).
-async fn watchdog(
-    held: Arc<Mutex<Option<Held>>>,
-    progress: Arc<AtomicU64>,
-    done: CancellationToken,
-    idle: Duration,
-    name: String,
-) {
-    let mut seen = progress.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
-            () = done.cancelled() => return,
-            () = tokio::time::sleep(idle) => {}
-        }
-        let now = progress.load(Ordering::Relaxed);
-        if now == seen {
-            let taken = held.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(stalled) = taken {
-                tracing::warn!(
-                    download = %name,
-                    offset = stalled.reader.offset(),
-                    "download stopped: its client took no data for {}",
-                    humantime::format_duration(idle)
-                );
-                return;
-            }
-        }
-        seen = now;
-    }
 }

@@ -11,6 +11,11 @@
 //! server path. The file is sent as `application/octet-stream` with
 //! `Content-Disposition: attachment` and `nosniff`, so an uploaded HTML
 //! file can never run as a page of the dashboard's origin.
+//!
+//! A response holds a download slot (`upload.max_concurrent_downloads`)
+//! and its file under the same no-progress rule as gRPC Download
+//! ([`crate::upload::stall`]): a client that takes no data for
+//! `upload.idle_timeout` loses both, and its response ends.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -20,14 +25,13 @@ use axum::{
     http::{Extensions, HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use futures::StreamExt as _;
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::WebState;
 use crate::{
     auth::{self, Action, Resource},
-    upload::{StoredFile, UploadError, limits::CallSlot},
+    upload::{StoredFile, UploadError, limits::CallSlot, stall::Stallable},
 };
 
 /// Bytes read from disk per piece of the response body.
@@ -181,16 +185,19 @@ pub(super) async fn get_file(
             );
         }
     };
-    respond(file, &info, &headers, slot).await
+    let idle = state.uploads.config().idle_timeout;
+    respond(file, &info, &headers, slot, idle).await
 }
 
 /// The response for `file`; `slot` (a download slot) is held until the
-/// body is done or dropped.
+/// body is done or dropped, or until the client has taken no data for
+/// `idle` (`upload.idle_timeout`, as for gRPC Download).
 async fn respond(
     file: std::fs::File,
     info: &StoredFile,
     request: &HeaderMap,
     slot: CallSlot,
+    idle: Duration,
 ) -> Response {
     let size = info.size;
     let etag = format!("\"{}\"", hex::encode(info.sha256));
@@ -256,12 +263,44 @@ async fn respond(
             format!("stored file {:?} cannot be read\n", info.name),
         );
     }
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK).map(
-        move |chunk| {
-            let _held = &slot;
-            chunk
-        },
-    ));
+    // The file and the slot sit with the shared no-progress watchdog, as
+    // a gRPC Download's do: a client that stops reading (its TCP window
+    // full, so the body is not polled) loses them after
+    // `upload.idle_timeout`, and the body then ends with an error (hyper
+    // drops the connection) instead of holding the slot for ever.
+    let name = info.name.clone();
+    let held = Stallable::spawn((file.take(len), slot), idle, move |_| {
+        tracing::warn!(
+            file = %name,
+            "GET /files/ response stopped: its client took no data for {}",
+            humantime::format_duration(idle)
+        );
+    });
+    let name = info.name.clone();
+    let stream = async_stream::stream! {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let Some((mut reader, slot)) = held.take() else {
+                yield Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("download of {name} stopped: the client took no data"),
+                ));
+                break;
+            };
+            match reader.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    held.put((reader, slot));
+                    yield Ok(Bytes::copy_from_slice(&buf[..n]));
+                }
+                Err(err) => {
+                    yield Err(err);
+                    break;
+                }
+            }
+        }
+    };
+    let body = Body::from_stream(stream);
     response
         .status(status)
         .header(header::CONTENT_TYPE, "application/octet-stream")
