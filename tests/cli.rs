@@ -722,6 +722,37 @@ async fn configuration_errors_name_the_file_or_variable_the_key_and_what_was_exp
         assert!(!err.contains("default."), "figment's profile in {err}");
         assert_eq!(err.matches("invalid type").count(), 1, "said twice: {err}");
     }
+
+    // An unknown nested key is named once (not `telemetry.typo.typo`), from
+    // each source, with the valid keys of its table in plain backticks.
+    let nested = dir.path().join("nested.toml");
+    std::fs::write(&nested, "[telemetry]\nmax_servics = 5\n").unwrap();
+    let unknown = [
+        (
+            streamhub_env(&["serve", "--config", nested.to_str().unwrap()], &[]).await,
+            "nested.toml: key `telemetry.max_servics`: unknown key `max_servics`",
+        ),
+        (
+            streamhub_env(&["serve"], &[("STREAMHUB_TELEMETRY__TYPO", "1")]).await,
+            "environment variable STREAMHUB_TELEMETRY__TYPO: unknown key `typo`",
+        ),
+        (
+            streamhub_env(&["serve", "--set", "telemetry.max_servics=5"], &[]).await,
+            "--set telemetry.max_servics: unknown key `max_servics`",
+        ),
+    ];
+    for (output, expected) in &unknown {
+        let err = stderr(output);
+        assert_eq!(output.status.code(), Some(1), "{err}");
+        assert!(err.contains(expected), "{err}");
+        assert!(err.contains("`max_services`, "), "{err}");
+        assert!(!err.contains("``") && !err.contains("`one of"), "{err}");
+    }
+    // A duration given as a bare number shows how one is written.
+    let duration = streamhub_env(&["serve", "--set", "limits.idle_timeout=5"], &[]).await;
+    let err = stderr(&duration);
+    assert!(err.contains("--set limits.idle_timeout: "), "{err}");
+    assert!(err.contains("`5s`"), "{err}");
 }
 
 #[tokio::test]

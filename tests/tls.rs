@@ -562,20 +562,34 @@ async fn mtls_certificate_identities_get_their_scopes_from_the_tls_layer_to_the_
     assert!(stdout.contains("certificate"), "{stdout}");
     assert!(stdout.contains("telemetry:read:*"), "{stdout}");
 
-    // Without a client certificate the call fails. (The CLI names the
-    // cause when the server's TLS alert reaches it; when the server's
-    // close overtakes the alert it sees only a closed or broken
-    // connection, so the message is not checked.)
-    let output = cli(&[
-        "--server".as_ref(),
-        url.as_ref(),
-        "--ca".as_ref(),
-        ca.as_os_str(),
-        "whoami".as_ref(),
-    ])
-    .await;
-    assert!(!output.status.success(), "{output:?}");
-    assert!(output.stdout.is_empty(), "{output:?}");
+    // Without a client certificate the call fails, and says so however
+    // the refusal reached the client (the server's TLS alert, or a closed
+    // or broken connection when the server's close overtakes the alert):
+    // the client asks the server whether it wants a certificate. The
+    // streaming commands stop instead of reconnecting for ever.
+    for command in [
+        &["whoami"][..],
+        &["whoami"],
+        &["whoami"],
+        &["subscribe", "anything"],
+        &["feed", "--service", "device-7", "--simulate"],
+    ] {
+        let mut args = vec![
+            "--server".as_ref(),
+            url.as_ref(),
+            "--ca".as_ref(),
+            ca.as_os_str(),
+        ];
+        args.extend(command.iter().map(std::ffi::OsStr::new));
+        let output = cli(&args).await;
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {output:?}");
+        assert!(output.stdout.is_empty(), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("requires a client certificate; give --cert and --key"),
+            "{command:?}: {stderr}"
+        );
+    }
     server.stop().await;
 }
 

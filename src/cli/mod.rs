@@ -259,11 +259,22 @@ impl Context {
     /// # Errors
     ///
     /// The mismatch, in words.
+    ///
+    /// Likewise a TLS server that asks for a client certificate when none
+    /// was given (`--cert`/`--key`): the failed call rarely says so itself
+    /// (see [`probe::asks_for_client_cert`]).
     pub async fn check_scheme(&self) -> anyhow::Result<()> {
-        match probe::mismatch(self.current_server()).await {
-            Some(mismatch) => Err(anyhow::anyhow!(mismatch)),
-            None => Ok(()),
+        let server = self.current_server();
+        if let Some(mismatch) = probe::mismatch(server).await {
+            anyhow::bail!(mismatch);
         }
+        if self.security.cert.is_none()
+            && server.starts_with("https://")
+            && probe::asks_for_client_cert(server).await == Some(true)
+        {
+            anyhow::bail!("{server} {NEEDS_CLIENT_CERT}");
+        }
+        Ok(())
     }
 
     /// Opens a channel to `server`: TLS for an `https://` URL (verified
@@ -375,7 +386,7 @@ pub fn explain_failure(ctx: &Context, err: anyhow::Error) -> anyhow::Error {
         || ["Cancelled", "Unknown", "Unavailable", "Internal"]
             .iter()
             .any(|code| text.contains(&format!("server answered {code}:")));
-    if !below_grpc || probe::is_mismatch(&text) {
+    if !below_grpc || probe::is_mismatch(&text) || text.contains(NEEDS_CLIENT_CERT) {
         return err;
     }
     let checked = tokio::runtime::Builder::new_current_thread()
@@ -506,8 +517,7 @@ pub fn status_text(status: &tonic::Status) -> String {
     }
     match cause {
         Some(cause) if cause.contains("CertificateRequired") => format!(
-            "{text} ({}): the server requires a client certificate; give --cert and --key \
-             (or STREAMHUB_CERT and STREAMHUB_KEY)",
+            "{text} ({}): the server {NEEDS_CLIENT_CERT}",
             terminal_safe(&cause)
         ),
         Some(cause)
@@ -524,6 +534,11 @@ pub fn status_text(status: &tonic::Status) -> String {
         _ => text,
     }
 }
+
+/// What to say of a server that asks for a client certificate none was
+/// given for (after "the server" or its URL).
+const NEEDS_CLIENT_CERT: &str =
+    "requires a client certificate; give --cert and --key (or STREAMHUB_CERT and STREAMHUB_KEY)";
 
 /// Turns a failed call into an error that says what the server said.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
