@@ -756,6 +756,30 @@ async fn configuration_errors_name_the_file_or_variable_the_key_and_what_was_exp
 }
 
 #[tokio::test]
+async fn a_server_that_cannot_reach_nats_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("data_dir={}", dir.path().display());
+    let output = streamhub_env(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            &data,
+            // Port 1: nothing listens there.
+            "--set",
+            "cluster.nats=[\"nats://127.0.0.1:1\"]",
+        ],
+        &[],
+    )
+    .await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("cannot connect to NATS").count(), 1, "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+}
+
+#[tokio::test]
 async fn serve_help_lists_only_serves_own_flags_and_refuses_client_flags() {
     let help = streamhub_env(&["serve", "--help"], &[]).await;
     let text = stdout(&help);

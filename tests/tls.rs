@@ -643,6 +643,25 @@ async fn the_cli_over_https_verifies_the_server_and_names_the_host_it_expected()
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("certificate"), "{stderr}");
     assert!(!stderr.contains(secret), "{stderr}");
+    // The cause is said once (rustls' error arrives wrapped in errors that
+    // repeat it).
+    assert_eq!(stderr.matches("UnknownIssuer").count(), 1, "{stderr}");
+    // An untrusted server certificate is no reason to reconnect: the
+    // streaming commands stop on it too.
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+    for var in [
+        "STREAMHUB_TOKEN",
+        "STREAMHUB_CA",
+        "STREAMHUB_CERT",
+        "STREAMHUB_KEY",
+    ] {
+        command.env_remove(var);
+    }
+    command.args(["--server", &url, "subscribe", "anything"]);
+    let output = within("subscribe", command.output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("certificate was not accepted"), "{stderr}");
     // Plaintext to the TLS port fails rather than sending the token.
     let output = whoami(
         format!("http://localhost:{}", server.addr.port()),

@@ -109,10 +109,10 @@ pub struct JwtVerifier {
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, SetupError> {
-    std::fs::read(path).map_err(|source| SetupError::Read {
+    std::fs::read(path).map_err(|cause| SetupError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 

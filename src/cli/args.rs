@@ -78,9 +78,9 @@ fn unset_empty_env(command: Command) -> Command {
 }
 
 /// Prints a failed command's error as `error: …` with its causes on one
-/// line (`{:#}`), never a backtrace (whatever `RUST_BACKTRACE` says), and
-/// gives the exit code 1.
+/// line (each once: see [`super::chain_text`]), never a backtrace
+/// (whatever `RUST_BACKTRACE` says), and gives the exit code 1.
 pub fn report(err: &anyhow::Error) -> std::process::ExitCode {
-    super::err_line(&format!("error: {err:#}"));
+    super::err_line(&format!("error: {}", super::chain_text(err.as_ref())));
     std::process::ExitCode::FAILURE
 }

@@ -230,10 +230,13 @@ async fn subscribe_once(
     backoff: &mut Backoff,
     told_waiting: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx
-        .connect()
-        .await
-        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let channel = ctx.connect().await.map_err(|e| {
+        if super::is_permanent(&e) {
+            Lost::Fatal(e)
+        } else {
+            Lost::Transient(format!("{e:#}"))
+        }
+    })?;
     let mut client = TelemetryServiceClient::new(channel);
     let request = MetricsRequest {
         service_name: args.name.clone(),
@@ -360,10 +363,13 @@ async fn feed_once(
     ticks: &Arc<AtomicU64>,
     connected_before: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx
-        .connect()
-        .await
-        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let channel = ctx.connect().await.map_err(|e| {
+        if super::is_permanent(&e) {
+            Lost::Fatal(e)
+        } else {
+            Lost::Transient(format!("{e:#}"))
+        }
+    })?;
     let mut client = TelemetryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
     let producer = tokio::spawn(produce(
