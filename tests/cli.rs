@@ -176,6 +176,43 @@ async fn demo_tours_the_patterns_with_real_data() {
     let out = stdout(&output);
     assert!(out.contains("streamhub"), "{out}");
     assert!(out.contains("[ALERT] CPU_HIGH"), "{out}");
+    // The summaries follow an empty line, not a literal `\n`.
+    let err = stderr(&output);
+    assert!(err.contains("\nLiveFeed ended: "), "{err}");
+    assert!(!err.contains("\\n"), "{err}");
+}
+
+#[tokio::test]
+async fn token_new_names_its_own_flag_in_errors() {
+    let output = streamhub_env(&["token", "new", "--identity", "x", "--scope", "foo"], &[]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--scope: ") || err.contains("--scope "),
+        "{err}"
+    );
+    assert!(!err.contains("--scopes"), "{err}");
+    // An offline command lists no connection options (only --json).
+    let help = stdout(&streamhub_env(&["token", "new", "--help"], &[]).await);
+    assert!(help.contains("--json"), "{help}");
+    for flag in ["--server", "--token", "--ca", "--cert ", "--key "] {
+        assert!(!help.contains(flag), "{flag} in token new --help:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn usage_errors_are_clap_s_exit_2_with_the_help_hint_as_the_readme_says() {
+    let output = streamhub_env(&["subscribe", "--no-such-flag"], &[]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("For more information, try '--help'."), "{err}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains("exit code 2"),
+        "README does not say usage errors exit 2"
+    );
 }
 
 /// Reads a child's stdout lines on a thread, so the test can wait for a

@@ -41,7 +41,8 @@ pub struct ChatArgs {
     /// The room to join.
     #[arg(long, env = "STREAMHUB_CHAT_ROOM", default_value = "lobby")]
     pub room: String,
-    /// How many recent messages to show on joining.
+    /// How many recent messages of the room to show on joining (joins
+    /// and leaves count as messages); 0 shows none.
     #[arg(long, default_value_t = 20)]
     pub history: u64,
     /// Do not announce your join and leave to the room.
@@ -448,7 +449,7 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 fn cli_words(text: &str) -> String {
     let mut text = text.replace(
         "(leave chat-member empty to have it filled in)",
-        "(drop --name to speak under the authenticated identity)",
+        "(drop --name and STREAMHUB_CHAT_NAME: with credentials you speak under your identity)",
     );
     // The client reconnects with chat-after-seq and resends what was not
     // acknowledged by itself: that advice is for other clients.
@@ -479,8 +480,8 @@ mod cli_words_tests {
                  to have it filled in)"
             ),
             "PermissionDenied: chat-member \"bob\" is not the authenticated identity \
-             \"alice\": a member speaks only under its own name (drop --name to speak under \
-             the authenticated identity)"
+             \"alice\": a member speaks only under its own name (drop --name and \
+             STREAMHUB_CHAT_NAME: with credentials you speak under your identity)"
         );
         assert_eq!(
             cli_words(

@@ -148,10 +148,11 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 };
                 ctx.emit(&view, || {
                     format!(
-                        "uploaded {} ({}, {} chunks{}), sha256 {}",
+                        "uploaded {} ({}, {} chunk{}{}), sha256 {}",
                         terminal_safe(&view.filename),
                         HumanBytes(view.total_bytes),
                         view.total_chunks,
+                        if view.total_chunks == 1 { "" } else { "s" },
                         if view.resumed_from > 0 {
                             format!(", resumed at {}", HumanBytes(view.resumed_from))
                         } else {
