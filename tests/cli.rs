@@ -201,6 +201,51 @@ async fn token_new_names_its_own_flag_in_errors() {
 }
 
 #[tokio::test]
+async fn subscribe_to_a_server_never_reached_says_it_cannot_connect_not_lost() {
+    // Port 1: nothing listens there.
+    let output = streamhub_env(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "subscribe",
+            "x",
+            "--duration",
+            "1s",
+        ],
+        &[("STREAMHUB_TOKEN", "")],
+    )
+    .await;
+    let err = stderr(&output);
+    assert!(
+        err.contains("cannot connect to http://127.0.0.1:1 (nothing is listening there"),
+        "{err}"
+    );
+    assert!(!err.contains("lost"), "{err}");
+}
+
+#[tokio::test]
+async fn upload_of_a_directory_says_it_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = streamhub_env(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "upload",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a directory: upload takes one file"),
+        "{err}"
+    );
+    assert!(!err.contains("shrink"), "{err}");
+}
+
+#[tokio::test]
 async fn usage_errors_are_clap_s_exit_2_with_the_help_hint_as_the_readme_says() {
     let output = streamhub_env(&["subscribe", "--no-such-flag"], &[]).await;
     let err = stderr(&output);

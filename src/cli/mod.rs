@@ -524,7 +524,8 @@ pub fn status_text(status: &tonic::Status) -> String {
     if status.code() == tonic::Code::Unauthenticated
         && status.message() == crate::auth::layer::TOKEN_EXPIRED
     {
-        return "the token expired: get a new token and run the command again".to_owned();
+        return "Unauthenticated: the token expired; get a new token and run the command again"
+            .to_owned();
     }
     let text = format!("{:?}: {}", status.code(), terminal_safe(status.message()));
     // A call that failed below gRPC (the connection, TLS) carries the

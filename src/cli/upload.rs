@@ -119,9 +119,14 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 )
             })?,
     };
-    let size = std::fs::metadata(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?
-        .len();
+    let metadata = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    anyhow::ensure!(
+        !metadata.is_dir(),
+        "{} is a directory: upload takes one file",
+        args.file.display()
+    );
+    let size = metadata.len();
     let bar = progress_bar(ctx, size);
     let mut restart = args.restart;
     let mut attempt = 0u32;
