@@ -40,7 +40,7 @@ use tonic_health::{
 use crate::{
     auth,
     chat::{
-        ChatError, MessageLimits,
+        ChatError, MessageLimits, StoreError,
         room::{LocalHub, RoomHub},
         service::ChatService,
         store::StorageHealth,
@@ -85,7 +85,17 @@ pub enum ServerError {
     Upload(#[from] upload::UploadError),
     /// The chat storage could not be opened.
     #[error("cannot open chat storage")]
-    Chat(#[from] ChatError),
+    Chat(#[source] ChatError),
+    /// Another process (most likely another streamhub) holds the chat
+    /// storage of this data directory open.
+    #[error(
+        "another streamhub (or process) is using data directory {} (chat storage is locked)",
+        path.display()
+    )]
+    DataDirInUse {
+        /// The data directory.
+        path: std::path::PathBuf,
+    },
     /// The listener's address could not be read.
     #[error("cannot read the listener's address")]
     Listener(#[from] std::io::Error),
@@ -164,10 +174,14 @@ where
     let hub = Arc::new(
         match &cluster {
             Some(c) => {
-                let max = config.telemetry.max_services;
                 let records = Arc::new(telemetry::Records::new(&config.telemetry));
-                let broker =
-                    NatsBroker::start(Arc::clone(c), Arc::clone(&records), max, &shutdown).await?;
+                let broker = NatsBroker::start(
+                    Arc::clone(c),
+                    Arc::clone(&records),
+                    &config.telemetry,
+                    &shutdown,
+                )
+                .await?;
                 Hub::with_broker(telemetry_config, broker, records)
             }
             None => Hub::new(telemetry_config),
@@ -197,7 +211,13 @@ where
         None => {
             let dir = config.data_dir.join("chat");
             let local = Arc::new(
-                LocalHub::open(&dir, config.chat.clone(), shutdown.clone())?
+                LocalHub::open(&dir, config.chat.clone(), shutdown.clone())
+                    .map_err(|err| match err {
+                        ChatError::Store(StoreError::Locked) => ServerError::DataDirInUse {
+                            path: config.data_dir.clone(),
+                        },
+                        other => ServerError::Chat(other),
+                    })?
                     .with_counters(metrics.chat()),
             );
             (Arc::clone(&local) as Arc<dyn RoomHub>, Some(local))

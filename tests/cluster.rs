@@ -402,10 +402,11 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     assert_eq!(history_cpu(&a, "hist").await, [1.0, 2.0, 3.0]);
     assert_eq!(history_cpu(&b, "hist").await, [1.0, 2.0, 3.0]);
 
-    // A node started later has the latest value in its history (and in
-    // a Watch's backfill) at once.
+    // A node started later has the same history (and the same Watch
+    // backfill) at once: the stream keeps `telemetry.history` samples per
+    // service and a new node reads them all.
     let c = node(&urls).await;
-    assert_eq!(history_cpu(&c, "hist").await, [3.0]);
+    assert_eq!(history_cpu(&c, "hist").await, [1.0, 2.0, 3.0]);
     let mut backfill = TelemetryServiceClient::new(c.channel().await)
         .watch(WatchRequest {
             pattern: "hist".into(),
@@ -418,7 +419,7 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     match watch_event(&mut backfill).await {
         Event::Backfill(h) => {
             let cpu: Vec<f64> = h.samples.iter().map(|s| s.cpu_usage).collect();
-            assert_eq!(cpu, [3.0]);
+            assert_eq!(cpu, [1.0, 2.0, 3.0]);
         }
         other => panic!("expected the backfill, got {other:?}"),
     }
@@ -428,7 +429,9 @@ async fn history_and_watch_show_samples_published_on_any_node() {
     let mut on_c = watch_live(&c, "hist").await;
     publish(b.channel().await, "hist", 5.0).await;
     watch_sample(&mut on_c, "hist", 5.0).await;
-    assert_eq!(history_cpu(&c, "hist").await, [3.0, 4.0, 5.0]);
+    for server in [&a, &b, &c] {
+        assert_eq!(history_cpu(server, "hist").await, [1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
     drop((on_a, on_b, on_c, backfill));
     for server in [a, b, c] {
         server.stop().await;
@@ -482,9 +485,48 @@ async fn an_alert_raised_on_one_node_reaches_watchers_on_every_node_once() {
     let high = vec![("hot".to_owned(), "CPU_HIGH".to_owned())];
     assert_eq!(watch_alerts(&mut on_a, 1).await, high);
     assert_eq!(watch_alerts(&mut on_b, 1).await, high);
+    // A node started later back-fills the alerts raised before it (the
+    // alert stream keeps them), in the order they were raised.
+    let c = node(&urls).await;
+    let all: Vec<(String, String)> = want.into_iter().chain(high).collect();
+    let backfilled = within("the later node back-filling the earlier alerts", async {
+        loop {
+            let got = backfilled_alerts(&c, "hot").await;
+            if got.len() >= all.len() {
+                return got;
+            }
+            // Its alert feed is still reading the stream: ask again.
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(backfilled, all);
     drop((on_a, on_b));
-    for server in [a, b] {
+    for server in [a, b, c] {
         server.stop().await;
+    }
+}
+
+/// The alerts of services matching `pattern` that a new Watch on `server`
+/// back-fills (up to 10), oldest first.
+async fn backfilled_alerts(server: &TestServer, pattern: &str) -> Vec<(String, String)> {
+    let mut watch = TelemetryServiceClient::new(server.channel().await)
+        .watch(WatchRequest {
+            pattern: pattern.into(),
+            alerts: true,
+            backfill_alerts: 10,
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alerts = Vec::new();
+    loop {
+        match watch_event(&mut watch).await {
+            Event::Alert(a) => alerts.push((a.service_name, a.alert.unwrap().alert_type)),
+            Event::Live(_) => return alerts,
+            Event::Sample(_) | Event::Backfill(_) => {}
+        }
     }
 }
 

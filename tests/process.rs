@@ -10,7 +10,7 @@ use std::{process::Stdio, time::Duration};
 use common::{ServerProcess, assert_shutting_down, open_live_feed, payload, request, within};
 use futures::StreamExt;
 use streamhub::proto::telemetry::{
-    MetricsPayload, telemetry_service_client::TelemetryServiceClient,
+    ListServicesRequest, MetricsPayload, telemetry_service_client::TelemetryServiceClient,
 };
 
 async fn client(url: String) -> TelemetryServiceClient<tonic::transport::Channel> {
@@ -339,6 +339,38 @@ fn listening_is_printed_only_once_the_server_can_serve() {
     assert!(!output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains("listening"), "{stdout}");
+}
+
+/// New-user finding 5: a second server on a data directory in use said
+/// redb's "Database already open. Cannot acquire lock." three times. It
+/// says once that another streamhub is using the directory, naming it.
+#[tokio::test]
+async fn a_second_server_on_a_data_directory_in_use_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = ServerProcess::spawn(dir.path(), &[]);
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("RUST_BACKTRACE")
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .output();
+    let output = within("the second server", second).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let expected = format!(
+        "error: another streamhub (or process) is using data directory {} (chat storage is locked)",
+        dir.path().display()
+    );
+    assert_eq!(stderr.trim_end(), expected);
+    // The first one serves on, unharmed.
+    client(first.url())
+        .await
+        .list_services(ListServicesRequest::default())
+        .await
+        .unwrap();
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(30)).await, Some(0));
 }
 
 #[tokio::test]

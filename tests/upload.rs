@@ -1327,6 +1327,82 @@ async fn a_quiet_holder_is_taken_over_and_the_resume_completes() {
     server.stop().await;
 }
 
+/// New-user finding 1: `streamhub upload` of a name another call is
+/// writing waited silently (up to 15 s, whatever `--retries` said), then
+/// uploaded anyway. Now a busy name fails at once with `--retries 0`, and
+/// each retry says that it waits.
+#[tokio::test]
+async fn cli_upload_of_a_busy_name_retries_only_per_retries_and_says_so() {
+    let mut config = test_config();
+    // The holder below never goes quiet for the length of the test.
+    config.upload.takeover_after = Duration::from_secs(3600);
+    let server = TestServer::start_with(config).await;
+    let mut c = client(server.channel().await);
+    let data = bytes(74, 3 * 64 * KIB);
+    let holder = Feeder::start(&c);
+    holder
+        .feed(chunks("busy.bin", &data, 0, 64 * KIB, true)[..1].to_vec())
+        .await;
+    wait_for(&mut c, "busy.bin", 64 * KIB, true).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("busy.bin");
+    std::fs::write(&source, &data).unwrap();
+    let cli = |retries: &'static str| {
+        let url = server.url();
+        let source = source.clone();
+        async move {
+            within(
+                "the CLI",
+                tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+                    .arg("--server")
+                    .arg(url)
+                    .arg("upload")
+                    .arg(&source)
+                    .args(["--retries", retries])
+                    .env_remove("RUST_BACKTRACE")
+                    .stdin(std::process::Stdio::null())
+                    .output(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    let output = cli("0").await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another call is uploading busy.bin right now")
+            && stderr.contains("--retries 0")
+            && !stderr.contains("asking again"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let output = cli("2").await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let waits: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("another call is uploading busy.bin right now; asking again"))
+        .collect();
+    assert_eq!(waits.len(), 2, "{stderr}");
+    assert!(waits[1].contains("retry 2 of 2"), "{stderr}");
+    assert!(
+        stderr.contains("gave up after 2 retries (--retries 2)"),
+        "{stderr}"
+    );
+
+    // The holder was never disturbed: it completes with its own bytes.
+    holder
+        .feed(chunks("busy.bin", &data, 0, 64 * KIB, true)[1..].to_vec())
+        .await;
+    holder.outcome().await.unwrap();
+    assert_eq!(stored(server.data_dir.path(), "busy.bin"), data);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_message_over_the_size_limit_is_resource_exhausted_and_keeps_the_bytes() {
     let server = TestServer::start().await;

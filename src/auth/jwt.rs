@@ -116,6 +116,19 @@ fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, SetupErro
     })
 }
 
+/// The HMAC key in the contents of `auth.jwt.secret_file`. A file that is
+/// UTF-8 text is used as that text less ASCII whitespace (space, tab, CR,
+/// LF, form feed) at both ends, so the newline an editor or `echo` adds
+/// does not count; the text is the key as it is (base64 or hex is not
+/// decoded). Any other file (random bytes) is used byte for byte, so a
+/// binary secret that happens to end in a newline byte keeps it.
+fn hmac_secret(contents: &[u8]) -> &[u8] {
+    match std::str::from_utf8(contents) {
+        Ok(text) => text.trim_ascii().as_bytes(),
+        Err(_) => contents,
+    }
+}
+
 impl JwtVerifier {
     /// Reads the key files of `config`.
     pub fn new(config: &JwtConfig) -> Result<Self, SetupError> {
@@ -123,7 +136,7 @@ impl JwtVerifier {
         let secret = match &config.secret_file {
             Some(path) => {
                 let bytes = read("auth.jwt.secret_file", path)?;
-                let trimmed = bytes.trim_ascii();
+                let trimmed = hmac_secret(&bytes);
                 if trimmed.len() < MIN_SECRET_LEN {
                     return Err(SetupError::Key(format!(
                         "auth.jwt.secret_file holds {} bytes; an HMAC secret needs at least {MIN_SECRET_LEN}",
@@ -353,6 +366,47 @@ mod tests {
         assert!(v.verify(&wrong_iss).is_err());
         let no_aud = hs(&serde_json::json!({"sub": "a", "exp": exp, "iss": "https://idp"}));
         assert!(v.verify(&no_aud).is_err());
+    }
+
+    /// New-user finding 6: what the server makes of the secret file.
+    #[test]
+    fn a_text_secret_is_trimmed_and_not_decoded_and_a_binary_one_is_used_whole() {
+        // Text: whitespace at both ends goes, inside stays.
+        assert_eq!(hmac_secret(b"  abc def\r\n\n"), b"abc def");
+        // Base64 text is the key as text, not the bytes it encodes.
+        let b64 = b"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n";
+        assert_eq!(hmac_secret(b64), &b64[..b64.len() - 1]);
+        // Binary (not UTF-8): every byte, a trailing newline byte too.
+        let binary = [0xff, 0x00, b' ', 0x80, b'\n'];
+        assert_eq!(hmac_secret(&binary), binary);
+
+        // End to end: a token signed with the text without its newline
+        // verifies against a file with the newline.
+        let dir = tempfile::tempdir().unwrap();
+        let verifier = hs_verifier(&dir, |_| {});
+        let token = hs(&serde_json::json!({"sub": "a", "exp": now() + 60, "scope": "*"}));
+        assert!(verifier.verify(&token).is_ok());
+        // A binary secret ending in a newline byte is used whole.
+        let mut key = vec![0xfe; 40];
+        key.push(b'\n');
+        let path = dir.path().join("binary");
+        std::fs::write(&path, &key).unwrap();
+        let verifier = JwtVerifier::new(&JwtConfig {
+            secret_file: Some(path),
+            algorithms: vec!["HS256".into()],
+            ..JwtConfig::default()
+        })
+        .unwrap();
+        let signed = |key: &[u8]| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "a", "exp": now() + 60, "scope": "*"}),
+                &EncodingKey::from_secret(key).unwrap(),
+            )
+            .unwrap()
+        };
+        assert!(verifier.verify(&signed(&key)).is_ok());
+        assert!(verifier.verify(&signed(&key[..40])).is_err());
     }
 
     #[test]

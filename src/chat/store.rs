@@ -53,16 +53,20 @@ pub const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The storage directory cannot be created.
-    #[error("cannot create chat storage directory {path}: {source}")]
+    #[error("cannot create chat storage directory {path}: {cause}")]
     Dir {
         /// The directory.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
+    /// The database file is locked: another process (most likely another
+    /// streamhub on the same data directory) has it open.
+    #[error("the chat database is locked by another process")]
+    Locked,
     /// The database failed.
     #[error("chat storage error: {0}")]
-    Db(#[from] Box<redb::Error>),
+    Db(Box<redb::Error>),
     /// A stored record cannot be decoded.
     #[error("chat storage holds a corrupt record for room {room:?} seq {seq}")]
     Corrupt {
@@ -86,6 +90,13 @@ pub enum StoreError {
     /// A blocking storage task panicked or was cancelled.
     #[error("chat storage task failed: {0}")]
     Task(String),
+}
+
+// The cause is in the message, so it is not also a `source()`.
+impl From<Box<redb::Error>> for StoreError {
+    fn from(err: Box<redb::Error>) -> Self {
+        StoreError::Db(err)
+    }
 }
 
 impl StoreError {
@@ -237,9 +248,9 @@ impl std::fmt::Debug for Store {
 /// The production opener: `chat.redb` in `dir`, a real directory (not a
 /// symbolic link), opened without following a link.
 pub fn file_opener(dir: &Path) -> Result<Opener, StoreError> {
-    let handle = DirHandle::create(dir).map_err(|source| StoreError::Dir {
+    let handle = DirHandle::create(dir).map_err(|cause| StoreError::Dir {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     Ok(Arc::new(move || {
         let file = match handle.open_file(DB_FILE, Access::Create) {
@@ -257,7 +268,12 @@ pub fn file_opener(dir: &Path) -> Result<Opener, StoreError> {
             }
             Err(e) => return Err(db_err(io::Error::from(e))),
         };
-        redb::Builder::new().create_file(file).map_err(db_err)
+        redb::Builder::new()
+            .create_file(file)
+            .map_err(|err| match err {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked,
+                other => db_err(other),
+            })
     }))
 }
 
@@ -925,5 +941,15 @@ mod tests {
         let err = Store::open(dir.path(), 64).expect_err("refused");
         assert!(err.to_string().contains("not a regular file"), "{err}");
         assert_eq!(std::fs::read(&target).expect("read"), b"not yours");
+    }
+
+    /// New-user finding 5: a second opener of one directory is told the
+    /// database is locked, in one sentence without redb's text.
+    #[test]
+    fn a_database_open_elsewhere_is_locked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Store::open(dir.path(), 64).expect("opens");
+        let err = Store::open(dir.path(), 64).expect_err("refused");
+        assert!(matches!(err, StoreError::Locked), "{err:?}");
     }
 }

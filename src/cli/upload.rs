@@ -98,10 +98,6 @@ struct UploadView {
     message: String,
 }
 
-/// How long to wait for an earlier call of the same upload to end (the
-/// server frees the name when it notices the call is gone).
-const BUSY_PATIENCE: Duration = Duration::from_secs(15);
-
 /// `streamhub upload FILE`: uploads in chunks with the file's SHA-256,
 /// resuming where the server stopped when run again after an interruption.
 pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
@@ -173,6 +169,34 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 return Err(err);
             }
             Err(Attempt::Status { status, resumed }) => (status, resumed),
+            Err(Attempt::Busy) => {
+                // Another call writes the name (QueryUpload says
+                // in_progress): the server would answer ABORTED. Wait
+                // and ask again, per --retries, saying so.
+                if attempt >= args.retries {
+                    bar.abandon();
+                    bail!(
+                        "another call is uploading {name} right now (the server answers ABORTED to a second writer); \
+                         gave up after {} {} (--retries {}); run the same command again when it has ended",
+                        attempt,
+                        if attempt == 1 { "retry" } else { "retries" },
+                        args.retries
+                    );
+                }
+                attempt += 1;
+                bar.suspend(|| {
+                    ctx.note(
+                        "waiting",
+                        &format!(
+                            "another call is uploading {name} right now; asking again in {:.1}s (retry {attempt} of {})",
+                            backoff.delay().as_secs_f64(),
+                            args.retries
+                        ),
+                    );
+                });
+                backoff.wait().await;
+                continue;
+            }
         };
         if failure.code() == Code::DataLoss && resumed && !restart {
             bar.suspend(|| {
@@ -258,6 +282,9 @@ enum Attempt {
     Fatal(anyhow::Error),
     /// The server's answer; `resumed` when the call resumed held bytes.
     Status { status: Status, resumed: bool },
+    /// Another call is writing the name now (`QueryUpload` says
+    /// `in_progress`); nothing was sent.
+    Busy,
 }
 
 impl From<Status> for Attempt {
@@ -282,26 +309,21 @@ async fn upload_once(
         resumed: false,
     })?;
     let mut client = client(channel);
-    // Ask what the server holds; wait a little if an earlier call of this
-    // upload (say, one just interrupted) has not been noticed gone yet.
-    let waited = tokio::time::Instant::now();
-    let held = loop {
-        let status = client
-            .query_upload(QueryUploadRequest {
-                filename: name.to_owned(),
-            })
-            .await?
-            .into_inner();
-        if !status.in_progress {
-            break status.committed_size;
-        }
-        if waited.elapsed() > BUSY_PATIENCE {
-            return Err(Attempt::Fatal(anyhow::anyhow!(
-                "another call is uploading {name} right now; try again when it has ended"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // Ask what the server holds. A name another call is writing now is
+    // refused (ABORTED) by the server; the caller retries per --retries.
+    // (A call that went quiet, say one whose network dropped, is not
+    // `in_progress` after `upload.takeover_after`, and this call takes
+    // the name over.)
+    let status = client
+        .query_upload(QueryUploadRequest {
+            filename: name.to_owned(),
+        })
+        .await?
+        .into_inner();
+    if status.in_progress {
+        return Err(Attempt::Busy);
+    }
+    let held = status.committed_size;
     let offset = if restart || held == 0 {
         0
     } else if held > size {

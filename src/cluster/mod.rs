@@ -280,6 +280,22 @@ impl Cluster {
         }
     }
 
+    /// Changes the settings of the existing stream `config` names to
+    /// `config` (JetStream allows raising limits such as
+    /// `max_messages_per_subject` on a live stream).
+    ///
+    /// # Errors
+    /// [`ClusterError`] when JetStream refuses the update or does not
+    /// answer.
+    pub async fn update_stream(&self, config: stream::Config) -> Result<(), ClusterError> {
+        let name = config.name.clone();
+        self.js
+            .update_stream(config)
+            .await
+            .map_err(|err| ClusterError::js(format!("update stream {name}"), err))?;
+        Ok(())
+    }
+
     /// A stream config with the settings streamhub uses everywhere: file
     /// storage, `cluster.replicas` replicas, `cluster.duplicate_window`.
     pub fn stream_config(&self, name: String, subjects: Vec<String>) -> stream::Config {

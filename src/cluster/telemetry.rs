@@ -4,8 +4,9 @@
 //! - A sample published on a node goes to the subject
 //!   `streamhub.telemetry.sample.<name>` (the name made a subject token by
 //!   [`super::token`]). The stream `STREAMHUB_TELEMETRY` captures those
-//!   subjects and keeps one message per subject: the latest value of every
-//!   service, for nodes that start (or reconnect) later.
+//!   subjects and keeps `telemetry.history` messages per subject (the
+//!   largest any node asked for): the history of every service, for nodes
+//!   that start (or reconnect) later.
 //! - Every node follows that stream ([`Cluster::follow`]) and lands
 //!   what it receives in its own records ([`Records::land`]: numbered,
 //!   stored in its own [`MemoryBroker`], appended to the history, announced
@@ -14,9 +15,15 @@
 //!   way (they land on no node before), so every node records each sample
 //!   once, in one order, and a slow subscriber still skips to the newest.
 //!   A sample's `seq` is numbered by each node as it lands (it is not sent).
-//! - On start, and after every reconnect, the consumer begins with the
-//!   last message of every subject; the node serves values as live only
-//!   once it has read up to the stream's end as of that moment. While it
+//! - On start the consumer reads the whole stream, so a node started
+//!   later has the same history as the others (and the latest value of
+//!   every service); after a reconnect it goes on from the stream
+//!   sequence it applied last + 1, so samples published while it was cut
+//!   off land too (as many per service as the stream still keeps). The
+//!   node serves values as live only once it has read up to the stream's
+//!   end as of that moment. Reading the whole stream costs one message per
+//!   stored sample at start: `telemetry.history` × services (900 × 1,000
+//!   is 900,000 small JSON messages, seconds of work). While it
 //!   is cut off, [`LatestBroker::check`] says so and the hub refuses
 //!   snapshots, lists, subscriptions and publishes with UNAVAILABLE; open
 //!   subscriptions stay open and continue after the reconnect.
@@ -25,10 +32,13 @@
 //!   task, so a burst of one service costs one slot.
 //!
 //! - Alerts raised on a node (already in its own alert feed) are published
-//!   on the core subject [`ALERT_SUBJECT`] with the node's origin id; every
-//!   node subscribes to it and lands the alerts of other origins in its
-//!   alert feed, so each node's watchers see each alert once. Alerts are
-//!   not stored: a node that is cut off meanwhile misses them.
+//!   on the subject [`ALERT_SUBJECT`] with the node's origin id; the stream
+//!   [`ALERT_STREAM`] keeps the last `telemetry.alert_history` of them.
+//!   Every node follows that stream as it follows the samples (from the
+//!   start, then from the last sequence handled + 1 after a reconnect) and
+//!   lands the alerts of other origins in its alert feed, so each node's
+//!   watchers see each alert once, a node started later back-fills the
+//!   recent ones, and a node cut off meanwhile gets them late.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -48,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Cluster, ClusterError, token};
 use crate::{
     broker::{BrokerError, LatestBroker, MemoryBroker, Subscription},
+    config::TelemetryConfig,
     shutdown::Shutdown,
     telemetry::{Records, Sample, SampleBroker, TelemetryError, alerts::Alert, watch::AlertRecord},
 };
@@ -60,6 +71,9 @@ pub const SAMPLE_PREFIX: &str = "streamhub.telemetry.sample";
 
 /// The subject alerts are broadcast on, to every node.
 pub const ALERT_SUBJECT: &str = "streamhub.telemetry.alert";
+
+/// The stream keeping the last `telemetry.alert_history` alerts.
+pub const ALERT_STREAM: &str = "STREAMHUB_ALERTS";
 
 /// How long a node waits at start for the latest values before serving.
 const CATCH_UP: Duration = Duration::from_secs(30);
@@ -181,6 +195,8 @@ pub struct NatsBroker {
     /// (re)connection.
     fresh: AtomicBool,
     closed: AtomicBool,
+    /// Samples the stream keeps per service (`telemetry.history`).
+    history: usize,
 }
 
 impl std::fmt::Debug for NatsBroker {
@@ -196,44 +212,57 @@ fn sample_subject(topic: &str) -> String {
 }
 
 impl NatsBroker {
-    /// Creates the stream if needed, subscribes to alerts, starts
-    /// following the stream (landing samples in `records`) and
-    /// publishing, and returns once the latest value of every service is
-    /// read (at most 30 s). Its tasks run until `shutdown`.
+    /// Creates the sample and alert streams if needed (or raises what
+    /// they keep to `telemetry.history` samples per service and
+    /// `telemetry.alert_history` alerts), starts following them (landing
+    /// samples and other nodes' alerts in `records`) and publishing, and
+    /// returns once every stored sample is read (at most 30 s). Its tasks
+    /// run until `shutdown`.
+    ///
+    /// # Errors
+    /// [`ClusterError`] when a stream cannot be created, looked up or
+    /// updated, or the stored samples are not read within 30 s.
     pub async fn start(
         cluster: Arc<Cluster>,
         records: Arc<Records>,
-        max_topics: usize,
+        telemetry: &TelemetryConfig,
         shutdown: &Shutdown,
     ) -> Result<Arc<Self>, ClusterError> {
-        cluster.ensure_stream(stream_config(&cluster)).await?;
-        // The client subscribes again by itself after a reconnect.
-        let alert_feed = cluster
-            .client()
-            .subscribe(ALERT_SUBJECT)
-            .await
-            .map_err(|err| ClusterError::js(format!("subscribe to {ALERT_SUBJECT}"), err))?;
+        let history = telemetry.history;
+        let config = stream_config(&cluster, history);
+        let stream = cluster.ensure_stream(config.clone()).await?;
+        if stream.cached_info().config.max_messages_per_subject < config.max_messages_per_subject {
+            // Made by an older streamhub (the latest value only) or a node
+            // keeping less history: keep as much as this node shows.
+            cluster.update_stream(config).await?;
+        }
+        let config = alert_stream_config(&cluster, telemetry.alert_history);
+        let stream = cluster.ensure_stream(config.clone()).await?;
+        if stream.cached_info().config.max_messages < config.max_messages {
+            cluster.update_stream(config).await?;
+        }
         let (alerts, outgoing) = mpsc::channel(ALERT_QUEUE);
         let broker = Arc::new(Self {
             origin: origin_id(cluster.node()),
             cluster,
-            local: Arc::new(MemoryBroker::new(max_topics)),
+            local: Arc::new(MemoryBroker::new(telemetry.max_services)),
             records,
             alerts,
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             fresh: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            history,
         });
         let (caught_up_tx, mut caught_up) = watch::channel(false);
         shutdown.spawn(Arc::clone(&broker).feed(shutdown.token(), caught_up_tx));
         shutdown.spawn(Arc::clone(&broker).publisher(shutdown.token()));
         shutdown.spawn(Arc::clone(&broker).alert_publisher(outgoing, shutdown.token()));
-        shutdown.spawn(Arc::clone(&broker).alert_listener(alert_feed, shutdown.token()));
+        shutdown.spawn(Arc::clone(&broker).alert_feed(shutdown.token(), telemetry.alert_history));
         let ready = tokio::time::timeout(CATCH_UP, caught_up.wait_for(|c| *c)).await;
         if !matches!(ready, Ok(Ok(_))) {
             return Err(ClusterError::js(
-                format!("read the latest values of stream {STREAM}"),
+                format!("read the samples stored in stream {STREAM}"),
                 "not done within 30 s",
             ));
         }
@@ -310,119 +339,26 @@ impl NatsBroker {
         }
     }
 
-    /// Lands other nodes' alerts in this node's alert feed until `token`
-    /// is cancelled.
-    async fn alert_listener(
-        self: Arc<Self>,
-        mut feed: async_nats::Subscriber,
-        token: CancellationToken,
-    ) {
-        loop {
-            let message = tokio::select! {
-                biased;
-                () = token.cancelled() => return,
-                next = feed.next() => match next {
-                    Some(message) => message,
-                    None => return,
-                },
-            };
-            match serde_json::from_slice::<AlertWire>(&message.payload) {
-                // This node's own: already in its feed.
-                Ok(wire) if wire.origin == self.origin => {}
-                Ok(wire) => self.records.land_alert(wire.record()),
-                Err(err) => tracing::warn!(%err, "cluster: undecodable alert skipped"),
-            }
-        }
+    /// Follows the sample stream into the node's records until `token` is
+    /// cancelled (see [`follow_stream`]).
+    async fn feed(self: Arc<Self>, token: CancellationToken, caught_up: watch::Sender<bool>) {
+        let config = stream_config(&self.cluster, self.history);
+        let mut follower = SampleFollower {
+            broker: &self,
+            applied: HashMap::new(),
+            caught_up,
+        };
+        follow_stream(&self.cluster, config, &token, &mut follower).await;
     }
 
-    /// Follows the stream into the node's records, recreating the consumer
-    /// after errors and reconnects, until `token` is cancelled.
-    async fn feed(self: Arc<Self>, token: CancellationToken, caught_up: watch::Sender<bool>) {
-        let mut link = self.cluster.link();
-        // The stream sequence applied last, per service: a re-read after a
-        // reconnect delivers values already applied, which are skipped.
-        let mut applied: HashMap<Arc<str>, u64> = HashMap::new();
-        let mut created = None;
-        let filter = format!("{SAMPLE_PREFIX}.>");
-        loop {
-            self.fresh.store(false, Ordering::Relaxed);
-            // Wait for a connection.
-            let connected = tokio::select! {
-                biased;
-                () = token.cancelled() => return,
-                state = link.wait_for(|l| l.connected) => state.map(|l| l.generation),
-            };
-            let Ok(generation) = connected else { return };
-            let attempt = async {
-                let stream = self
-                    .cluster
-                    .ensure_stream(stream_config(&self.cluster))
-                    .await?;
-                let info = stream.cached_info();
-                let messages = self
-                    .cluster
-                    .follow(STREAM, &filter, DeliverPolicy::LastPerSubject)
-                    .await?;
-                Ok::<_, ClusterError>((info.created, info.state.last_sequence, messages))
-            };
-            let (stream_created, target, messages) = tokio::select! {
-                biased;
-                () = token.cancelled() => return,
-                result = attempt => match result {
-                    Ok(found) => found,
-                    Err(err) => {
-                        tracing::warn!(%err, "cluster: cannot follow the telemetry stream; retrying");
-                        if pause(&token).await { return; }
-                        continue;
-                    }
-                },
-            };
-            if created != Some(stream_created) {
-                // A new stream (NATS lost its storage): sequences restart.
-                applied.clear();
-                created = Some(stream_created);
-            }
-            if target == 0 {
-                self.mark_fresh(&caught_up);
-            }
-            tokio::pin!(messages);
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = token.cancelled() => return,
-                    changed = link.changed() => {
-                        if changed.is_err() { return; }
-                        let now = *link.borrow_and_update();
-                        if now.connected && now.generation == generation {
-                            continue;
-                        }
-                        break;
-                    }
-                    next = messages.next() => next,
-                };
-                let message = match next {
-                    Some(Ok(message)) => message,
-                    Some(Err(err)) => {
-                        tracing::warn!(%err, "cluster: telemetry consumer failed; recreating it");
-                        break;
-                    }
-                    None => break,
-                };
-                let seq = message.info().map_or(0, |i| i.stream_sequence);
-                match serde_json::from_slice::<Wire>(&message.payload) {
-                    Ok(wire) => self.apply(&mut applied, seq, wire.into()),
-                    Err(err) => {
-                        tracing::warn!(%err, subject = %message.subject, "cluster: undecodable sample skipped");
-                    }
-                }
-                if seq >= target {
-                    self.mark_fresh(&caught_up);
-                }
-            }
-            if pause(&token).await {
-                return;
-            }
-        }
+    /// Follows the alert stream into the node's alert feed until `token`
+    /// is cancelled (see [`follow_stream`]): alerts of other origins land,
+    /// including the ones raised while this node was cut off (late, once
+    /// each), and on start the ones the stream keeps.
+    async fn alert_feed(self: Arc<Self>, token: CancellationToken, alert_history: usize) {
+        let config = alert_stream_config(&self.cluster, alert_history);
+        let mut follower = AlertFollower { broker: &self };
+        follow_stream(&self.cluster, config, &token, &mut follower).await;
     }
 
     fn mark_fresh(&self, caught_up: &watch::Sender<bool>) {
@@ -453,6 +389,163 @@ impl NatsBroker {
     }
 }
 
+/// What [`follow_stream`] hands a stream's messages to.
+trait Follower {
+    /// The feed is (re)connecting: what the node holds may be behind.
+    fn behind(&mut self) {}
+    /// The stream is not the one followed before (first start, or NATS
+    /// lost its storage): its sequences restart.
+    fn restart(&mut self) {}
+    /// One message, with its stream sequence.
+    fn handle(&mut self, seq: u64, message: &async_nats::jetstream::Message);
+    /// Everything the stream held when the consumer was made is handled.
+    fn caught_up(&mut self) {}
+}
+
+/// Follows the stream `config` describes (created if needed) into
+/// `follower` until `token` is cancelled: on start from its first message,
+/// after a reconnect or a failed consumer ([`Cluster::follow`]) from the
+/// last sequence handled + 1, so nothing the stream still keeps is missed
+/// or handled twice.
+async fn follow_stream(
+    cluster: &Cluster,
+    config: async_nats::jetstream::stream::Config,
+    token: &CancellationToken,
+    follower: &mut impl Follower,
+) {
+    let mut link = cluster.link();
+    let name = config.name.clone();
+    let filter = config.subjects.first().cloned().unwrap_or_default();
+    // The stream sequence handled last: a new consumer goes on after it.
+    let mut last = 0u64;
+    let mut created = None;
+    loop {
+        follower.behind();
+        let connected = tokio::select! {
+            biased;
+            () = token.cancelled() => return,
+            state = link.wait_for(|l| l.connected) => state.map(|l| l.generation),
+        };
+        let Ok(generation) = connected else { return };
+        let attempt = async {
+            let stream = cluster.ensure_stream(config.clone()).await?;
+            let info = stream.cached_info();
+            // The same stream as before: go on after the last sequence
+            // handled; else read all it keeps.
+            let policy = if created == Some(info.created) && last > 0 {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                }
+            } else {
+                DeliverPolicy::All
+            };
+            let messages = cluster.follow(&name, &filter, policy).await?;
+            Ok::<_, ClusterError>((info.created, info.state.last_sequence, messages))
+        };
+        let (stream_created, target, messages) = tokio::select! {
+            biased;
+            () = token.cancelled() => return,
+            result = attempt => match result {
+                Ok(found) => found,
+                Err(err) => {
+                    tracing::warn!(%err, stream = %name, "cluster: cannot follow a stream; retrying");
+                    if pause(token).await { return; }
+                    continue;
+                }
+            },
+        };
+        if created != Some(stream_created) {
+            follower.restart();
+            last = 0;
+            created = Some(stream_created);
+        }
+        if target <= last {
+            follower.caught_up();
+        }
+        tokio::pin!(messages);
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = token.cancelled() => return,
+                changed = link.changed() => {
+                    if changed.is_err() { return; }
+                    let now = *link.borrow_and_update();
+                    if now.connected && now.generation == generation {
+                        continue;
+                    }
+                    break;
+                }
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    tracing::warn!(%err, stream = %name, "cluster: consumer failed; recreating it");
+                    break;
+                }
+                None => break,
+            };
+            let seq = message.info().map_or(0, |i| i.stream_sequence);
+            last = last.max(seq);
+            follower.handle(seq, &message);
+            if seq >= target {
+                follower.caught_up();
+            }
+        }
+        if pause(token).await {
+            return;
+        }
+    }
+}
+
+/// Lands samples in the node's records.
+struct SampleFollower<'a> {
+    broker: &'a NatsBroker,
+    /// The stream sequence applied last, per service: a re-read of a
+    /// stream may deliver values already applied, which are skipped.
+    applied: HashMap<Arc<str>, u64>,
+    caught_up: watch::Sender<bool>,
+}
+
+impl Follower for SampleFollower<'_> {
+    fn behind(&mut self) {
+        self.broker.fresh.store(false, Ordering::Relaxed);
+    }
+
+    fn restart(&mut self) {
+        self.applied.clear();
+    }
+
+    fn handle(&mut self, seq: u64, message: &async_nats::jetstream::Message) {
+        match serde_json::from_slice::<Wire>(&message.payload) {
+            Ok(wire) => self.broker.apply(&mut self.applied, seq, wire.into()),
+            Err(err) => {
+                tracing::warn!(%err, subject = %message.subject, "cluster: undecodable sample skipped");
+            }
+        }
+    }
+
+    fn caught_up(&mut self) {
+        self.broker.mark_fresh(&self.caught_up);
+    }
+}
+
+/// Lands other nodes' alerts in the node's alert feed.
+struct AlertFollower<'a> {
+    broker: &'a NatsBroker,
+}
+
+impl Follower for AlertFollower<'_> {
+    fn handle(&mut self, _seq: u64, message: &async_nats::jetstream::Message) {
+        match serde_json::from_slice::<AlertWire>(&message.payload) {
+            // This node's own: already in its feed.
+            Ok(wire) if wire.origin == self.broker.origin => {}
+            Ok(wire) => self.broker.records.land_alert(wire.record()),
+            Err(err) => tracing::warn!(%err, "cluster: undecodable alert skipped"),
+        }
+    }
+}
+
 /// Waits a moment before a retry; true if `token` was cancelled meanwhile.
 async fn pause(token: &CancellationToken) -> bool {
     tokio::select! {
@@ -461,10 +554,23 @@ async fn pause(token: &CancellationToken) -> bool {
     }
 }
 
-fn stream_config(cluster: &Cluster) -> async_nats::jetstream::stream::Config {
+/// The stream of alerts: the last `alert_history` alerts raised on any
+/// node.
+fn alert_stream_config(
+    cluster: &Cluster,
+    alert_history: usize,
+) -> async_nats::jetstream::stream::Config {
     async_nats::jetstream::stream::Config {
-        max_messages_per_subject: 1,
-        description: Some("streamhub: the latest telemetry sample of every service".into()),
+        max_messages: i64::try_from(alert_history.max(1)).unwrap_or(i64::MAX),
+        description: Some("streamhub: the alerts raised on every node".into()),
+        ..cluster.stream_config(ALERT_STREAM.to_owned(), vec![ALERT_SUBJECT.to_owned()])
+    }
+}
+
+fn stream_config(cluster: &Cluster, history: usize) -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        max_messages_per_subject: i64::try_from(history.max(1)).unwrap_or(i64::MAX),
+        description: Some("streamhub: the telemetry history of every service".into()),
         ..cluster.stream_config(STREAM.to_owned(), vec![format!("{SAMPLE_PREFIX}.>")])
     }
 }

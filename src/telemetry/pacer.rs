@@ -9,6 +9,9 @@
 //! samples would otherwise each wait a moment for a timer and drift behind.
 //! Over any stretch of time the rate stays one per interval, and from
 //! 4 ms up two sends are never closer than three quarters of an interval.
+//! The tolerance is for samples that arrive on their own: a sample that
+//! must wait is held until its full place in the schedule (less one timer
+//! tick), not three quarters of the way.
 //!
 //! The tolerance is never below the timer's tick (1 ms): a held sample
 //! waits for a timer, which fires on a tick and may be late by another
@@ -44,10 +47,21 @@ impl Pacer {
         }
     }
 
-    /// When a message that is ready at `now` may be sent: `None` if at once.
+    /// When a message that is ready at `now` may be sent: `None` if at once
+    /// (it is at most the tolerance ahead of the schedule). A message held
+    /// waits for its full place in the schedule, less one timer tick (so
+    /// the timer's rounding does not make it late), never for the
+    /// tolerance: the tolerance absorbs a publisher's jitter, and a held
+    /// send going a quarter early would make the gap after the first
+    /// message of a stream a quarter short (the sender then sends the
+    /// newest sample by that time, whose timestamp is older still).
     pub fn hold_until(&self, now: Instant) -> Option<Instant> {
-        let earliest = self.next?.checked_sub(self.tolerance)?;
-        (now < earliest).then_some(earliest)
+        let next = self.next?;
+        let earliest = next.checked_sub(self.tolerance)?;
+        let wake = next
+            .checked_sub(TIMER_TICK)
+            .map_or(earliest, |wake| wake.max(earliest));
+        (now < earliest).then_some(wake)
     }
 
     /// Records a message sent at `at`.
@@ -84,23 +98,26 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_is_held_to_three_quarters_of_an_interval_then_one_per_interval() {
+    fn a_burst_is_held_for_the_whole_interval_then_one_per_interval() {
         let start = Instant::now();
         let mut pacer = Pacer::new(SECOND);
         pacer.sent(start);
+        // New-user finding 3: a held message waited only until 750 ms, so
+        // the second message of a stream came a quarter interval early.
         let soon = start + Duration::from_millis(10);
         assert_eq!(
             pacer.hold_until(soon),
-            Some(start + Duration::from_millis(750))
+            Some(start + Duration::from_millis(999))
         );
-        // Sent when held until, the schedule stays on its beat: the next
-        // may go a quarter before 2 s, not 0.75 s after this send.
-        let held = start + Duration::from_millis(750);
+        // Sent when held until, the schedule stays on its beat.
+        let held = start + Duration::from_millis(999);
         pacer.sent(held);
         assert_eq!(
             pacer.hold_until(held),
-            Some(start + Duration::from_millis(1750))
+            Some(start + Duration::from_millis(1999))
         );
+        // A message that arrives within a quarter of its place goes at once.
+        assert_eq!(pacer.hold_until(start + Duration::from_millis(1750)), None);
     }
 
     #[test]
@@ -188,7 +205,7 @@ mod tests {
         pacer.sent(later);
         assert_eq!(
             pacer.hold_until(later + Duration::from_millis(1)),
-            Some(later + Duration::from_millis(750))
+            Some(later + Duration::from_millis(999))
         );
     }
 }

@@ -459,6 +459,8 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::time::Duration;
+
     use futures::StreamExt;
 
     use super::*;
@@ -513,5 +515,53 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    }
+
+    /// New-user finding 3: a subscriber waiting before the publisher
+    /// starts got its second sample a quarter interval early (held until
+    /// three quarters of the interval, then the newest sample by then, an
+    /// older one still). Time is paused, so the spacing is exact: with a
+    /// sample every 50 ms and a 400 ms interval, consecutive samples'
+    /// timestamps are at least 400 - 50 ms apart (the old code: 250 or 300
+    /// for the first gap).
+    #[tokio::test(start_paused = true)]
+    async fn a_held_sample_waits_its_whole_interval_even_right_after_the_first() {
+        let hub = Arc::new(Hub::new(TelemetryConfig::default()));
+        let service = TelemetryService::new(Arc::clone(&hub), Shutdown::new());
+        let mut request = Request::new(MetricsRequest {
+            service_name: "pace".into(),
+            interval_ms: 400,
+        });
+        request
+            .extensions_mut()
+            .insert(crate::auth::Identity::anonymous());
+        let mut updates = telemetry_service_server::TelemetryService::subscribe(&service, request)
+            .await
+            .unwrap()
+            .into_inner();
+        let start = Instant::now();
+        let publisher = tokio::spawn(async move {
+            loop {
+                let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap();
+                hub.ingest(Report {
+                    service: "pace".into(),
+                    cpu_usage: 1.0,
+                    memory_mb: 1.0,
+                    request_count: 1,
+                    timestamp_ms: 1_000_000 + elapsed,
+                })
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let mut stamps = Vec::new();
+        while stamps.len() < 8 {
+            stamps.push(updates.next().await.unwrap().unwrap().timestamp_ms);
+        }
+        publisher.abort();
+        let gaps: Vec<u64> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|&gap| gap >= 350), "gaps {gaps:?}");
+        // And no fewer than one per interval: the pacer does not fall behind.
+        assert!(gaps.iter().all(|&gap| gap <= 450), "gaps {gaps:?}");
     }
 }
