@@ -602,11 +602,15 @@ fn describe(err: figment::Error) -> String {
     let faults: Vec<String> = err
         .into_iter()
         .map(|fault| {
+            // figment's path already ends with an unknown field's name.
             let mut path = fault.path.clone();
-            if let figment::error::Kind::UnknownField(field, _) = &fault.kind {
+            if let figment::error::Kind::UnknownField(field, _) = &fault.kind
+                && path.last() != Some(field)
+            {
                 path.push(field.clone());
             }
             let key = path.join(".");
+            let what = fault_text(&fault.kind);
             let origin = fault.metadata.as_ref().map(|md| {
                 if md.name.contains("environment variable") {
                     format!(
@@ -624,13 +628,36 @@ fn describe(err: figment::Error) -> String {
                 }
             });
             match (origin, key.is_empty()) {
-                (Some(origin), _) => format!("{origin}: {}", fault.kind),
-                (None, false) => format!("key `{key}`: {}", fault.kind),
-                (None, true) => fault.kind.to_string(),
+                (Some(origin), _) => format!("{origin}: {what}"),
+                (None, false) => format!("key `{key}`: {what}"),
+                (None, true) => what,
             }
         })
         .collect();
     faults.join("; ")
+}
+
+/// What was wrong with one key, in words: an unknown key lists the valid
+/// ones at its level (figment's own text nests backticks), and a value
+/// that is not a duration shows how one is written.
+fn fault_text(kind: &figment::error::Kind) -> String {
+    match kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            let valid: Vec<String> = expected.iter().map(|key| format!("`{key}`")).collect();
+            format!(
+                "unknown key `{field}`; the keys here are {}",
+                valid.join(", ")
+            )
+        }
+        kind => {
+            let text = kind.to_string();
+            if text.contains("expected a duration") {
+                format!("{text} such as `5s`, `250ms`, `1m 30s` or `1day`")
+            } else {
+                text
+            }
+        }
+    }
 }
 
 /// The top-level keys of [`Config`] (checked against its fields by a unit

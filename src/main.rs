@@ -132,11 +132,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => until_ctrl_c(cli::chat::run(&ctx, args), None),
         Command::Upload(args) => until_ctrl_c(
             cli::upload::upload(&ctx, args),
-            Some("upload interrupted; run the same command again to resume"),
+            Some((
+                &ctx,
+                "upload interrupted; run the same command again to resume",
+            )),
         ),
         Command::Download(args) => until_ctrl_c(
             cli::upload::download(&ctx, args),
-            Some("download interrupted"),
+            Some((&ctx, "download interrupted")),
         ),
         Command::Files => block_on(cli::upload::files(&ctx)),
         Command::Demo(args) => until_ctrl_c(cli::demo::run(&ctx, args), None),
@@ -161,11 +164,11 @@ fn block_on(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result
 const INTERRUPTED: i32 = 130;
 
 /// Runs a long-running client subcommand until it ends or Ctrl-C. On
-/// Ctrl-C it exits 0 if `failure` is `None`, else says `failure` and exits
-/// 130.
+/// Ctrl-C it exits 0 if `failure` is `None`, else says its text as a note
+/// of its context (text, or a JSON event with `--json`) and exits 130.
 fn until_ctrl_c(
     command: impl Future<Output = anyhow::Result<()>>,
-    failure: Option<&str>,
+    failure: Option<(&Context, &str)>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let ended = runtime.block_on(cli::until_interrupted(command));
@@ -174,8 +177,8 @@ fn until_ctrl_c(
     match (ended, failure) {
         (Ended::Finished(result), _) => result,
         (Ended::Interrupted, None) => Ok(()),
-        (Ended::Interrupted, Some(failure)) => {
-            cli::err_line(failure);
+        (Ended::Interrupted, Some((ctx, failure))) => {
+            ctx.note("interrupted", failure);
             std::process::exit(INTERRUPTED);
         }
     }

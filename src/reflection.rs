@@ -39,10 +39,17 @@ use crate::{rpc::shutting_down, shutdown::Shutdown};
 pub enum ReflectionError {
     /// A descriptor set, or a file in it, does not decode.
     #[error("a file descriptor set does not decode: {0}")]
-    Decode(#[from] prost::DecodeError),
+    Decode(prost::DecodeError),
     /// A file descriptor has no name.
     #[error("a file descriptor has no name")]
     Unnamed,
+}
+
+// The cause is in the message, so it is not also a `source()`.
+impl From<prost::DecodeError> for ReflectionError {
+    fn from(err: prost::DecodeError) -> Self {
+        ReflectionError::Decode(err)
+    }
 }
 
 /// An encoded `FileDescriptorSet` with each file left as its bytes.

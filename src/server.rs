@@ -61,11 +61,13 @@ use crate::{
     web::{self, WebState},
 };
 
-/// Errors that stop the server.
+/// Errors that stop the server. Each names what failed and chains its
+/// cause as its `source()` (not in its own text, so a report of the chain,
+/// `{:#}`, says the cause once).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The data directory cannot be created.
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("cannot create data directory {path}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
@@ -73,18 +75,17 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// Reflection could not be built from the descriptors.
-    #[error("cannot build the reflection service: {0}")]
+    #[error("cannot build the reflection service")]
     Reflection(#[from] crate::reflection::ReflectionError),
     /// The transport could not start (e.g. the TLS files do not load).
-    #[error("transport error: {0}")]
+    #[error("cannot start the transport")]
     Transport(#[from] TransportError),
     /// The upload store could not be opened.
-    #[error("cannot open the upload store: {0}")]
+    #[error("cannot open the upload store")]
     Upload(#[from] upload::UploadError),
-    /// The chat storage could not be opened. (The cause is in the text,
-    /// not also a source, so `{:#}` says it once.)
-    #[error("cannot open chat storage: {0}")]
-    Chat(ChatError),
+    /// The chat storage could not be opened.
+    #[error("cannot open chat storage")]
+    Chat(#[source] ChatError),
     /// Another process (most likely another streamhub) holds the chat
     /// storage of this data directory open.
     #[error(
@@ -96,13 +97,13 @@ pub enum ServerError {
         path: std::path::PathBuf,
     },
     /// The listener's address could not be read.
-    #[error("listener error: {0}")]
+    #[error("cannot read the listener's address")]
     Listener(#[from] std::io::Error),
     /// The authentication settings cannot be used (e.g. a key file).
-    #[error("cannot set up authentication: {0}")]
+    #[error("cannot set up authentication")]
     Auth(#[from] crate::auth::SetupError),
     /// Cluster mode could not start (NATS unreachable, streams refused).
-    #[error("cluster mode: {0}")]
+    #[error("cluster mode cannot start")]
     Cluster(#[from] ClusterError),
 }
 

@@ -176,6 +176,88 @@ async fn demo_tours_the_patterns_with_real_data() {
     let out = stdout(&output);
     assert!(out.contains("streamhub"), "{out}");
     assert!(out.contains("[ALERT] CPU_HIGH"), "{out}");
+    // The summaries follow an empty line, not a literal `\n`.
+    let err = stderr(&output);
+    assert!(err.contains("\nLiveFeed ended: "), "{err}");
+    assert!(!err.contains("\\n"), "{err}");
+}
+
+#[tokio::test]
+async fn token_new_names_its_own_flag_in_errors() {
+    let output = streamhub_env(&["token", "new", "--identity", "x", "--scope", "foo"], &[]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--scope: ") || err.contains("--scope "),
+        "{err}"
+    );
+    assert!(!err.contains("--scopes"), "{err}");
+    // An offline command lists no connection options (only --json).
+    let help = stdout(&streamhub_env(&["token", "new", "--help"], &[]).await);
+    assert!(help.contains("--json"), "{help}");
+    for flag in ["--server", "--token", "--ca", "--cert ", "--key "] {
+        assert!(!help.contains(flag), "{flag} in token new --help:\n{help}");
+    }
+}
+
+#[tokio::test]
+async fn subscribe_to_a_server_never_reached_says_it_cannot_connect_not_lost() {
+    // Port 1: nothing listens there.
+    let output = streamhub_env(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "subscribe",
+            "x",
+            "--duration",
+            "1s",
+        ],
+        &[("STREAMHUB_TOKEN", "")],
+    )
+    .await;
+    let err = stderr(&output);
+    assert!(
+        err.contains("cannot connect to http://127.0.0.1:1 (nothing is listening there"),
+        "{err}"
+    );
+    assert!(!err.contains("lost"), "{err}");
+}
+
+#[tokio::test]
+async fn upload_of_a_directory_says_it_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = streamhub_env(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "upload",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is a directory: upload takes one file"),
+        "{err}"
+    );
+    assert!(!err.contains("shrink"), "{err}");
+}
+
+#[tokio::test]
+async fn usage_errors_are_clap_s_exit_2_with_the_help_hint_as_the_readme_says() {
+    let output = streamhub_env(&["subscribe", "--no-such-flag"], &[]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("For more information, try '--help'."), "{err}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains("exit code 2"),
+        "README does not say usage errors exit 2"
+    );
 }
 
 /// Reads a child's stdout lines on a thread, so the test can wait for a
@@ -722,6 +804,61 @@ async fn configuration_errors_name_the_file_or_variable_the_key_and_what_was_exp
         assert!(!err.contains("default."), "figment's profile in {err}");
         assert_eq!(err.matches("invalid type").count(), 1, "said twice: {err}");
     }
+
+    // An unknown nested key is named once (not `telemetry.typo.typo`), from
+    // each source, with the valid keys of its table in plain backticks.
+    let nested = dir.path().join("nested.toml");
+    std::fs::write(&nested, "[telemetry]\nmax_servics = 5\n").unwrap();
+    let unknown = [
+        (
+            streamhub_env(&["serve", "--config", nested.to_str().unwrap()], &[]).await,
+            "nested.toml: key `telemetry.max_servics`: unknown key `max_servics`",
+        ),
+        (
+            streamhub_env(&["serve"], &[("STREAMHUB_TELEMETRY__TYPO", "1")]).await,
+            "environment variable STREAMHUB_TELEMETRY__TYPO: unknown key `typo`",
+        ),
+        (
+            streamhub_env(&["serve", "--set", "telemetry.max_servics=5"], &[]).await,
+            "--set telemetry.max_servics: unknown key `max_servics`",
+        ),
+    ];
+    for (output, expected) in &unknown {
+        let err = stderr(output);
+        assert_eq!(output.status.code(), Some(1), "{err}");
+        assert!(err.contains(expected), "{err}");
+        assert!(err.contains("`max_services`, "), "{err}");
+        assert!(!err.contains("``") && !err.contains("`one of"), "{err}");
+    }
+    // A duration given as a bare number shows how one is written.
+    let duration = streamhub_env(&["serve", "--set", "limits.idle_timeout=5"], &[]).await;
+    let err = stderr(&duration);
+    assert!(err.contains("--set limits.idle_timeout: "), "{err}");
+    assert!(err.contains("`5s`"), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_reach_nats_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = format!("data_dir={}", dir.path().display());
+    let output = streamhub_env(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            &data,
+            // Port 1: nothing listens there.
+            "--set",
+            "cluster.nats=[\"nats://127.0.0.1:1\"]",
+        ],
+        &[],
+    )
+    .await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("cannot connect to NATS").count(), 1, "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
 }
 
 #[tokio::test]

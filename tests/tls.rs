@@ -562,20 +562,34 @@ async fn mtls_certificate_identities_get_their_scopes_from_the_tls_layer_to_the_
     assert!(stdout.contains("certificate"), "{stdout}");
     assert!(stdout.contains("telemetry:read:*"), "{stdout}");
 
-    // Without a client certificate the call fails. (The CLI names the
-    // cause when the server's TLS alert reaches it; when the server's
-    // close overtakes the alert it sees only a closed or broken
-    // connection, so the message is not checked.)
-    let output = cli(&[
-        "--server".as_ref(),
-        url.as_ref(),
-        "--ca".as_ref(),
-        ca.as_os_str(),
-        "whoami".as_ref(),
-    ])
-    .await;
-    assert!(!output.status.success(), "{output:?}");
-    assert!(output.stdout.is_empty(), "{output:?}");
+    // Without a client certificate the call fails, and says so however
+    // the refusal reached the client (the server's TLS alert, or a closed
+    // or broken connection when the server's close overtakes the alert):
+    // the client asks the server whether it wants a certificate. The
+    // streaming commands stop instead of reconnecting for ever.
+    for command in [
+        &["whoami"][..],
+        &["whoami"],
+        &["whoami"],
+        &["subscribe", "anything"],
+        &["feed", "--service", "device-7", "--simulate"],
+    ] {
+        let mut args = vec![
+            "--server".as_ref(),
+            url.as_ref(),
+            "--ca".as_ref(),
+            ca.as_os_str(),
+        ];
+        args.extend(command.iter().map(std::ffi::OsStr::new));
+        let output = cli(&args).await;
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {output:?}");
+        assert!(output.stdout.is_empty(), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("requires a client certificate; give --cert and --key"),
+            "{command:?}: {stderr}"
+        );
+    }
     server.stop().await;
 }
 
@@ -629,6 +643,25 @@ async fn the_cli_over_https_verifies_the_server_and_names_the_host_it_expected()
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("certificate"), "{stderr}");
     assert!(!stderr.contains(secret), "{stderr}");
+    // The cause is said once (rustls' error arrives wrapped in errors that
+    // repeat it).
+    assert_eq!(stderr.matches("UnknownIssuer").count(), 1, "{stderr}");
+    // An untrusted server certificate is no reason to reconnect: the
+    // streaming commands stop on it too.
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"));
+    for var in [
+        "STREAMHUB_TOKEN",
+        "STREAMHUB_CA",
+        "STREAMHUB_CERT",
+        "STREAMHUB_KEY",
+    ] {
+        command.env_remove(var);
+    }
+    command.args(["--server", &url, "subscribe", "anything"]);
+    let output = within("subscribe", command.output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("certificate was not accepted"), "{stderr}");
     // Plaintext to the TLS port fails rather than sending the token.
     let output = whoami(
         format!("http://localhost:{}", server.addr.port()),

@@ -109,10 +109,10 @@ pub struct JwtVerifier {
 }
 
 fn read(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, SetupError> {
-    std::fs::read(path).map_err(|source| SetupError::Read {
+    std::fs::read(path).map_err(|cause| SetupError::Read {
         what,
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
@@ -221,9 +221,15 @@ impl JwtVerifier {
                 AuthError::InvalidJwt(format!("missing claim {claim}"))
             }
             ErrorKind::InvalidAlgorithm => AuthError::InvalidJwt("algorithm not accepted".into()),
-            ErrorKind::Json(_) => AuthError::InvalidJwt(
-                "claims are not {sub: string, exp: number, scope: string}".into(),
-            ),
+            // serde's text names the claim missing or of the wrong type.
+            ErrorKind::Json(err) => AuthError::InvalidJwt(format!(
+                "its claims must be sub (string), exp (number) and optionally scope \
+                 (string): {}",
+                err.to_string()
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or_default()
+            )),
             _ => AuthError::InvalidJwt("malformed JWT".into()),
         })?;
         let Claims { sub, scope, exp } = data.claims;
@@ -298,7 +304,11 @@ mod tests {
         let expired = hs(&serde_json::json!({"sub": "alice", "exp": now() - 10}));
         assert_eq!(v.verify(&expired).unwrap_err(), AuthError::Expired);
         let no_exp = hs(&serde_json::json!({"sub": "alice"}));
-        assert!(matches!(v.verify(&no_exp), Err(AuthError::InvalidJwt(_))));
+        // The message names the claim missing.
+        match v.verify(&no_exp) {
+            Err(AuthError::InvalidJwt(why)) => assert!(why.contains("`exp`"), "{why}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
         let string_exp = hs(&serde_json::json!({"sub": "alice", "exp": "9999999999"}));
         assert!(v.verify(&string_exp).is_err());
         let forged = encode(

@@ -307,14 +307,14 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// A configured key or secret file cannot be read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}: {cause}")]
     Read {
         /// Which setting.
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// A configured key or secret is unusable.
     #[error("{0}")]

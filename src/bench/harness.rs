@@ -378,9 +378,9 @@ impl ServerUnderTest {
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(&log)?);
         }
-        let mut child = command.spawn().map_err(|source| BenchError::Spawn {
+        let mut child = command.spawn().map_err(|cause| BenchError::Spawn {
             what: format!("{what} ({})", program.display()),
-            source,
+            cause,
         })?;
         let pid = child.id();
         let output: Pin<Box<dyn AsyncRead + Send>> = if addr_on_stderr {

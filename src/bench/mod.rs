@@ -50,12 +50,12 @@ use harness::{Machine, Report};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// A process could not be started.
-    #[error("cannot start {what}: {source}")]
+    #[error("cannot start {what}: {cause}")]
     Spawn {
         /// What was started.
         what: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// A server never printed `listening on ADDR`.
     #[error("{what} did not say where it listens{log}")]
@@ -73,10 +73,10 @@ pub enum BenchError {
     Timeout(String),
     /// An I/O error.
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// A gRPC connection failed.
     #[error("connection failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    Transport(tonic::transport::Error),
     /// A call failed.
     #[error("call failed: {0}")]
     Status(Box<tonic::Status>),
@@ -85,7 +85,27 @@ pub enum BenchError {
     Nats(String),
     /// The results could not be encoded.
     #[error("cannot encode results: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
+}
+
+// Each cause below is in its variant's message, so it is not also a
+// `source()` (a report of the chain would say it twice).
+impl From<std::io::Error> for BenchError {
+    fn from(err: std::io::Error) -> Self {
+        BenchError::Io(err)
+    }
+}
+
+impl From<tonic::transport::Error> for BenchError {
+    fn from(err: tonic::transport::Error) -> Self {
+        BenchError::Transport(err)
+    }
+}
+
+impl From<serde_json::Error> for BenchError {
+    fn from(err: serde_json::Error) -> Self {
+        BenchError::Json(err)
+    }
 }
 
 impl From<tonic::Status> for BenchError {

@@ -42,7 +42,7 @@ pub async fn start(options: &Options, pinning: &Pinning) -> Result<ServerUnderTe
     ServerUnderTest::spawn("nats-server", &program, &args, dir, options, pinning, true)
         .await
         .map_err(|err| match err {
-            BenchError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            BenchError::Spawn { cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
                 BenchError::Setup(
                     "nats-server is not installed (apt-get install -y nats-server)".into(),
                 )

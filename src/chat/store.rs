@@ -53,12 +53,12 @@ pub const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The storage directory cannot be created.
-    #[error("cannot create chat storage directory {path}: {source}")]
+    #[error("cannot create chat storage directory {path}: {cause}")]
     Dir {
         /// The directory.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// The database file is locked: another process (most likely another
     /// streamhub on the same data directory) has it open.
@@ -66,7 +66,7 @@ pub enum StoreError {
     Locked,
     /// The database failed.
     #[error("chat storage error: {0}")]
-    Db(#[from] Box<redb::Error>),
+    Db(Box<redb::Error>),
     /// A stored record cannot be decoded.
     #[error("chat storage holds a corrupt record for room {room:?} seq {seq}")]
     Corrupt {
@@ -90,6 +90,13 @@ pub enum StoreError {
     /// A blocking storage task panicked or was cancelled.
     #[error("chat storage task failed: {0}")]
     Task(String),
+}
+
+// The cause is in the message, so it is not also a `source()`.
+impl From<Box<redb::Error>> for StoreError {
+    fn from(err: Box<redb::Error>) -> Self {
+        StoreError::Db(err)
+    }
 }
 
 impl StoreError {
@@ -241,9 +248,9 @@ impl std::fmt::Debug for Store {
 /// The production opener: `chat.redb` in `dir`, a real directory (not a
 /// symbolic link), opened without following a link.
 pub fn file_opener(dir: &Path) -> Result<Opener, StoreError> {
-    let handle = DirHandle::create(dir).map_err(|source| StoreError::Dir {
+    let handle = DirHandle::create(dir).map_err(|cause| StoreError::Dir {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     Ok(Arc::new(move || {
         let file = match handle.open_file(DB_FILE, Access::Create) {

@@ -24,20 +24,52 @@ pub const CLIENT_OPTIONS: &[(&str, &str)] = &[
 ///   argument of its own there that refuses any value with a message
 ///   pointing to serve's own flag (clap skips propagating a global
 ///   argument to a subcommand that has one with the same id).
+/// - `token new` (offline) likewise, but for `--json`.
 /// - An environment variable that is set but empty (`STREAMHUB_TOKEN=`)
 ///   counts as unset, for every argument read from the environment, as a
 ///   shell user expects from `VAR= command`.
 pub fn prepare(command: Command) -> Command {
     let command = unset_empty_env(command);
-    command.mut_subcommand("serve", |mut serve| {
-        for &(id, long) in CLIENT_OPTIONS {
-            let hint = match id {
-                "server" => "serve listens on --listen (or `listen` in the configuration)",
-                "json" => "serve logs as text; --print-config prints TOML",
-                _ => "serve takes TLS files as --tls-cert/--tls-key/--tls-client-ca and tokens in [auth]",
-            };
-            let message = format!("--{long} is an option of the client subcommands, not of serve: {hint}");
-            serve = serve.arg(
+    let command = command.mut_subcommand("serve", |serve| {
+        refuse_client_options(serve, &[], |id| match id {
+            "server" => "serve listens on --listen (or `listen` in the configuration)",
+            "json" => "serve logs as text; --print-config prints TOML",
+            _ => {
+                "serve takes TLS files as --tls-cert/--tls-key/--tls-client-ca and tokens in [auth]"
+            }
+        })
+    });
+    // `token new` makes a token offline: it connects to no server, so the
+    // connection options are not its (it keeps --json).
+    command.mut_subcommand("token", |token| {
+        token.mut_subcommand("new", |new| {
+            refuse_client_options(
+                new,
+                &["json"],
+                |_| "`token new` works offline and connects to no server",
+            )
+        })
+    })
+}
+
+/// Gives `command` a hidden argument for each client option (but those
+/// in `keep`) that refuses any value, saying `hint(id)`.
+fn refuse_client_options(
+    mut command: Command,
+    keep: &[&str],
+    hint: impl Fn(&str) -> &'static str,
+) -> Command {
+    let name = command.get_name().to_owned();
+    for &(id, long) in CLIENT_OPTIONS {
+        if keep.contains(&id) {
+            continue;
+        }
+        let message = format!(
+            "--{long} is an option of the client subcommands, not of {name}: {}",
+            hint(id)
+        );
+        command =
+            command.arg(
                 Arg::new(id)
                     .long(long)
                     .hide(true)
@@ -48,9 +80,8 @@ pub fn prepare(command: Command) -> Command {
                         move |_: String| -> Result<String, String> { Err(message.clone()) },
                     )),
             );
-        }
-        serve
-    })
+    }
+    command
 }
 
 /// Drops the environment fallback of every argument whose variable is set
@@ -78,9 +109,9 @@ fn unset_empty_env(command: Command) -> Command {
 }
 
 /// Prints a failed command's error as `error: …` with its causes on one
-/// line (`{:#}`), never a backtrace (whatever `RUST_BACKTRACE` says), and
-/// gives the exit code 1.
+/// line (each once: see [`super::chain_text`]), never a backtrace
+/// (whatever `RUST_BACKTRACE` says), and gives the exit code 1.
 pub fn report(err: &anyhow::Error) -> std::process::ExitCode {
-    super::err_line(&format!("error: {err:#}"));
+    super::err_line(&format!("error: {}", super::chain_text(err.as_ref())));
     std::process::ExitCode::FAILURE
 }

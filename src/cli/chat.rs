@@ -25,7 +25,7 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, metadata::MetadataValue};
 
-use super::{Backoff, Context, format_ms, is_transient, status_error, status_text, terminal_safe};
+use super::{Backoff, Context, format_ms, is_transient, terminal_safe};
 use crate::{
     chat::service::{AFTER_SEQ_KEY, EPOCH_KEY, HISTORY_KEY, LAST_SEQ_KEY, MEMBER_KEY, ROOM_KEY},
     proto::chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
@@ -41,7 +41,8 @@ pub struct ChatArgs {
     /// The room to join.
     #[arg(long, env = "STREAMHUB_CHAT_ROOM", default_value = "lobby")]
     pub room: String,
-    /// How many recent messages to show on joining.
+    /// How many recent messages of the room to show on joining (joins
+    /// and leaves count as messages); 0 shows none.
     #[arg(long, default_value_t = 20)]
     pub history: u64,
     /// Do not announce your join and leave to the room.
@@ -303,6 +304,7 @@ async fn talk(
         tokio::select! {
             connected = &mut connect => match connected {
                 Ok(channel) => break channel,
+                Err(err) if super::is_permanent(&err) => return Err(err),
                 Err(err) => return Ok(Outcome::Retry(format!("{err:#}"))),
             },
             // Input that ends meanwhile is no reason to give up this
@@ -428,5 +430,72 @@ fn receive(ctx: &Context, args: &ChatArgs, session: &mut Session, message: &Chat
     if message.seq > session.last_seq {
         session.last_seq = message.seq;
         print_message(ctx, &args.room, message);
+    }
+}
+
+/// A failed chat call as text, in this command's words: the server's
+/// advice to gRPC clients (reconnect with `chat-after-seq`, leave
+/// `chat-member` empty) becomes what to do with the CLI, which resumes by
+/// itself and sends the identity's name unless `--name` is given.
+fn status_text(status: &tonic::Status) -> String {
+    cli_words(&super::status_text(status))
+}
+
+/// [`status_text`] as an error.
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server answered {}", status_text(&status))
+}
+
+fn cli_words(text: &str) -> String {
+    let mut text = text.replace(
+        "(leave chat-member empty to have it filled in)",
+        "(drop --name and STREAMHUB_CHAT_NAME: with credentials you speak under your identity)",
+    );
+    // The client reconnects with chat-after-seq and resends what was not
+    // acknowledged by itself: that advice is for other clients.
+    for advice in [
+        "; reconnect (to any node) with chat-after-seq and resend what was not acknowledged",
+        "; reconnect with chat-after-seq",
+    ] {
+        if let Some(at) = text.find(advice) {
+            let end = text[at + advice.len()..]
+                .find([')', ';'])
+                .map_or(text.len(), |i| at + advice.len() + i);
+            text.replace_range(at..end, "");
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod cli_words_tests {
+    use super::cli_words;
+
+    #[test]
+    fn protocol_advice_becomes_cli_advice() {
+        assert_eq!(
+            cli_words(
+                "PermissionDenied: chat-member \"bob\" is not the authenticated identity \
+                 \"alice\": a member speaks only under its own name (leave chat-member empty \
+                 to have it filled in)"
+            ),
+            "PermissionDenied: chat-member \"bob\" is not the authenticated identity \
+             \"alice\": a member speaks only under its own name (drop --name and \
+             STREAMHUB_CHAT_NAME: with credentials you speak under your identity)"
+        );
+        assert_eq!(
+            cli_words(
+                "Unavailable: NATS down; reconnect (to any node) with chat-after-seq and resend \
+                 what was not acknowledged"
+            ),
+            "Unavailable: NATS down"
+        );
+        assert_eq!(
+            cli_words(
+                "Unavailable: storage failed (x); last seq sent 4; reconnect with \
+                 chat-after-seq: 4 and resend what was not acknowledged"
+            ),
+            "Unavailable: storage failed (x); last seq sent 4"
+        );
     }
 }

@@ -145,9 +145,10 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         print_alert(ctx, &alert.map_err(status_error)?);
         count += 1;
     }
+    blank_line(ctx);
     ctx.note(
         "done",
-        &format!("\nLiveFeed ended: {count} alerts for {ticks} payloads."),
+        &format!("LiveFeed ended: {count} alerts for {ticks} payloads."),
     );
 
     step(
@@ -246,10 +247,11 @@ async fn chat_step(ctx: &Context, channel: super::Channel, lines: usize) -> anyh
         print_message(ctx, &room, message);
     }
     let same = ann == bob;
+    blank_line(ctx);
     ctx.note(
         "done",
         &format!(
-            "\nBoth members received the same {} messages in the same order: {same}.",
+            "Both members received the same {} messages in the same order: {same}.",
             ann.len()
         ),
     );
@@ -306,4 +308,12 @@ async fn chat_member(
     drop(inbound);
     talk.abort();
     Ok(received)
+}
+
+/// An empty line on stderr before a summary, in text mode (a note's text
+/// passes through [`super::terminal_safe`], which shows a `\n` as such).
+fn blank_line(ctx: &Context) {
+    if !ctx.json {
+        super::err_line("");
+    }
 }

@@ -259,18 +259,43 @@ impl Context {
     /// # Errors
     ///
     /// The mismatch, in words.
+    ///
+    /// Likewise a TLS server that asks for a client certificate when none
+    /// was given (`--cert`/`--key`): the failed call rarely says so itself
+    /// (see [`probe::asks_for_client_cert`]).
     pub async fn check_scheme(&self) -> anyhow::Result<()> {
-        match probe::mismatch(self.current_server()).await {
-            Some(mismatch) => Err(anyhow::anyhow!(mismatch)),
-            None => Ok(()),
+        let server = self.current_server();
+        if let Some(mismatch) = probe::mismatch(server).await {
+            anyhow::bail!(mismatch);
         }
+        if self.security.cert.is_none()
+            && server.starts_with("https://")
+            && probe::asks_for_client_cert(server).await == Some(true)
+        {
+            anyhow::bail!("{server} {NEEDS_CLIENT_CERT}");
+        }
+        Ok(())
     }
 
     /// Opens a channel to `server`: TLS for an `https://` URL (verified
     /// against `--ca` or the system roots, presenting `--cert`/`--key`),
     /// and the token on every call.
     async fn connect_to(&self, server: &str) -> anyhow::Result<Channel> {
-        let credentials = self.security.credentials()?;
+        self.try_connect_to(server).await.map_err(|err| {
+            if is_permanent_text(&format!("{err:#}")) {
+                anyhow::Error::new(Permanent(format!("{err:#}")))
+            } else {
+                err
+            }
+        })
+    }
+
+    /// [`Context::connect_to`] before its errors are sorted.
+    async fn try_connect_to(&self, server: &str) -> anyhow::Result<Channel> {
+        let credentials = self
+            .security
+            .credentials()
+            .map_err(|err| Permanent(format!("{err:#}")))?;
         let mut endpoint = Endpoint::from_shared(server.to_owned())
             .with_context(|| format!("invalid server URL {server:?}"))?
             .connect_timeout(Duration::from_secs(5))
@@ -284,7 +309,13 @@ impl Context {
             .trim_matches(['[', ']'])
             .to_owned();
         match uri.scheme_str() {
-            Some("https") => endpoint = endpoint.tls_config(self.security.tls(&host)?)?,
+            Some("https") => {
+                let tls = self
+                    .security
+                    .tls(&host)
+                    .map_err(|err| Permanent(format!("{err:#}")))?;
+                endpoint = endpoint.tls_config(tls)?;
+            }
             _ if self.security.ca.is_some() || self.security.cert.is_some() => anyhow::bail!(
                 "--ca, --cert and --key apply to TLS: use an https:// server URL (not {})",
                 server
@@ -311,7 +342,7 @@ impl Context {
         err: tonic::transport::Error,
     ) -> anyhow::Error {
         {
-            let chain = format!("{:#}", anyhow::Error::from(err));
+            let chain = chain_text(&err);
             if chain.contains("certificate") || chain.contains("Certificate") {
                 anyhow::anyhow!(
                     "cannot connect to {}: the server's TLS certificate was not accepted \
@@ -375,7 +406,7 @@ pub fn explain_failure(ctx: &Context, err: anyhow::Error) -> anyhow::Error {
         || ["Cancelled", "Unknown", "Unavailable", "Internal"]
             .iter()
             .any(|code| text.contains(&format!("server answered {code}:")));
-    if !below_grpc || probe::is_mismatch(&text) {
+    if !below_grpc || probe::is_mismatch(&text) || text.contains(NEEDS_CLIENT_CERT) {
         return err;
     }
     let checked = tokio::runtime::Builder::new_current_thread()
@@ -493,7 +524,8 @@ pub fn status_text(status: &tonic::Status) -> String {
     if status.code() == tonic::Code::Unauthenticated
         && status.message() == crate::auth::layer::TOKEN_EXPIRED
     {
-        return "the token expired: get a new token and run the command again".to_owned();
+        return "Unauthenticated: the token expired; get a new token and run the command again"
+            .to_owned();
     }
     let text = format!("{:?}: {}", status.code(), terminal_safe(status.message()));
     // A call that failed below gRPC (the connection, TLS) carries the
@@ -506,8 +538,7 @@ pub fn status_text(status: &tonic::Status) -> String {
     }
     match cause {
         Some(cause) if cause.contains("CertificateRequired") => format!(
-            "{text} ({}): the server requires a client certificate; give --cert and --key \
-             (or STREAMHUB_CERT and STREAMHUB_KEY)",
+            "{text} ({}): the server {NEEDS_CLIENT_CERT}",
             terminal_safe(&cause)
         ),
         Some(cause)
@@ -524,6 +555,61 @@ pub fn status_text(status: &tonic::Status) -> String {
         _ => text,
     }
 }
+
+/// An error and its causes on one line, `outer: inner: …`, leaving out a
+/// cause whose text the one before it already says (errors of other
+/// crates, such as an I/O error wrapping a TLS error, often both show
+/// their cause and return it as their source).
+pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut last = text.clone();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !last.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        last = line;
+        source = cause.source();
+    }
+    text
+}
+
+/// A client failure that no retry mends: the client's own settings
+/// (`--ca`, `--cert`, `--key`, the token) are wrong or do not fit the
+/// server (its certificate not accepted, the wrong scheme, a client
+/// certificate required). Streaming commands stop on it instead of
+/// reconnecting.
+#[derive(Debug)]
+pub struct Permanent(pub String);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
+/// Whether `err` is a [`Permanent`] failure.
+pub fn is_permanent(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| cause.is::<Permanent>())
+}
+
+/// Whether a connection failure's text says it is one of the client's
+/// settings, not the network.
+fn is_permanent_text(text: &str) -> bool {
+    probe::is_mismatch(text)
+        || text.contains(NEEDS_CLIENT_CERT)
+        || text.contains("TLS certificate was not accepted")
+        || text.contains("did not accept the client certificate")
+}
+
+/// What to say of a server that asks for a client certificate none was
+/// given for (after "the server" or its URL).
+const NEEDS_CLIENT_CERT: &str =
+    "requires a client certificate; give --cert and --key (or STREAMHUB_CERT and STREAMHUB_KEY)";
 
 /// Turns a failed call into an error that says what the server said.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
@@ -570,7 +656,18 @@ impl Backoff {
 
 #[cfg(test)]
 mod status_text_tests {
-    use super::status_text;
+    use super::{chain_text, status_text};
+
+    #[test]
+    fn a_cause_the_error_before_it_already_says_is_left_out() {
+        let inner = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let wrapped = anyhow::Error::new(inner).context("invalid peer certificate: UnknownIssuer");
+        let outer = wrapped.context("cannot connect");
+        assert_eq!(
+            chain_text(outer.as_ref()),
+            "cannot connect: invalid peer certificate: UnknownIssuer"
+        );
+    }
 
     #[test]
     fn a_failure_below_grpc_names_its_cause_and_a_missing_client_certificate_says_so() {

@@ -99,6 +99,113 @@ pub async fn mismatch(server: &str) -> Option<String> {
     }
 }
 
+/// Whether the TLS server at `server` (an `https://` URL) asks clients
+/// for a certificate (mTLS, `tls.client_ca`). `None` when the probe could
+/// not tell (no TLS handshake got that far).
+///
+/// Needed because a client without one cannot tell from its failed call:
+/// under TLS 1.3 its handshake completes before the server checks the
+/// (empty) certificate, so the call fails with whatever the closing
+/// connection looked like ("connection closed", "broken pipe") as often
+/// as with the server's CertificateRequired alert. The probe handshakes
+/// itself and notes whether a CertificateRequest came; it checks nothing
+/// about the server and sends no request, so it trusts any certificate.
+pub async fn asks_for_client_cert(server: &str) -> Option<bool> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let uri: http::Uri = server.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return Some(false);
+    }
+    let host = uri.host()?.trim_matches(['[', ']']).to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let asked = Arc::new(AtomicBool::new(false));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_cert_resolver(Arc::new(NoteRequest(asked.clone())));
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).ok()?;
+    let handshake = tokio::time::timeout(PROBE_TIMEOUT, async move {
+        let stream = TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        // Whether it succeeds or the server refuses the empty certificate,
+        // the CertificateRequest (if any) has been seen by then.
+        let _ = connector.connect(name, stream).await;
+        Some(())
+    })
+    .await;
+    match (handshake, asked.load(Ordering::Relaxed)) {
+        (_, true) => Some(true),
+        (Ok(Some(())), false) => Some(false),
+        _ => None,
+    }
+}
+
+/// A client certificate resolver that has no certificate and notes that
+/// the server asked for one.
+#[derive(Debug)]
+struct NoteRequest(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl rustls::client::ResolvesClientCert for NoteRequest {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// Accepts any server certificate: the probe only looks at the handshake
+/// and sends nothing over it.
+#[derive(Debug)]
+struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls_pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Speaks, classify};

@@ -195,25 +195,40 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
         let lost =
             match subscribe_once(ctx, args, &mut received, &mut backoff, &mut told_waiting).await {
                 Ok(()) => return Ok(()),
-                Err(Lost::Fatal(err)) => return Err(err),
-                Err(Lost::Transient(why)) => why,
+                Err(lost) => lost,
             };
         // A URL whose scheme the port does not speak never gets better.
         ctx.check_scheme().await?;
-        ctx.note(
-            "reconnecting",
-            &format!(
-                "connection to {server} lost ({lost}); reconnecting in {:.1}s",
-                backoff.delay().as_secs_f64()
-            ),
-        );
+        ctx.note("reconnecting", &retry_text(lost, &server, backoff.delay())?);
         backoff.wait().await;
     }
 }
 
 enum Lost {
+    /// The connection broke, or the server ended the call.
     Transient(String),
+    /// No connection could be made (the server may never have answered).
+    Unreachable(String),
     Fatal(anyhow::Error),
+}
+
+/// What to say before waiting `delay` to try `server` again after `lost`
+/// (a fatal failure is returned as the error instead).
+fn retry_text(lost: Lost, server: &str, delay: Duration) -> anyhow::Result<String> {
+    let delay = delay.as_secs_f64();
+    match lost {
+        Lost::Fatal(err) => Err(err),
+        Lost::Transient(why) => Ok(format!(
+            "connection to {server} lost ({why}); reconnecting in {delay:.1}s"
+        )),
+        Lost::Unreachable(why) => {
+            let prefix = format!("cannot connect to {server}: ");
+            let why = why.strip_prefix(&prefix).unwrap_or(&why);
+            Ok(format!(
+                "cannot connect to {server} ({why}); trying again in {delay:.1}s"
+            ))
+        }
+    }
 }
 
 /// A call that ended with a status worth retrying: an UNAVAILABLE node is
@@ -230,10 +245,13 @@ async fn subscribe_once(
     backoff: &mut Backoff,
     told_waiting: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx
-        .connect()
-        .await
-        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let channel = ctx.connect().await.map_err(|e| {
+        if super::is_permanent(&e) {
+            Lost::Fatal(e)
+        } else {
+            Lost::Unreachable(format!("{e:#}"))
+        }
+    })?;
     let mut client = TelemetryServiceClient::new(channel);
     let request = MetricsRequest {
         service_name: args.name.clone(),
@@ -335,18 +353,11 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
         let server = ctx.current_server().to_owned();
         let lost = match feed_once(ctx, &args, &service, &ticks, &mut connected_before).await {
             Ok(()) => return Ok(()),
-            Err(Lost::Fatal(err)) => return Err(err),
-            Err(Lost::Transient(why)) => why,
+            Err(lost) => lost,
         };
         // A URL whose scheme the port does not speak never gets better.
         ctx.check_scheme().await?;
-        ctx.note(
-            "reconnecting",
-            &format!(
-                "connection to {server} lost ({lost}); reconnecting in {:.1}s",
-                backoff.delay().as_secs_f64()
-            ),
-        );
+        ctx.note("reconnecting", &retry_text(lost, &server, backoff.delay())?);
         backoff.wait().await;
     }
 }
@@ -360,10 +371,13 @@ async fn feed_once(
     ticks: &Arc<AtomicU64>,
     connected_before: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx
-        .connect()
-        .await
-        .map_err(|e| Lost::Transient(format!("{e:#}")))?;
+    let channel = ctx.connect().await.map_err(|e| {
+        if super::is_permanent(&e) {
+            Lost::Fatal(e)
+        } else {
+            Lost::Unreachable(format!("{e:#}"))
+        }
+    })?;
     let mut client = TelemetryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
     let producer = tokio::spawn(produce(

@@ -56,9 +56,14 @@ fn new(ctx: &Context, args: &NewArgs) -> anyhow::Result<()> {
         }],
         ..auth::AuthConfig::default()
     };
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{}", e.replace("auth.tokens[0].", "--")))?;
+    config.validate().map_err(|e| {
+        // The configuration's keys, as this command's flags.
+        anyhow::anyhow!(
+            "{}",
+            e.replace("auth.tokens[0].scopes", "--scope")
+                .replace("auth.tokens[0].", "--")
+        )
+    })?;
     Scopes::parse(args.scopes.iter().map(String::as_str))?;
     let token = auth::token::generate().context("cannot read the system's random generator")?;
     let entry = auth::token::config_entry(&args.identity, &args.scopes, &token);

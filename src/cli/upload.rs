@@ -115,9 +115,14 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 )
             })?,
     };
-    let size = std::fs::metadata(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?
-        .len();
+    let metadata = std::fs::metadata(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    anyhow::ensure!(
+        !metadata.is_dir(),
+        "{} is a directory: upload takes one file",
+        args.file.display()
+    );
+    let size = metadata.len();
     let bar = progress_bar(ctx, size);
     let mut restart = args.restart;
     let mut attempt = 0u32;
@@ -144,10 +149,11 @@ pub async fn upload(ctx: &Context, args: UploadArgs) -> anyhow::Result<()> {
                 };
                 ctx.emit(&view, || {
                     format!(
-                        "uploaded {} ({}, {} chunks{}), sha256 {}",
+                        "uploaded {} ({}, {} chunk{}{}), sha256 {}",
                         terminal_safe(&view.filename),
                         HumanBytes(view.total_bytes),
                         view.total_chunks,
+                        if view.total_chunks == 1 { "" } else { "s" },
                         if view.resumed_from > 0 {
                             format!(", resumed at {}", HumanBytes(view.resumed_from))
                         } else {

@@ -56,12 +56,12 @@ pub enum ClusterError {
         reason: String,
     },
     /// The credentials or CA file cannot be read.
-    #[error("cannot read {what}: {source}")]
+    #[error("cannot read {what}: {cause}")]
     File {
         /// Which setting.
         what: &'static str,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// NATS cannot be reached.
     #[error("cannot connect to NATS ({servers}): {reason}")]
@@ -180,9 +180,9 @@ impl Cluster {
                 options
                     .credentials_file(creds)
                     .await
-                    .map_err(|source| ClusterError::File {
+                    .map_err(|cause| ClusterError::File {
                         what: "cluster.nats_creds",
-                        source,
+                        cause,
                     })?;
         }
         if let Some(ca) = &config.nats_tls_ca {

@@ -137,8 +137,15 @@ pub enum TransportError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     /// The listener's address could not be read.
-    #[error("listener error: {0}")]
-    Listener(#[from] std::io::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+}
+
+// The cause is in the message, so it is not also a `source()`.
+impl From<std::io::Error> for TransportError {
+    fn from(err: std::io::Error) -> Self {
+        TransportError::Listener(err)
+    }
 }
 
 /// The settings of the connection layer, taken from `limits.*`.

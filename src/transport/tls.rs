@@ -40,14 +40,14 @@ pub enum TlsError {
     #[error("{0}")]
     Incomplete(&'static str),
     /// A PEM file could not be read or parsed.
-    #[error("cannot read the TLS {what} from {path}: {source}")]
+    #[error("cannot read the TLS {what} from {path}: {cause}")]
     Pem {
         /// Which file: "certificate", "private key", "client CA".
         what: &'static str,
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: rustls_pki_types::pem::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: rustls_pki_types::pem::Error,
     },
     /// A file held no certificate.
     #[error("{path} holds no PEM certificate (expected \"-----BEGIN CERTIFICATE-----\")")]
@@ -56,34 +56,30 @@ pub enum TlsError {
         path: PathBuf,
     },
     /// rustls refused the certificate and key (e.g. they do not match).
-    #[error(
-        "the TLS certificate {cert} and key {key} do not make a server configuration: {source}"
-    )]
+    #[error("the TLS certificate {cert} and key {key} do not make a server configuration: {cause}")]
     Config {
         /// The certificate file.
         cert: PathBuf,
         /// The key file.
         key: PathBuf,
-        /// The cause.
-        source: rustls::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: rustls::Error,
     },
     /// A client CA certificate is not a usable trust anchor.
-    #[error(
-        "the client CA file {path} holds a certificate that cannot be a trust anchor: {source}"
-    )]
+    #[error("the client CA file {path} holds a certificate that cannot be a trust anchor: {cause}")]
     ClientCaCert {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: rustls::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: rustls::Error,
     },
     /// The client CA certificates do not make a verifier.
-    #[error("the client CA file {path} cannot verify clients: {source}")]
+    #[error("the client CA file {path} cannot verify clients: {cause}")]
     ClientCa {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: rustls::server::VerifierBuilderError,
+        /// The cause (in the message, so not a `source()`).
+        cause: rustls::server::VerifierBuilderError,
     },
 }
 
@@ -131,19 +127,19 @@ impl TlsFiles {
     pub fn load(&self) -> Result<ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certs("certificate", &self.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|source| TlsError::Pem {
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|cause| TlsError::Pem {
             what: "private key",
             path: self.key.clone(),
-            source,
+            cause,
         })?;
         let verifier = match &self.client_ca {
             Some(path) => Some(client_verifier(path, &provider)?),
             None => None,
         };
-        let config_error = |source| TlsError::Config {
+        let config_error = |cause| TlsError::Config {
             cert: self.cert.clone(),
             key: self.key.clone(),
-            source,
+            cause,
         };
         let builder = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -174,10 +170,10 @@ impl TlsFiles {
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_error = |source| TlsError::Pem {
+    let pem_error = |cause| TlsError::Pem {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(pem_error)?
@@ -197,16 +193,16 @@ fn client_verifier(
 ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs("client CA", path)? {
-        roots.add(cert).map_err(|source| TlsError::ClientCaCert {
+        roots.add(cert).map_err(|cause| TlsError::ClientCaCert {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
         .build()
-        .map_err(|source| TlsError::ClientCa {
+        .map_err(|cause| TlsError::ClientCa {
             path: path.to_owned(),
-            source,
+            cause,
         })
 }
 

@@ -269,14 +269,14 @@ pub enum UploadError {
         limit: usize,
     },
     /// A file system operation failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         /// What was being done.
         action: &'static str,
         /// On which path.
         path: std::path::PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, so not a `source()`).
+        cause: std::io::Error,
     },
     /// A blocking task died (a bug).
     #[error("internal error: {0}")]

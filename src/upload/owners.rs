@@ -80,10 +80,10 @@ fn load(dir: &Path) -> io::Result<Vec<(String, String)>> {
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> UploadError + 'a {
-    move |source| UploadError::Io {
+    move |cause| UploadError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

@@ -197,7 +197,11 @@ fn status(err: &UploadError) -> Status {
         UploadError::DigestMismatch { .. } => Status::data_loss(message),
         UploadError::NotFound { .. } => Status::not_found(message),
         UploadError::Unavailable(_) => Status::unavailable(message),
-        UploadError::Io { action, source, .. } => {
+        UploadError::Io {
+            action,
+            cause: source,
+            ..
+        } => {
             // The message carries a server path: the log gets it, the
             // client gets what failed without it.
             tracing::error!(err = %message, "upload storage failure");

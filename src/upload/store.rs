@@ -199,10 +199,10 @@ pub struct Store {
 }
 
 fn io_err(action: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> UploadError {
-    move |source| UploadError::Io {
+    move |cause| UploadError::Io {
         action,
         path,
-        source,
+        cause,
     }
 }
 
@@ -1265,7 +1265,7 @@ impl Upload {
             UploadError::Io {
                 action: "write",
                 path: self.store.partial_dir.display(&self.name),
-                source: io::Error::new(error.kind(), error.to_string()),
+                cause: io::Error::new(error.kind(), error.to_string()),
             }
         }
     }
