@@ -276,6 +276,10 @@ pub struct Limits {
     /// Most connections open at once; more are closed as soon as they are
     /// accepted. Lowered at start to fit the file-descriptor limit.
     pub max_connections: usize,
+    /// Most connections open at once from one client IP address, so one
+    /// client cannot take every connection; more from it are closed as
+    /// soon as they are accepted. Clients behind one NAT share it.
+    pub max_connections_per_peer: usize,
     /// Bytes of gRPC messages one connection's calls may hold partly
     /// received (each call counted at the largest message it has started,
     /// for its whole life); a call that would pass it ends with
@@ -309,6 +313,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(5 * 60),
             max_connections: 10_000,
+            max_connections_per_peer: 2_000,
             connection_message_budget: 64 * 1024 * 1024,
             max_streams_per_identity: 0,
         }
@@ -870,6 +875,11 @@ impl Config {
         if l.handshake_timeout.is_zero() || l.idle_timeout.is_zero() {
             return Err(ConfigError::Inconsistent(
                 "limits.handshake_timeout and limits.idle_timeout must be above zero".into(),
+            ));
+        }
+        if l.max_connections_per_peer == 0 {
+            return Err(ConfigError::Inconsistent(
+                "limits.max_connections_per_peer must be at least 1".into(),
             ));
         }
         if l.max_connections == 0 {

@@ -313,6 +313,51 @@ async fn connections_beyond_max_connections_are_closed_at_once_while_others_keep
     server.stop().await;
 }
 
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let mut config = test_config();
+    config.limits.max_connections = 100;
+    config.limits.max_connections_per_peer = 3;
+    config.limits.handshake_timeout = Duration::from_secs(600);
+    let server = TestServer::start_with(config).await;
+    // 127.0.0.1 takes its three: one client and two idle holders.
+    let client = server.channel().await;
+    assert_serves("first client", &client).await;
+    let holders = vec![h2_client(&server).await, h2_client(&server).await];
+    // More from 127.0.0.1 are closed at once...
+    let mut extra = TcpStream::connect(server.addr).await.unwrap();
+    wait_closed("a fourth connection from 127.0.0.1 closed", &mut extra).await;
+    assert_serves("first client after the refusal", &client).await;
+    // ...while another address is served (all of 127.0.0.0/8 is loopback).
+    let other = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    assert_serves("a client from 127.0.0.2", &other).await;
+    // And 127.0.0.1 gets a place back when one of its connections goes.
+    drop(holders);
+    within("127.0.0.1 admitted again", async {
+        loop {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(server.url())
+                .unwrap()
+                .connect()
+                .await
+                && HealthClient::new(channel)
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
 // --- HTTP/2 floods ---------------------------------------------------------
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! The accept loop: admits connections up to `limits.max_connections`,
-//! closes the rest at once, and backs off on accept errors.
+//! The accept loop: admits connections up to `limits.max_connections`
+//! (and `limits.max_connections_per_peer` from one IP address), closes
+//! the rest at once, and backs off on accept errors.
 //!
 //! An accept error that concerns one connection (it was reset before we
 //! took it) is skipped. Any other (EMFILE, ENFILE, ENOBUFS, ENOMEM) means
@@ -32,6 +33,7 @@ pub(super) async fn run<S: App>(
     connections: &TaskTracker,
 ) {
     let max_connections = shared.settings().max_connections;
+    let per_peer_cap = shared.settings().max_connections_per_peer;
     let mut refused_log = LogLimiter::default();
     let mut error_log = LogLimiter::default();
     let mut backoff = MIN_BACKOFF;
@@ -59,7 +61,19 @@ pub(super) async fn run<S: App>(
                     }
                     continue;
                 }
-                let slot = stats.admit();
+                let Some(slot) = stats.admit(peer.ip(), per_peer_cap) else {
+                    drop(stream);
+                    stats.inner.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = refused_log.allow() {
+                        tracing::warn!(
+                            %peer,
+                            max_connections_per_peer = per_peer_cap,
+                            suppressed,
+                            "connection refused: this address has limits.max_connections_per_peer open"
+                        );
+                    }
+                    continue;
+                };
                 connections.spawn(conn::run(
                     stream,
                     peer,

@@ -76,6 +76,8 @@ struct StatsInner {
     refused: AtomicU64,
     handshake_timeouts: AtomicU64,
     idle_closed: AtomicU64,
+    /// Open connections per client IP address (entries at zero removed).
+    per_peer: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 impl ConnStats {
@@ -108,25 +110,54 @@ impl ConnStats {
         self.inner.idle_closed.load(Ordering::Relaxed)
     }
 
-    /// Counts a new open connection; the slot gives it back when dropped.
-    fn admit(&self) -> ConnSlot {
+    fn per_peer(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.inner
+            .per_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a new open connection from `peer`, unless `peer` already has
+    /// `per_peer_cap` open (then `None`, and nothing is counted); the slot
+    /// gives it back when dropped.
+    fn admit(&self, peer: std::net::IpAddr, per_peer_cap: usize) -> Option<ConnSlot> {
+        {
+            let mut per_peer = self.per_peer();
+            let open = per_peer.entry(peer).or_insert(0);
+            if *open >= per_peer_cap {
+                return None;
+            }
+            *open += 1;
+        }
         self.inner.open.fetch_add(1, Ordering::Relaxed);
         self.inner.accepted.fetch_add(1, Ordering::Relaxed);
-        ConnSlot {
+        Some(ConnSlot {
             stats: self.clone(),
-        }
+            peer,
+        })
     }
 }
 
-/// One open connection, counted in [`ConnStats::open`] until dropped.
+/// One open connection, counted in [`ConnStats::open`] and its peer's
+/// share until dropped.
 #[derive(Debug)]
 struct ConnSlot {
     stats: ConnStats,
+    peer: std::net::IpAddr,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.stats.inner.open.fetch_sub(1, Ordering::Relaxed);
+        let mut per_peer = self.stats.per_peer();
+        if let Some(open) = per_peer.get_mut(&self.peer) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -154,6 +185,9 @@ pub struct Settings {
     /// Open connections beyond which new ones are closed at once (already
     /// capped by the file-descriptor limit).
     pub max_connections: usize,
+    /// Open connections one client IP address may have; more from it are
+    /// closed at once.
+    pub max_connections_per_peer: usize,
     /// Time a connection has to finish its TLS and HTTP handshakes.
     pub handshake_timeout: Duration,
     /// Time a connection may go without an open stream.
@@ -212,6 +246,7 @@ impl Transport {
             local_addr,
             settings: Settings {
                 max_connections,
+                max_connections_per_peer: limits.max_connections_per_peer,
                 handshake_timeout: limits.handshake_timeout,
                 idle_timeout: limits.idle_timeout,
                 message_budget: limits.connection_message_budget,
