@@ -238,6 +238,21 @@ async fn invalid_streams_fail_with_statuses_saying_what_and_where() {
         Code::InvalidArgument,
         "chunk 1 arrived after the last chunk (0) of upload after.bin",
     );
+    // Said once, not once by the fault and again by the resume hint.
+    let after = send(
+        &mut c,
+        vec![
+            plain("after2.bin", 0, b"x", true),
+            plain("", 1, b"y", false),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        after.message().matches("nothing was published").count(),
+        1,
+        "{after:?}"
+    );
     let mut bad_digest = plain("digest.bin", 0, b"x", true);
     bad_digest.sha256 = vec![0; 16];
     assert_status(

@@ -1070,13 +1070,13 @@ impl Actor {
                 shared.closed = Some(Closed::StorageFailed);
                 for (_, slot) in shared.members.drain() {
                     slot.end.end(EndReason::StorageFailed {
-                        reason: err.to_string(),
+                        reason: err.reason(),
                         full: err.is_full(),
                     });
                 }
                 for (reply, _) in replies {
                     let _ = reply.send(Err(ChatError::Store(StoreError::Unavailable {
-                        reason: err.to_string(),
+                        reason: err.reason(),
                         full: err.is_full(),
                     })));
                 }

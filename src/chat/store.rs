@@ -109,6 +109,15 @@ impl StoreError {
         }
     }
 
+    /// What went wrong, without the "chat storage is unavailable" an
+    /// [`StoreError::Unavailable`] already says (for wrapping it again).
+    pub fn reason(&self) -> String {
+        match self {
+            StoreError::Unavailable { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The error as it is told to clients: without paths.
     fn unavailable(&self) -> StoreError {
         match self {
@@ -808,6 +817,25 @@ pub(crate) mod faulty {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unavailable_store_wrapped_again_says_its_reason_once() {
+        let inner = StoreError::Unavailable {
+            reason: "the disk is full".into(),
+            full: true,
+        };
+        let outer = StoreError::Unavailable {
+            reason: inner.reason(),
+            full: inner.is_full(),
+        };
+        let text = outer.to_string();
+        assert_eq!(
+            text.matches("chat storage is unavailable").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text.matches("being reopened").count(), 1, "{text}");
+    }
+
     use super::*;
 
     fn message(seq: u64, text: &str, key: &str) -> Arc<Message> {

@@ -539,9 +539,11 @@ impl file_upload_service_server::FileUploadService for UploadService {
                 let held = upload.suspend().await;
                 log.end(format!("invalid: {err}"));
                 let status = status(&err);
+                // The hint says "nothing was published" itself.
+                let message = status.message().trim_end_matches("; nothing was published");
                 Err(Status::new(
                     status.code(),
-                    format!("{}; {}", status.message(), resume_hint(&name, held)),
+                    format!("{message}; {}", resume_hint(&name, held)),
                 ))
             }
             Outcome::Storage(err) => {
