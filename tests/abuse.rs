@@ -34,6 +34,28 @@ async fn assert_serves(what: &str, channel: &Channel) {
     assert_eq!(response.into_inner().status, 1, "{what}: SERVING");
 }
 
+/// Waits until a new connection to `server` is admitted and answered (a
+/// place was freed; the server may still be closing the old connection).
+async fn wait_admitted(what: &str, server: &TestServer) {
+    within(what, async {
+        loop {
+            if let Ok(channel) = tonic::transport::Endpoint::from_shared(server.url())
+                .unwrap()
+                .connect()
+                .await
+                && HealthClient::new(channel)
+                    .check(HealthCheckRequest::default())
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// Asserts that a new client can connect and get answers.
 async fn assert_new_client_served(what: &str, server: &TestServer) {
     let channel = server.channel().await;
@@ -293,23 +315,7 @@ async fn connections_beyond_max_connections_are_closed_at_once_while_others_keep
 
     // One connection goes: a new client gets its place.
     holders.pop();
-    within("a new client is admitted", async {
-        loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(server.url())
-                .unwrap()
-                .connect()
-                .await
-                && HealthClient::new(channel)
-                    .check(HealthCheckRequest::default())
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    wait_admitted("a new client is admitted", &server).await;
     server.stop().await;
 }
 
@@ -338,23 +344,7 @@ async fn one_address_cannot_take_every_connection() {
     assert_serves("a client from 127.0.0.2", &other).await;
     // And 127.0.0.1 gets a place back when one of its connections goes.
     drop(holders);
-    within("127.0.0.1 admitted again", async {
-        loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(server.url())
-                .unwrap()
-                .connect()
-                .await
-                && HealthClient::new(channel)
-                    .check(HealthCheckRequest::default())
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    wait_admitted("127.0.0.1 admitted again", &server).await;
     server.stop().await;
 }
 

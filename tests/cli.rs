@@ -539,14 +539,17 @@ async fn chat_history_with_no_input_prints_exactly_the_last_n_every_time() {
 async fn text_from_other_clients_reaches_the_terminal_escaped() {
     let server = TestServer::start().await;
     let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2Jgone\r\u{202e}txt".to_owned();
+    // Names with control characters are refused by the server; a
+    // right-to-left override is not a control character, and still must
+    // not reach the terminal as it is.
     chat_messages(
         server.url(),
         "esc",
-        "eve\u{1b}[31m",
+        "eve\u{202e}x",
         std::slice::from_ref(&hostile),
     )
     .await;
-    publish(server.url(), "svc\u{1b}[1m", 1.0).await;
+    publish(server.url(), "svc\u{202e}1", 1.0).await;
 
     let chat = streamhub(
         &server.url(),
@@ -570,13 +573,14 @@ async fn text_from_other_clients_reaches_the_terminal_escaped() {
             !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{202e}'),
             "{text:?}"
         );
-        assert!(text.contains("\\u{1b}"), "{text:?}");
     }
+    assert!(stdout(&chat).contains("\\u{1b}"), "{}", stdout(&chat));
     assert!(
-        stdout(&chat).contains("eve\\u{1b}[31m"),
+        stdout(&services).contains("svc\\u{202e}1"),
         "{}",
-        stdout(&chat)
+        stdout(&services)
     );
+    assert!(stdout(&chat).contains("eve\\u{202e}x"), "{}", stdout(&chat));
     // JSON keeps the text as it was (JSON escapes it itself).
     let json = streamhub(
         &server.url(),

@@ -594,14 +594,7 @@ impl Room {
                         at_last_tick = delivered;
                         continue;
                     }
-                    changed = link.changed() => {
-                        if changed.is_err() { return; }
-                        let now = *link.borrow_and_update();
-                        if now.connected && now.generation == generation {
-                            continue;
-                        }
-                        break;
-                    }
+                    () = super::connection_gone(&mut link, generation) => break,
                     next = messages.next() => next,
                 };
                 let message = match next {

@@ -104,6 +104,15 @@ pub struct Link {
     pub generation: u64,
 }
 
+/// Waits until the connection counted as `generation` is gone (lost, or
+/// replaced by a reconnect): consumers made on it must then be recreated.
+/// Returns at once if the link is no longer watched (the node is closing).
+pub async fn connection_gone(link: &mut watch::Receiver<Link>, generation: u64) {
+    let _ = link
+        .wait_for(|now| !(now.connected && now.generation == generation))
+        .await;
+}
+
 /// A node's connection to the cluster: one NATS client and its JetStream
 /// context, shared by every cluster implementation of the node.
 #[derive(Debug)]

@@ -467,14 +467,7 @@ async fn follow_stream(
             let next = tokio::select! {
                 biased;
                 () = token.cancelled() => return,
-                changed = link.changed() => {
-                    if changed.is_err() { return; }
-                    let now = *link.borrow_and_update();
-                    if now.connected && now.generation == generation {
-                        continue;
-                    }
-                    break;
-                }
+                () = super::connection_gone(&mut link, generation) => break,
                 next = messages.next() => next,
             };
             let message = match next {
