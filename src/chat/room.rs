@@ -400,6 +400,35 @@ impl<R> RoomTable<R> {
         }))
     }
 
+    /// The open room `room`, opened by `open` if it is not open yet (a
+    /// slot taken with [`RoomTable::cell`], charged to `owner`); if the
+    /// opening fails, the slot is free again.
+    ///
+    /// # Errors
+    /// Those of [`RoomTable::cell`], or `open`'s.
+    pub(crate) async fn get_or_open<F, Fut>(
+        &self,
+        room: &RoomName,
+        owner: Option<&str>,
+        open: F,
+    ) -> Result<Arc<R>, ChatError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<R>, ChatError>>,
+    {
+        let cell = self.cell(room, owner)?;
+        match cell.get_or_try_init(open).await {
+            Ok(opened) => Ok(Arc::clone(opened)),
+            Err(err) => {
+                // Nothing opened: the slot is free again.
+                if !cell.initialized() {
+                    self.remove(room, &cell);
+                }
+                Err(err)
+            }
+        }
+    }
+
     /// Removes `room` if its entry is still `cell` (not a newer opening).
     pub(crate) fn remove(&self, room: &RoomName, cell: &Cell<R>) {
         let mut rooms = lock(&self.rooms);
@@ -584,17 +613,9 @@ impl LocalHub {
         if self.shutdown.is_triggered() {
             return Err(ChatError::ShuttingDown);
         }
-        let cell = self.rooms.cell(name, owner)?;
-        match cell.get_or_try_init(|| self.open_room(name)).await {
-            Ok(room) => Ok(Arc::clone(room)),
-            Err(err) => {
-                // Nothing opened: the slot is free again.
-                if !cell.initialized() {
-                    self.rooms.remove(name, &cell);
-                }
-                Err(err)
-            }
-        }
+        self.rooms
+            .get_or_open(name, owner, || self.open_room(name))
+            .await
     }
 
     /// Runs `attempt` on the open room `name`, again on a fresh opening if

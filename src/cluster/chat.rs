@@ -276,16 +276,9 @@ impl NatsHub {
     }
 
     async fn room(&self, name: &RoomName, owner: Option<&str>) -> Result<Arc<Room>, ChatError> {
-        let cell = self.rooms.cell(name, owner)?;
-        match cell.get_or_try_init(|| self.open_room(name)).await {
-            Ok(room) => Ok(Arc::clone(room)),
-            Err(err) => {
-                if !cell.initialized() {
-                    self.rooms.remove(name, &cell);
-                }
-                Err(err)
-            }
-        }
+        self.rooms
+            .get_or_open(name, owner, || self.open_room(name))
+            .await
     }
 
     async fn read(
