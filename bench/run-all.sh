@@ -47,7 +47,7 @@ for scenario in "${scenarios[@]}"; do
       latency) args+=(--samples 200) ;;
       security) args+=(--subscribers 1000 --rounds 3 --saturation 2 --upload-mib 128 --chat-rates 100,400 --step-seconds 2) ;;
       dashboard) args+=(--dashboards 20 --services 200 --duration 4 --warmup 1) ;;
-      cluster) args+=(--subscribers 1000 --rounds 3 --saturation 2 --chat-rates 100 --step-seconds 2) ;;
+      cluster) args+=(--subscribers 1000 --per-connection 1000 --node-cpu-quota 0.2 --rounds 3 --saturation 2 --chat-rates 100 --step-seconds 2) ;;
     esac
   else
     case "$scenario" in
@@ -58,7 +58,7 @@ for scenario in "${scenarios[@]}"; do
       # Issue 13: 100 dashboards x 1,000 services at 1 Hz.
       dashboard) args+=(--dashboards 100 --services 1000 --duration 10) ;;
       # Issue 14: 10,000 subscribers and a chat room over 3 nodes vs 1.
-      cluster) args+=(--subscribers 10000 --rounds 5 --saturation 5 --chat-rates 100,400) ;;
+      cluster) args+=(--subscribers 10000 --per-connection 1000 --node-cpu-quota 0.2 --rounds 5 --saturation 5 --chat-rates 100,400) ;;
     esac
   fi
   echo "== streamhub bench $scenario ${args[*]} ${extra[*]}"

@@ -271,6 +271,9 @@ pub struct ServerUnderTest {
     data_dir: Option<PathBuf>,
     log: Option<PathBuf>,
     drain: Option<JoinHandle<()>>,
+    /// Its CPU limit, if one was set ([`ServerUnderTest::limit_cpu`]);
+    /// dropped (the cgroup removed) after the process has exited.
+    quota: Option<CpuQuota>,
 }
 
 impl std::fmt::Debug for ServerUnderTest {
@@ -310,6 +313,7 @@ impl ServerUnderTest {
                 data_dir: None,
                 log: None,
                 drain: None,
+                quota: None,
             });
         }
         Self::start_with_dir(target, options, pinning, bench_dir(target.name())?).await
@@ -424,7 +428,24 @@ impl ServerUnderTest {
             data_dir: Some(dir),
             log: Some(log),
             drain: Some(drain),
+            quota: None,
         })
+    }
+
+    /// Holds the server to `cores` of one core's time (a CFS bandwidth
+    /// quota, see [`CpuQuota`]), so that several servers sharing the
+    /// machine's cores each get the same fixed slice, as if each had a
+    /// (smaller) core of its own.
+    ///
+    /// # Errors
+    /// [`BenchError::Setup`] if the pid is unknown or the kernel's `cpu`
+    /// cgroup controller cannot be written (not root, no cgroup fs).
+    pub fn limit_cpu(&mut self, cores: f64) -> Result<(), BenchError> {
+        let pid = self
+            .pid
+            .ok_or_else(|| BenchError::Setup("the server's pid is unknown".into()))?;
+        self.quota = Some(CpuQuota::apply(pid, cores)?);
+        Ok(())
     }
 
     /// A reader of the server's `/proc` figures, if its pid is known.
@@ -464,6 +485,79 @@ impl ServerUnderTest {
     /// The last lines of the server's log, for error messages.
     pub fn log_tail(&self) -> String {
         self.log.as_deref().map(tail).unwrap_or_default()
+    }
+}
+
+/// A CPU bandwidth limit on one process: a cgroup of the kernel's `cpu`
+/// controller with a CFS quota of `cores` × a 10 ms period (cgroup v1
+/// `cpu.cfs_quota_us` / `cpu.cfs_period_us`, or v2 `cpu.max`; see the
+/// kernel's Documentation/scheduler/sched-bwc.rst). The process (all its
+/// threads) is moved into the group; the group is removed on drop, which
+/// succeeds once the process has exited.
+#[derive(Debug)]
+pub struct CpuQuota {
+    dir: PathBuf,
+}
+
+/// The CFS period of a [`CpuQuota`], in µs: short, so a throttled server
+/// waits at most this long for its next slice.
+const QUOTA_PERIOD_US: u64 = 10_000;
+
+static QUOTA_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl CpuQuota {
+    /// Limits `pid` to `cores` of one core's time (0.2: 2 ms of every
+    /// 10 ms; at least 1 ms, the kernel's smallest quota).
+    ///
+    /// # Errors
+    /// [`BenchError::Setup`] naming the file that could not be written
+    /// (the benchmark must run as root, with the `cpu` controller
+    /// mounted).
+    pub fn apply(pid: u32, cores: f64) -> Result<Self, BenchError> {
+        let quota_us = ((cores * QUOTA_PERIOD_US as f64) as u64).max(1_000);
+        let name = format!(
+            "streamhub-bench-{}-{}",
+            std::process::id(),
+            QUOTA_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let v2 = Path::new("/sys/fs/cgroup");
+        let write = |path: PathBuf, value: String| {
+            std::fs::write(&path, value).map_err(|e| {
+                BenchError::Setup(format!(
+                    "cannot limit the server's CPU: writing {}: {e} (needs root and the cgroup cpu controller)",
+                    path.display()
+                ))
+            })
+        };
+        let dir = if v1.join("cpu.cfs_quota_us").exists() {
+            let dir = v1.join(name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                BenchError::Setup(format!("cannot create the cgroup {}: {e}", dir.display()))
+            })?;
+            write(dir.join("cpu.cfs_period_us"), QUOTA_PERIOD_US.to_string())?;
+            write(dir.join("cpu.cfs_quota_us"), quota_us.to_string())?;
+            dir
+        } else {
+            // Let the root's children use the cpu controller (already so
+            // on most systems; an error here shows when writing cpu.max).
+            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+cpu");
+            let dir = v2.join(name);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                BenchError::Setup(format!("cannot create the cgroup {}: {e}", dir.display()))
+            })?;
+            write(dir.join("cpu.max"), format!("{quota_us} {QUOTA_PERIOD_US}"))?;
+            dir
+        };
+        let quota = Self { dir };
+        write(quota.dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(quota)
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 

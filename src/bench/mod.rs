@@ -273,6 +273,12 @@ pub struct Options {
     /// Fan-out: samples in flight during saturation.
     #[arg(long, default_value_t = 4)]
     pub pipeline: u64,
+    /// Cluster: also measure fan-out with every streamhub node held to
+    /// this fraction of one core (a CFS quota in a cgroup; needs root),
+    /// so that three nodes get three times one node's CPU, as on cores of
+    /// their own. 0: not measured.
+    #[arg(long, default_value_t = 0.0)]
+    pub node_cpu_quota: f64,
     /// Fan-out: largest subscriber count tried on the Python and Node
     /// peers (larger counts are reported as not attempted).
     #[arg(long, default_value_t = 100_000)]
