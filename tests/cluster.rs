@@ -507,6 +507,40 @@ async fn an_alert_raised_on_one_node_reaches_watchers_on_every_node_once() {
     }
 }
 
+#[tokio::test]
+async fn an_alert_the_stream_cannot_take_yet_is_retried_until_stored() {
+    if !nats_available("an_alert_the_stream_cannot_take_yet_is_retried_until_stored") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_b = watch_live(&b, "warm").await;
+    // The alert stream goes away (deleted by an operator, or a NATS
+    // server that lost its storage); the nodes recreate it when their
+    // consumers notice, seconds later. An alert raised on A meanwhile
+    // has nowhere to be stored: the old code published it once on a
+    // subject no stream captured, and it never reached B.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream("STREAMHUB_ALERTS").await.unwrap();
+    let (alerts, status) =
+        common::live_feed(a.channel().await, vec![payload("warm", 97.0, 100.0, 0)]).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    // A retries until the recreated stream stores it: B sees it, once.
+    let want = vec![("warm".to_owned(), "CPU_HIGH".to_owned())];
+    assert_eq!(watch_alerts(&mut on_b, 1).await, want);
+    // The retries stored it once: after one more alert, B's feed holds
+    // two, not three.
+    publish(a.channel().await, "warm", 99.0).await;
+    assert_eq!(watch_alerts(&mut on_b, 1).await, want);
+    let twice: Vec<_> = want.iter().chain(&want).cloned().collect();
+    assert_eq!(backfilled_alerts(&b, "warm").await, twice);
+    drop(on_b);
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The alerts of services matching `pattern` that a new Watch on `server`
 /// back-fills (up to 10), oldest first.
 async fn backfilled_alerts(server: &TestServer, pattern: &str) -> Vec<(String, String)> {

@@ -33,7 +33,8 @@
 //!   task, so a burst of one service costs one slot.
 //!
 //! - Alerts raised on a node (already in its own alert feed) are published
-//!   on the subject [`ALERT_SUBJECT`] with the node's origin id; the stream
+//!   on the subject [`ALERT_SUBJECT`] with the node's origin id, through
+//!   JetStream, retried until stored (`NatsBroker::alert_publisher`); the stream
 //!   [`ALERT_STREAM`] keeps the last `telemetry.alert_history` of them.
 //!   Every node follows that stream as it follows the samples (from the
 //!   start, then from the last sequence handled + 1 after a reconnect) and
@@ -50,7 +51,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::{consumer::DeliverPolicy, message::PublishMessage};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
@@ -345,13 +346,21 @@ impl NatsBroker {
         }
     }
 
-    /// Publishes this node's alerts on [`ALERT_SUBJECT`] until `token` is
-    /// cancelled.
+    /// Publishes this node's alerts on [`ALERT_SUBJECT`], in the order
+    /// raised, until `token` is cancelled. Each is published through
+    /// JetStream and retried (every 250 ms, the same `Nats-Msg-Id`, so the
+    /// stream stores it once) until [`ALERT_STREAM`] acknowledges it: an
+    /// alert raised as the node loses NATS, or while the stream's leader
+    /// is being elected, reaches the other nodes once NATS is back instead
+    /// of depending on the client's reconnect buffer. Alerts raised
+    /// meanwhile wait in the queue (`ALERT_QUEUE`; beyond it they are
+    /// dropped and logged).
     async fn alert_publisher(
         self: Arc<Self>,
         mut outgoing: mpsc::Receiver<AlertRecord>,
         token: CancellationToken,
     ) {
+        let mut published = 0u64;
         loop {
             let record = tokio::select! {
                 biased;
@@ -362,19 +371,47 @@ impl NatsBroker {
                 },
             };
             let payload = match serde_json::to_vec(&AlertWire::new(&self.origin, &record)) {
-                Ok(payload) => payload,
+                Ok(payload) => bytes::Bytes::from(payload),
                 Err(err) => {
                     tracing::error!(%err, "cluster: cannot encode an alert");
                     continue;
                 }
             };
-            if let Err(err) = self
-                .cluster
-                .client()
-                .publish(ALERT_SUBJECT, payload.into())
-                .await
-            {
-                tracing::warn!(%err, service = %record.service, "cluster: publishing an alert failed");
+            published += 1;
+            // The origin is random per start: ids never repeat across
+            // restarts within the stream's duplicate window.
+            let id = format!("{}/{published}", self.origin);
+            let mut warned = false;
+            loop {
+                let message = PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(id.as_str());
+                let acked = async {
+                    let ack = self
+                        .cluster
+                        .jetstream()
+                        .send_publish(ALERT_SUBJECT, message)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ack.await.map_err(|e| e.to_string())
+                };
+                let result = tokio::select! {
+                    biased;
+                    () = token.cancelled() => return,
+                    result = acked => result,
+                };
+                match result {
+                    Ok(_) => break,
+                    Err(err) => {
+                        if !warned {
+                            tracing::warn!(%err, service = %record.service, "cluster: publishing an alert failed; retrying until NATS stores it");
+                            warned = true;
+                        }
+                        if pause(&token).await {
+                            return;
+                        }
+                    }
+                }
             }
         }
     }
