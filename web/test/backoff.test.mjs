@@ -61,7 +61,17 @@ test("while the server is away the page retries with backoff, goes offline, and 
   await server.stop();
   await indicator.getByText("reconnecting").waitFor();
   // From here on the page's timers fire only when the test moves its clock.
-  await page.clock.pauseAt(await page.evaluate(() => Date.now() + 1));
+  // pauseAt needs a time still ahead of the page's clock, which runs on
+  // until then: on a loaded machine a small margin can already be past
+  // (CI saw "Cannot fast-forward to the past"), so widen it and retry.
+  for (let margin = 50; ; margin *= 2) {
+    try {
+      await page.clock.pauseAt(await page.evaluate((m) => Date.now() + m, margin));
+      break;
+    } catch (err) {
+      if (!String(err).includes("fast-forward to the past") || margin > 10_000) throw err;
+    }
+  }
   await allFailed();
   const before = started;
   /** Moves the page's clock `ms` forward in 100 ms steps, letting each attempt fail. */
