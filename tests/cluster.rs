@@ -957,6 +957,26 @@ async fn nats_restart_keeps_open_streams_and_nats_down_is_not_serving() {
     let mut client = TelemetryServiceClient::new(b.channel().await);
     let refused = client.get_snapshot(request("svc", 0)).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // A new Watch would back-fill the values the node holds and announce
+    // them as live, and history would lack what other nodes publish
+    // meanwhile: both refused too (the break-it pass found them served).
+    let refused = client
+        .watch(WatchRequest {
+            pattern: "*".into(),
+            backfill_samples: 1,
+            ..WatchRequest::default()
+        })
+        .await
+        .expect_err("a Watch refused while NATS is down");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = client
+        .get_history(HistoryRequest {
+            service_name: "svc".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     let refused = open(b.channel().await, &[("chat-room", "other".into())])
         .await
         .err()

@@ -26,8 +26,9 @@
 //!   is 900,000 small JSON messages, about 7 s); the start waits as long
 //!   as the read goes on (`CATCH_UP_STALL`). While it
 //!   is cut off, [`LatestBroker::check`] says so and the hub refuses
-//!   snapshots, lists, subscriptions and publishes with UNAVAILABLE; open
-//!   subscriptions stay open and continue after the reconnect.
+//!   snapshots, lists, subscriptions, watches, history and publishes with
+//!   UNAVAILABLE; open subscriptions and watches stay open and continue
+//!   after the reconnect.
 //! - Publishing never waits on the network: samples wait in a per-service
 //!   slot (a newer sample replaces an unsent one) for the node's publisher
 //!   task, so a burst of one service costs one slot.

@@ -463,9 +463,11 @@ impl Hub {
     }
 
     /// The newest `limit` samples of `service` (0 = all kept), oldest
-    /// first.
+    /// first; refused while a clustered broker is cut off (the history may
+    /// lack what other nodes published meanwhile).
     pub fn history(&self, service: &str, limit: usize) -> Result<Vec<Sample>, TelemetryError> {
         validate_name(service)?;
+        self.broker.check()?;
         let series = self
             .records
             .histories()
@@ -486,8 +488,12 @@ impl Hub {
     }
 
     /// Opens a watch of the services matching `options.pattern` (backfill,
-    /// then live), with alerts if asked for.
-    pub fn watch(&self, mut options: WatchOptions) -> Watch {
+    /// then live), with alerts if asked for; refused while a clustered
+    /// broker is cut off, so a new watch never announces stale values as
+    /// live (a watch already open stays open and goes on once the broker
+    /// is back, as subscriptions do).
+    pub fn watch(&self, mut options: WatchOptions) -> Result<Watch, TelemetryError> {
+        self.broker.check()?;
         let records = &self.records;
         options.backfill_samples = options.backfill_samples.min(records.histories().capacity());
         options.backfill_alerts = options.backfill_alerts.min(records.alerts().keep());
@@ -496,7 +502,12 @@ impl Hub {
         let alerts = options
             .alerts
             .then(|| records.alerts().subscribe(options.backfill_alerts));
-        Watch::new(Arc::clone(records.histories()), changes, alerts, options)
+        Ok(Watch::new(
+            Arc::clone(records.histories()),
+            changes,
+            alerts,
+            options,
+        ))
     }
 
     /// The latest sample of `service`.

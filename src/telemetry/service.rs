@@ -386,7 +386,7 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
             log.end("refused: server shutting down");
             return Err(shutting_down());
         }
-        let mut watch = self.hub.watch(WatchOptions {
+        let opened = self.hub.watch(WatchOptions {
             pattern: Pattern::new(&pattern),
             visible,
             interval: self.hub.effective_interval(interval_ms),
@@ -394,6 +394,14 @@ impl telemetry_service_server::TelemetryService for TelemetryService {
             alerts,
             backfill_alerts: backfill_alerts as usize,
         });
+        let mut watch = match opened {
+            Ok(watch) => watch,
+            Err(err) => {
+                let err = status(&err);
+                log.end(format!("refused: {}", err.message()));
+                return Err(err);
+            }
+        };
         let counters = self.hub.counters().clone();
         let shutdown = self.shutdown.clone();
         // No task per watcher: tonic polls this stream; `Watch::next` waits

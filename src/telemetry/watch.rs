@@ -713,7 +713,9 @@ mod tests {
             publish(&hub, "api-1", n);
         }
         publish(&hub, "db", 1);
-        let mut watch = hub.watch(options("api-*", 2));
+        let mut watch = hub
+            .watch(options("api-*", 2))
+            .expect("the in-process broker is always live");
         match next(&mut watch).await {
             WatchItem::Backfill { service, samples } => {
                 assert_eq!(&*service, "api-1");
@@ -753,7 +755,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_watcher_far_behind_the_change_feed_rescans_and_sends_the_newest() {
         let hub = hub();
-        let mut watch = hub.watch(options("", 0));
+        let mut watch = hub
+            .watch(options("", 0))
+            .expect("the in-process broker is always live");
         assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
         let total = CHANGE_FEED as u64 * 2;
         for n in 1..=total {
@@ -768,7 +772,9 @@ mod tests {
     async fn without_backfill_the_current_samples_go_first() {
         let hub = hub();
         publish(&hub, "a", 5);
-        let mut watch = hub.watch(options("a", 0));
+        let mut watch = hub
+            .watch(options("a", 0))
+            .expect("the in-process broker is always live");
         assert!(matches!(next(&mut watch).await, WatchItem::Live(_)));
         assert_eq!(sample(&mut watch).await, ("a".into(), 5));
     }
@@ -788,11 +794,13 @@ mod tests {
         for n in 1..=3 {
             hub.raise_alert(Arc::from("api"), alert(n));
         }
-        let mut watch = hub.watch(WatchOptions {
-            alerts: true,
-            backfill_alerts: 10,
-            ..options("", 0)
-        });
+        let mut watch = hub
+            .watch(WatchOptions {
+                alerts: true,
+                backfill_alerts: 10,
+                ..options("", 0)
+            })
+            .expect("the in-process broker is always live");
         let mut times = Vec::new();
         loop {
             match next(&mut watch).await {
@@ -833,12 +841,14 @@ mod tests {
         publish(&hub, "db-1", 1);
         hub.raise_alert(Arc::from("db-1"), alert(1));
         hub.raise_alert(Arc::from("api-1"), alert(2));
-        let mut watch = hub.watch(WatchOptions {
-            visible: Visible::only(|name| name.starts_with("api-")),
-            alerts: true,
-            backfill_alerts: 10,
-            ..options("", 5)
-        });
+        let mut watch = hub
+            .watch(WatchOptions {
+                visible: Visible::only(|name| name.starts_with("api-")),
+                alerts: true,
+                backfill_alerts: 10,
+                ..options("", 5)
+            })
+            .expect("the in-process broker is always live");
         assert!(
             matches!(next(&mut watch).await, WatchItem::Backfill { service, .. } if &*service == "api-1")
         );
