@@ -938,6 +938,26 @@ async fn empty_environment_variables_count_as_unset() {
 }
 
 #[tokio::test]
+async fn chat_reading_history_fails_loudly_when_the_server_cannot_answer() {
+    // Nothing listens on this port: a history read with empty input must
+    // say it failed and exit 1, not print nothing and exit 0 as if the
+    // room were empty (found by the new-user pass against a node that was
+    // down or cut off from NATS).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let output = streamhub(
+        &url,
+        &["chat", "--name", "eve", "--room", "dev", "--history", "2"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("\"dev\""), "{err}");
+}
+
+#[tokio::test]
 async fn chat_with_empty_input_shows_history_without_joining() {
     use streamhub::proto::chat::{ChatMessage, chat_service_client::ChatServiceClient};
     let server = TestServer::start().await;

@@ -209,7 +209,7 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
                 // better.
                 ctx.check_scheme().await?;
                 if session.nothing_to_deliver() {
-                    return Ok(());
+                    return Err(gave_up(&args, &why));
                 }
                 ctx.note(
                     "reconnecting",
@@ -227,6 +227,7 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
                         () = &mut wait => break,
                         line = lines.recv(), if !session.input_done => {
                             session.take_line(&run_id, line);
+                            // Ctrl-D while waiting: the user quits.
                             if session.nothing_to_deliver() {
                                 return Ok(());
                             }
@@ -244,6 +245,17 @@ pub async fn run(ctx: &Context, mut args: ChatArgs) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The error of a chat whose input has ended while the server could not
+/// be reached or refused the call: whatever was asked (the history, or
+/// joining) was not done, so the command fails instead of ending quietly
+/// as if the room were empty.
+fn gave_up(args: &ChatArgs, why: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "room {:?}: the call failed and input has ended, so there is nothing to retry for: {why}",
+        args.room
+    )
 }
 
 /// Whether standard input has a line or its end ready to read now: a
