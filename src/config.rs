@@ -124,7 +124,10 @@ impl Default for TlsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// NATS server URLs (`nats://HOST:PORT`, or `tls://…`); empty means a
-    /// single node with the in-process broker and local storage.
+    /// single node with the in-process broker and local storage. A list,
+    /// or one string of comma-separated URLs (as `--cluster` takes them,
+    /// and as `STREAMHUB_CLUSTER__NATS=nats://a:4222,nats://b:4222` gives).
+    #[serde(deserialize_with = "url_list")]
     pub nats: Vec<String>,
     /// A NATS `.creds` file (JWT and nkey seed) to authenticate with.
     pub nats_creds: Option<PathBuf>,
@@ -565,6 +568,30 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .or_else(|| all.first())
         .copied()
         .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// A list of URLs given as a list or as one comma-separated string;
+/// blanks around each URL and empty items are dropped.
+fn url_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    let urls = match Urls::deserialize(deserializer).map_err(|_| {
+        serde::de::Error::custom(
+            "expected NATS URLs: a list, or one string of comma-separated URLs (`nats://a:4222,nats://b:4222`)",
+        )
+    })? {
+        Urls::One(text) => text.split(',').map(str::to_owned).collect(),
+        Urls::Many(urls) => urls,
+    };
+    Ok(urls
+        .into_iter()
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect())
 }
 
 fn socket_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
@@ -1117,6 +1144,20 @@ mod tests {
         assert_eq!(config.cluster.nats.len(), 2);
         assert_eq!(config.cluster.replicas, 3);
         assert_eq!(config.upload.dir, Some(PathBuf::from("/srv/shared")));
+        // One comma-separated string, as `--cluster` and an environment
+        // variable give it (a list was the only form taken before).
+        let config = Config::load(&Sources {
+            overrides: vec!["cluster.nats=nats://a:4222, nats://b:4222,".into()],
+            ..Sources::default()
+        })
+        .expect("a comma-separated string loads");
+        assert_eq!(config.cluster.nats, ["nats://a:4222", "nats://b:4222"]);
+        let err = Config::load(&Sources {
+            overrides: vec!["cluster.nats=4".into()],
+            ..Sources::default()
+        })
+        .expect_err("a number is no URL list");
+        assert!(err.to_string().contains("comma-separated"), "{err}");
         let err = Config::load(&Sources {
             overrides: vec![
                 "cluster.nats=[\"nats://a:4222\"]".into(),
