@@ -293,6 +293,7 @@ where
                 Arc::clone(metrics.calls()),
                 auth.enabled(),
             )
+            .with_node_of(cluster.as_deref())
             .into_server(),
         );
     // gRPC (and gRPC-Web), /metrics, /files/, the dashboard: one router.

@@ -54,6 +54,24 @@ impl ServerService {
         }
     }
 
+    /// Names this server as its cluster node (`cluster.node`), which
+    /// GetServerInfo then reports instead of the host name.
+    #[must_use]
+    pub fn with_node(mut self, node: &str) -> Self {
+        node.clone_into(&mut self.node);
+        self
+    }
+
+    /// [`ServerService::with_node`] for a cluster node; unchanged on a
+    /// single node.
+    #[must_use]
+    pub fn with_node_of(self, cluster: Option<&crate::cluster::Cluster>) -> Self {
+        match cluster {
+            Some(cluster) => self.with_node(cluster.node()),
+            None => self,
+        }
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> ServerServiceServer<Self> {
         ServerServiceServer::new(self)

@@ -1356,6 +1356,37 @@ async fn each_node_reports_its_own_host_under_its_own_name() {
         .unwrap()
         .unwrap();
     drop((from_a, from_b));
+    // GetServerInfo names the node as the cluster does (it said the host
+    // name, so `streamhub demo` could not find the node's own metrics).
+    use streamhub::proto::streamhub::{
+        ServerInfoRequest, server_service_client::ServerServiceClient,
+    };
+    let info = ServerServiceClient::new(a.channel().await)
+        .get_server_info(ServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node, "n1");
+    // The demo finds the node's own metrics by itself (it waited for
+    // `streamhub`, which a cluster node never reports).
+    let demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_streamhub"))
+        .args(["--server", &a.url(), "demo", "--subscribe-for", "300ms"])
+        .args([
+            "--feed-ticks",
+            "2",
+            "--tick-ms",
+            "10",
+            "--upload-bytes",
+            "1000",
+        ])
+        .args(["--chat-lines", "1"])
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let demo = within("the demo", demo).await.unwrap();
+    let err = String::from_utf8_lossy(&demo.stderr);
+    assert!(demo.status.success(), "{err}");
+    assert!(err.contains("streamhub@n1"), "{err}");
     for server in [a, b] {
         server.stop().await;
     }

@@ -16,8 +16,10 @@ use crate::{
     proto::{
         chat::{ChatMessage, MessageKind, chat_service_client::ChatServiceClient},
         fileupload::{FileChunk, file_upload_service_client::FileUploadServiceClient},
+        streamhub::{ServerInfoRequest, server_service_client::ServerServiceClient},
         telemetry::{
-            MetricsPayload, MetricsRequest, telemetry_service_client::TelemetryServiceClient,
+            ListServicesRequest, MetricsPayload, MetricsRequest,
+            telemetry_service_client::TelemetryServiceClient,
         },
     },
 };
@@ -25,9 +27,11 @@ use crate::{
 /// Arguments of `streamhub demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// The server's own service name, whose real metrics the tour reads.
-    #[arg(long, default_value = "streamhub")]
-    pub self_name: String,
+    /// The server's own service name, whose real metrics the tour reads
+    /// (default: found by asking the server: `streamhub`, or
+    /// `streamhub@<node>` on a cluster node).
+    #[arg(long)]
+    pub self_name: Option<String>,
     /// How long to watch live metrics in the server-streaming step.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub subscribe_for: Duration,
@@ -48,6 +52,39 @@ pub struct DemoArgs {
 /// The seed's chunk size.
 const DEMO_CHUNK: usize = 64 * 1024;
 
+/// How long the tour waits for the server's own first sample (it reports
+/// one a second by default).
+const FIRST_SAMPLE: Duration = Duration::from_secs(5);
+
+/// The name the server reports its own metrics under: `streamhub` when
+/// that has reported, else `streamhub@<node>` with the node's name from
+/// GetServerInfo (a cluster node), else `streamhub` (the step then says
+/// what to do if nothing comes).
+async fn own_name(channel: super::Channel) -> String {
+    const PLAIN: &str = "streamhub";
+    let listed = TelemetryServiceClient::new(channel.clone())
+        .list_services(ListServicesRequest {})
+        .await
+        .map(|r| r.into_inner().services)
+        .unwrap_or_default();
+    if listed.iter().any(|s| s.service_name == PLAIN) {
+        return PLAIN.to_owned();
+    }
+    match ServerServiceClient::new(channel)
+        .get_server_info(ServerInfoRequest {})
+        .await
+    {
+        Ok(info) if !info.get_ref().node.is_empty() => {
+            let name = format!("{PLAIN}@{}", info.get_ref().node);
+            if listed.iter().any(|s| s.service_name == name) {
+                return name;
+            }
+            PLAIN.to_owned()
+        }
+        _ => PLAIN.to_owned(),
+    }
+}
+
 fn step(ctx: &Context, title: &str) {
     // A blank line of the CLI's own before each step (a note's text is
     // made terminal-safe, which would show a `\n`).
@@ -59,6 +96,10 @@ fn step(ctx: &Context, title: &str) {
 pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     let channel = ctx.connect().await?;
     let mut client = TelemetryServiceClient::new(channel.clone());
+    let self_name = match &args.self_name {
+        Some(name) => name.clone(),
+        None => own_name(channel.clone()).await,
+    };
 
     step(
         ctx,
@@ -67,19 +108,25 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     // The server samples itself every second; wait for the first sample if
     // it has just started.
     let request = MetricsRequest {
-        service_name: args.self_name.clone(),
+        service_name: self_name.clone(),
         interval_ms: 0,
     };
-    let first = client
+    let mut first = client
         .subscribe(request.clone())
         .await
         .map_err(status_error)?
-        .into_inner()
-        .next()
-        .await;
-    if let Some(Err(status)) = first {
-        return Err(status_error(status));
+        .into_inner();
+    match tokio::time::timeout(FIRST_SAMPLE, first.next()).await {
+        Ok(Some(Err(status))) => return Err(status_error(status)),
+        Ok(_) => {}
+        Err(_) => anyhow::bail!(
+            "no metrics of {self_name:?} within {}s: the server reports its own under telemetry.self_name \
+             (streamhub, or streamhub@<node> on a cluster node; 0s self_sample_interval turns it off); \
+             give --self-name NAME (`streamhub services` lists the names)",
+            FIRST_SAMPLE.as_secs()
+        ),
     }
+    drop(first);
     let snapshot = client
         .get_snapshot(request)
         .await
@@ -91,12 +138,12 @@ pub async fn run(ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         ctx,
         &format!(
             "2. Server streaming: Subscribe to {} for {:?} (one update a second, no polling)",
-            args.self_name, args.subscribe_for
+            self_name, args.subscribe_for
         ),
     );
     let mut updates = client
         .subscribe(MetricsRequest {
-            service_name: args.self_name.clone(),
+            service_name: self_name.clone(),
             interval_ms: 1000,
         })
         .await
