@@ -25,7 +25,7 @@ use common::{ServerProcess, TestServer, payload, publish, request, test_config, 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use streamhub::proto::{
-    chat::{ChatMessage, chat_service_client::ChatServiceClient},
+    chat::{ChatMessage, SendRequest, WatchRoomRequest, chat_service_client::ChatServiceClient},
     fileupload::{
         FileChunk, QueryUploadRequest, file_upload_service_client::FileUploadServiceClient,
     },
@@ -1435,4 +1435,112 @@ async fn idle_rooms_close_on_a_node_and_reopen_with_their_history() {
     assert_eq!((first.seq, first.message.as_str()), (1, "one"));
     drop(member);
     node.stop().await;
+}
+
+impl Member {
+    /// The status the call ends with (after whatever was still queued).
+    async fn ended(&mut self) -> Status {
+        within("the member's call to end", async {
+            loop {
+                match self.rx.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the call ended without a status"),
+                    Err(status) => return status,
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_room_whose_stream_is_lost_is_created_again_as_a_new_epoch() {
+    if !nats_available("a_room_whose_stream_is_lost_is_created_again") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let (a, b) = (node(&urls).await, node(&urls).await);
+    let mut on_a = join(a.url(), "wiped").await;
+    let mut on_b = join(b.url(), "wiped").await;
+    let mut watcher = ChatServiceClient::new(common::connect(b.url()).await)
+        .watch_room(WatchRoomRequest {
+            room: "wiped".into(),
+            ..WatchRoomRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    on_a.send(msg("ann", "before", "ann-1")).await;
+    let before = on_a.next().await;
+    assert_eq!((before.seq, before.message.as_str()), (1, "before"));
+    assert_eq!(on_b.next().await.seq, 1);
+    let watched = within("a watched message", watcher.message()).await;
+    assert_eq!(watched.unwrap().unwrap().seq, 1);
+    // The room's stream goes away, as when nats-server restarts with an
+    // empty store. The old code looked the stream up forever and never
+    // recovered: the members were never ended and every Send answered
+    // UNAVAILABLE "no stream found".
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream(format!(
+        "{}{}",
+        streamhub::cluster::chat::STREAM_PREFIX,
+        streamhub::cluster::token("wiped")
+    ))
+    .await
+    .unwrap();
+    // Each node's feed creates the stream again (the first one does; the
+    // other finds it) and ends its members as for any reset room:
+    // UNAVAILABLE naming the reset...
+    for member in [&mut on_a, &mut on_b] {
+        let status = member.ended().await;
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("history was reset"), "{status:?}");
+    }
+    // (a watcher too)...
+    let status = within("the watcher's end", async {
+        loop {
+            match watcher.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // ...and their resume in the old epoch is refused: FAILED_PRECONDITION.
+    let refused = open(
+        common::connect(b.url()).await,
+        &[
+            ("chat-room", "wiped".to_owned()),
+            ("chat-after-seq", "1".to_owned()),
+            ("chat-epoch", before.epoch.to_string()),
+        ],
+    )
+    .await
+    .err()
+    .expect("a resume in the old epoch is refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // The room carries on as a new epoch: a member joins on B, a Send
+    // through A is stored and reaches it.
+    let mut new_b = join(b.url(), "wiped").await;
+    let stored = ChatServiceClient::new(common::connect(a.url()).await)
+        .send(SendRequest {
+            room: "wiped".into(),
+            message: Some(msg("bob", "after", "bob-1")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stored.seq, stored.message.as_str()), (1, "after"));
+    assert_ne!(stored.epoch, before.epoch);
+    let seen = new_b.next().await;
+    assert_eq!(
+        (seen.seq, seen.epoch, seen.message.as_str()),
+        (1, stored.epoch, "after")
+    );
+    drop((on_a, on_b, new_b));
+    a.stop().await;
+    b.stop().await;
 }

@@ -32,6 +32,12 @@
 //!   server holding the feed's consumer is lost while the node's own
 //!   connection survives (a NATS cluster losing one server): the consumer
 //!   goes quiet, and [`Cluster::follow`] reports it within two heartbeats.
+//! - A room whose stream is gone (deleted, or NATS lost its storage) is
+//!   created again by the first feed that notices, with the settings a
+//!   room opens with; every node with the room open then sees the new
+//!   epoch, ends its members and watchers (the old epoch's seqs cannot be
+//!   resumed: FAILED_PRECONDITION on a resume) and leaves the room to be
+//!   opened anew by the next join or Send.
 
 use std::{
     collections::HashMap,
@@ -158,6 +164,8 @@ struct Shared {
 /// One room open on this node.
 struct Room {
     name: RoomName,
+    /// The stream's settings, to create it again if it is gone.
+    config: async_nats::jetstream::stream::Config,
     stream: String,
     subject: String,
     epoch: u64,
@@ -206,7 +214,7 @@ impl NatsHub {
         let (stream, subject) = (config.name.clone(), config.subjects[0].clone());
         let mut handle = self
             .cluster
-            .ensure_stream(config)
+            .ensure_stream(config.clone())
             .await
             .map_err(unavailable)?;
         let info = handle
@@ -228,6 +236,7 @@ impl NatsHub {
         let (delivered, _) = watch::channel(last);
         let room = Arc::new(Room {
             name: name.clone(),
+            config,
             stream,
             subject,
             epoch,
@@ -387,6 +396,16 @@ impl RoomHub for NatsHub {
                 }
                 self.cluster.check().map_err(unavailable)?;
                 let open = self.room(&room, owner.as_deref()).await?;
+                let reopen = || {
+                    let closed = lock(&open.shared).closed;
+                    matches!(closed, Some(Closed::Idle | Closed::Reset))
+                };
+                if reopen() {
+                    // Reset (or closed as idle) before this send: open it
+                    // anew.
+                    self.rooms.remove_open(&room, &open);
+                    continue;
+                }
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let sent = open
                     .tx
@@ -396,13 +415,17 @@ impl RoomHub for NatsHub {
                         reply: Some(reply),
                     })
                     .await;
-                if sent.is_err() && lock(&open.shared).closed == Some(Closed::Idle) {
-                    // Closed as idle under this send: open it anew.
-                    self.rooms.remove_open(&room, &open);
-                    continue;
+                let answer = match sent {
+                    Ok(()) => answer.await.ok(),
+                    Err(_) => None,
+                };
+                match answer {
+                    Some(stored) => return stored,
+                    // Closed as idle or reset under this send, which was
+                    // not published: open it anew.
+                    None if reopen() => self.rooms.remove_open(&room, &open),
+                    None => return Err(ChatError::ShuttingDown),
                 }
-                sent.map_err(|_| ChatError::ShuttingDown)?;
-                return answer.await.map_err(|_| ChatError::ShuttingDown)?;
             }
             Err(ChatError::ShuttingDown)
         })
@@ -516,9 +539,13 @@ impl Room {
 
     /// Follows the room's stream into the members' queues until the
     /// publisher is done, recreating the consumer after errors and
-    /// reconnects.
+    /// reconnects. A stream that is gone (deleted, or NATS lost its
+    /// storage) is created again with the room's settings, as when a room
+    /// opens; its new epoch then resets the room here (see
+    /// [`Room::reset`]).
     async fn feed(self: Arc<Self>, cluster: Arc<Cluster>) {
         let mut link = cluster.link();
+        let mut warned = None;
         loop {
             let connected = tokio::select! {
                 biased;
@@ -528,11 +555,7 @@ impl Room {
             let Ok(generation) = connected else { return };
             let from = lock(&self.shared).last + 1;
             let attempt = async {
-                let stream = cluster
-                    .jetstream()
-                    .get_stream(&self.stream)
-                    .await
-                    .map_err(|e| ClusterError::js(format!("look up {}", self.stream), e))?;
+                let stream = cluster.ensure_stream(self.config.clone()).await?;
                 let created = stream.cached_info().created;
                 let messages = cluster
                     .follow(
@@ -551,18 +574,20 @@ impl Room {
                 result = attempt => match result {
                     Ok(found) => found,
                     Err(err) => {
-                        tracing::warn!(room = %self.name, %err, "cluster: cannot follow the room's stream; retrying");
+                        if warning_due(&mut warned) {
+                            tracing::warn!(room = %self.name, %err, "cluster: cannot follow the room's stream; retrying (this warning repeats at most every 30 s)");
+                        } else {
+                            tracing::debug!(room = %self.name, %err, "cluster: cannot follow the room's stream; retrying");
+                        }
                         if pause(&self.done).await { return; }
                         continue;
                     }
                 },
             };
-            if epoch_of(created) != self.epoch {
-                tracing::warn!(room = %self.name, "cluster: the room's stream was created anew; members must rejoin");
-                self.close(Closed::Reset, || EndReason::StorageFailed {
-                    reason: "the room's history was reset".into(),
-                    full: false,
-                });
+            warned = None;
+            let epoch = epoch_of(created);
+            if epoch != self.epoch {
+                self.reset(epoch);
                 return;
             }
             tokio::pin!(messages);
@@ -617,6 +642,22 @@ impl Room {
         }
     }
 
+    /// The room's stream is not the one this room opened (it was deleted
+    /// or lost, and created again, here or by another node): the room
+    /// carries on as a new epoch, in a new [`Room`]. This one ends its
+    /// members and watchers (their seqs belong to the old epoch: a resume
+    /// with it is refused with FAILED_PRECONDITION) and stops its
+    /// publisher, which takes it out of the table.
+    fn reset(&self, epoch: u64) {
+        tracing::warn!(room = %self.name, old_epoch = self.epoch, epoch, "cluster: the room's stream was created anew (history reset); its members must rejoin");
+        let old = self.epoch;
+        self.close(Closed::Reset, || EndReason::StorageFailed {
+            reason: format!("the room's history was reset: epoch {old} is now {epoch}"),
+            full: false,
+        });
+        self.done.cancel();
+    }
+
     fn close(&self, why: Closed, reason: impl Fn() -> EndReason) {
         let mut shared = lock(&self.shared);
         shared.closed.get_or_insert(why);
@@ -667,6 +708,15 @@ impl Room {
             published = published.max(self.publish(&cluster, batch).await);
         }
         rx.close();
+        if lock(&self.shared).closed == Some(Closed::Reset) {
+            // Nothing more goes to the old epoch: what is still queued is
+            // dropped unsent (a Send sees its reply dropped and retries in
+            // the room opened anew; members were ended already).
+            while rx.recv().await.is_some() {}
+            table.remove_open(&self.name, &self);
+            tracing::debug!(room = %self.name, "cluster: reset room closed");
+            return;
+        }
         while let Some(first) = rx.recv().await {
             let batch = take_batch(&mut rx, first, max_batch);
             published = published.max(self.publish(&cluster, batch).await);
@@ -829,6 +879,20 @@ fn take_batch(
     batch
 }
 
+/// How often a feed that keeps failing logs a warning.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a repeated warning is due (the first of a run of failures,
+/// then one every [`WARN_EVERY`]); records it in `last` if so.
+fn warning_due(last: &mut Option<Instant>) -> bool {
+    let now = Instant::now();
+    if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Waits a moment before a retry; true if `token` was cancelled meanwhile.
 async fn pause(token: &CancellationToken) -> bool {
     tokio::select! {
@@ -866,6 +930,15 @@ mod tests {
         assert_ne!(message_id("ab", "c"), message_id("a", "bc"));
         assert_eq!(message_id("a", "k"), message_id("a", "k"));
         assert_eq!(message_id("a", "k").len(), 64);
+    }
+
+    #[test]
+    fn a_run_of_failures_warns_once_per_period() {
+        let mut last = None;
+        assert!(warning_due(&mut last));
+        assert!(!warning_due(&mut last));
+        last = last.and_then(|at: Instant| at.checked_sub(WARN_EVERY));
+        assert!(warning_due(&mut last));
     }
 
     #[test]
