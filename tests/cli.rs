@@ -1065,3 +1065,28 @@ async fn subscribe_to_a_name_that_has_not_reported_says_it_is_waiting() {
     ctrl_c(&subscribe);
     assert_eq!(exit_code(&mut subscribe).await, Some(0));
 }
+
+// Multi-threaded: the in-process server keeps serving while this thread
+// blocks reading the CLI's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_names_the_server_it_lost_after_failing_over() {
+    // The first URL is down, so the CLI fails over to the second; when
+    // that one goes, the note names it (it named the first URL, which the
+    // CLI had not been connected to: new-user pass).
+    let (_, down) = unreachable_url();
+    let server = TestServer::start().await;
+    publish(server.url(), "svc", 1.0).await;
+    let urls = format!("{down},{}", server.url());
+    let (mut subscribe, lines) = spawn_cli(&urls, &["subscribe", "svc"]);
+    lines.wait_for("a sample", |v| v["service"] == "svc");
+    let live = server.url();
+    server.stop().await;
+    let note = lines.wait_for("a reconnecting note", |v| v["event"] == "reconnecting");
+    let message = note["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("connection to {live} lost")),
+        "{note}"
+    );
+    ctrl_c(&subscribe);
+    assert_eq!(exit_code(&mut subscribe).await, Some(0));
+}

@@ -191,12 +191,13 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
     let mut told_waiting = false;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
-        let server = ctx.current_server().to_owned();
         let lost =
             match subscribe_once(ctx, args, &mut received, &mut backoff, &mut told_waiting).await {
                 Ok(()) => return Ok(()),
                 Err(lost) => lost,
             };
+        // The server the attempt used (connecting may have failed over).
+        let server = ctx.current_server().to_owned();
         // A URL whose scheme the port does not speak never gets better.
         ctx.check_scheme().await?;
         ctx.note("reconnecting", &retry_text(lost, &server, backoff.delay())?);
@@ -205,20 +206,24 @@ async fn subscribe_loop(ctx: &Context, args: &SubscribeArgs) -> anyhow::Result<(
 }
 
 enum Lost {
-    /// The connection broke, or the server ended the call.
-    Transient(String),
+    /// The connection to `server` broke, or it ended the call.
+    Transient {
+        server: String,
+        why: String,
+    },
     /// No connection could be made (the server may never have answered).
     Unreachable(String),
     Fatal(anyhow::Error),
 }
 
-/// What to say before waiting `delay` to try `server` again after `lost`
+/// What to say before waiting `delay` to try again after `lost` (`server`:
+/// the URL tried, for a connection that could not be made)
 /// (a fatal failure is returned as the error instead).
 fn retry_text(lost: Lost, server: &str, delay: Duration) -> anyhow::Result<String> {
     let delay = delay.as_secs_f64();
     match lost {
         Lost::Fatal(err) => Err(err),
-        Lost::Transient(why) => Ok(format!(
+        Lost::Transient { server, why } => Ok(format!(
             "connection to {server} lost ({why}); reconnecting in {delay:.1}s"
         )),
         Lost::Unreachable(why) => {
@@ -234,8 +239,14 @@ fn retry_text(lost: Lost, server: &str, delay: Duration) -> anyhow::Result<Strin
 /// A call that ended with a status worth retrying: an UNAVAILABLE node is
 /// left for the next server URL.
 fn transient(ctx: &Context, status: &tonic::Status) -> Lost {
+    // Named before noting the failure, which may move on to the next
+    // server URL.
+    let server = ctx.current_server().to_owned();
     ctx.note_failure(status);
-    Lost::Transient(status_text(status))
+    Lost::Transient {
+        server,
+        why: status_text(status),
+    }
 }
 
 async fn subscribe_once(
@@ -300,7 +311,12 @@ async fn subscribe_once(
             }
             Some(Err(status)) if is_transient(&status) => return Err(transient(ctx, &status)),
             Some(Err(status)) => return Err(Lost::Fatal(status_error(status))),
-            None => return Err(Lost::Transient("the server ended the stream".into())),
+            None => {
+                return Err(Lost::Transient {
+                    server: ctx.current_server().to_owned(),
+                    why: "the server ended the stream".into(),
+                });
+            }
         }
     }
 }
@@ -350,11 +366,12 @@ pub async fn feed(ctx: &Context, args: FeedArgs) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     let mut connected_before = false;
     loop {
-        let server = ctx.current_server().to_owned();
         let lost = match feed_once(ctx, &args, &service, &ticks, &mut connected_before).await {
             Ok(()) => return Ok(()),
             Err(lost) => lost,
         };
+        // The server the attempt used (connecting may have failed over).
+        let server = ctx.current_server().to_owned();
         // A URL whose scheme the port does not speak never gets better.
         ctx.check_scheme().await?;
         ctx.note("reconnecting", &retry_text(lost, &server, backoff.delay())?);
