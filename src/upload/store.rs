@@ -1555,4 +1555,56 @@ mod tests {
         Store::open(data.path(), UploadConfig::default()).expect("opens once it is gone");
         assert_eq!(std::fs::read_dir(elsewhere.path()).expect("ls").count(), 0);
     }
+
+    /// Shared leases whose held leases say "held" until `valid` is cleared
+    /// (as a local deadline passing would).
+    #[derive(Debug)]
+    struct Switch(Arc<std::sync::atomic::AtomicBool>);
+
+    #[derive(Debug)]
+    struct SwitchLease(Arc<std::sync::atomic::AtomicBool>);
+
+    impl HeldLease for SwitchLease {
+        fn holds(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl SharedLeases for Switch {
+        fn acquire(&self, _: &str) -> BoxFuture<'_, Result<SharedLease, UploadError>> {
+            let lease: SharedLease = Box::new(SwitchLease(Arc::clone(&self.0)));
+            Box::pin(async move { Ok(lease) })
+        }
+
+        fn held(&self, _: &str) -> BoxFuture<'_, Result<bool, UploadError>> {
+            Box::pin(async { Ok(false) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_stops_holding_stops_writes_and_the_publish() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(data.path(), UploadConfig::default()).expect("open");
+        let valid = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        assert!(store.set_shared_leases(Arc::new(Switch(Arc::clone(&valid)))));
+        let mut upload = store.begin("f.bin", 0).await.expect("begin");
+        upload.write(0, vec![1; 1000]).await.expect("write");
+        upload.flush().await.expect("flush");
+        // The second flush waits for the first batch to be written.
+        upload.write(1, vec![2; 1000]).await.expect("write");
+        upload.flush().await.expect("flush");
+        valid.store(false, Ordering::SeqCst);
+        // Accepted, but never written; the finish publishes nothing.
+        upload.write(2, vec![3; 1000]).await.expect("accepted");
+        let err = upload.finish(None).await.expect_err("lease gone");
+        assert!(matches!(err, UploadError::LeaseLost { .. }), "{err}");
+        let uploads = data.path().join("uploads");
+        assert!(!uploads.join("f.bin").exists());
+        let partial = uploads.join(RESERVED_NAME).join("partial").join("f.bin");
+        let held = std::fs::read(partial).expect("kept");
+        // The second batch may have been written before the lease went.
+        assert!(held.len() == 1000 || held.len() == 2000, "{}", held.len());
+        assert_eq!(held[..1000], [1; 1000]);
+        assert!(!held.contains(&3));
+    }
 }
