@@ -1544,3 +1544,213 @@ async fn a_room_whose_stream_is_lost_is_created_again_as_a_new_epoch() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The upload leases' key-value bucket, opened from the test.
+async fn lease_bucket(nats: &Nats) -> async_nats::jetstream::kv::Store {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.get_key_value(streamhub::cluster::lease::BUCKET)
+        .await
+        .unwrap()
+}
+
+/// Waits until `client`'s node reports upload `name` in progress.
+async fn until_in_progress(client: &mut FileUploadServiceClient<Channel>, name: &str) {
+    within("the upload to be in progress", async {
+        loop {
+            let q = client
+                .query_upload(QueryUploadRequest {
+                    filename: name.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if q.in_progress {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_writer_whose_lease_was_taken_stops_writing_and_ends_aborted() {
+    if !nats_available("a_writer_whose_lease_was_taken_stops_writing") {
+        return;
+    }
+    let nats = Nats::start();
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path().to_path_buf();
+    let a = node_with(&[nats.url()], |c| {
+        c.upload.dir = Some(dir.clone());
+        // Renewals every second, so the loss is noticed quickly.
+        c.cluster.lease_ttl = Duration::from_secs(3);
+    })
+    .await;
+    let name = "taken-lease.bin";
+    let piece = data(1024);
+    let (tx, rx) = mpsc::channel(4);
+    let mut on_a = upload_client(a.channel().await);
+    let mut call = {
+        let mut on_a = on_a.clone();
+        tokio::spawn(async move { on_a.upload(ReceiverStream::new(rx)).await })
+    };
+    tx.send(chunk(name, 0, &piece, None, None)).await.unwrap();
+    until_in_progress(&mut on_a, name).await;
+    // Another writer now holds the key (as after A's lease lapsed while A
+    // was paused, and another node took the name): A's next renewal
+    // finds another revision. The old code only logged that and went on
+    // writing, into whatever the partial had become.
+    lease_bucket(&nats)
+        .await
+        .put(streamhub::cluster::token(name), "another-node 0".into())
+        .await
+        .unwrap();
+    // The client keeps sending (paced, not as synchronisation) until A
+    // ends the call.
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut index = 1;
+    let ended = within("A to end the call", async {
+        loop {
+            tokio::select! {
+                ended = &mut call => return ended.unwrap(),
+                _ = pace.tick() => {
+                    let _ = tx.send(chunk(name, index, &piece, None, None)).await;
+                    index += 1;
+                }
+            }
+        }
+    })
+    .await;
+    let refused = ended.expect_err("the lease is lost");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("lease"), "{refused:?}");
+    assert!(refused.message().contains("QueryUpload"), "{refused:?}");
+    // The bytes were left for the new holder (not discarded), nothing was
+    // published, and the name stays held by the other writer.
+    let partial = dir.join(".streamhub/partial").join(name);
+    let held = std::fs::metadata(&partial).unwrap().len();
+    assert!(held >= 1024 && held < u64::from(index) * 1024, "{held}");
+    assert!(!dir.join(name).exists());
+    let q = on_a
+        .query_upload(QueryUploadRequest {
+            filename: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(q.in_progress, "{q:?}");
+    drop(tx);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_with_a_longer_lease_ttl_renews_by_the_buckets_max_age() {
+    if !nats_available("a_node_with_a_longer_lease_ttl_renews") {
+        return;
+    }
+    let nats = Nats::start();
+    let urls = vec![nats.url()];
+    let shared = tempfile::tempdir().unwrap();
+    let dir = shared.path().to_path_buf();
+    // Node 1 creates the bucket with leases of 3 s; node 2 is set to the
+    // default 30 s (the old code renewed every 10 s: its lease lapsed 3 s
+    // into every upload and a second writer was admitted).
+    let one = node_with(&urls, |c| {
+        c.upload.dir = Some(dir.clone());
+        c.cluster.lease_ttl = Duration::from_secs(3);
+    })
+    .await;
+    let two = node_with(&urls, |c| c.upload.dir = Some(dir.clone())).await;
+    let name = "mixed-ttl.bin";
+    let all = data(64 * 1024);
+    let bucket = lease_bucket(&nats).await;
+    let mut entries = bucket.watch(streamhub::cluster::token(name)).await.unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let mut on_two = upload_client(two.channel().await);
+    let call = tokio::spawn(async move { on_two.upload(ReceiverStream::new(rx)).await });
+    tx.send(chunk(name, 0, &all[..1024], None, None))
+        .await
+        .unwrap();
+    // The upload stays quiet until node 2 has written its lease four
+    // times (taken, then renewed three times): each renewal is a
+    // compare-and-set on the previous revision, so the lease lived on
+    // past the bucket's 3 s without a gap.
+    within("node 2 to renew its lease three times", async {
+        let mut puts = 0;
+        while puts < 4 {
+            let entry = entries.next().await.unwrap().unwrap();
+            if entry.operation == async_nats::jetstream::kv::Operation::Put {
+                puts += 1;
+            }
+        }
+    })
+    .await;
+    let mut on_one = upload_client(one.channel().await);
+    let q = on_one
+        .query_upload(QueryUploadRequest {
+            filename: name.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(q.in_progress, "{q:?}");
+    let refused = on_one
+        .upload(tokio_stream::iter(vec![chunk(
+            name,
+            0,
+            &all,
+            None,
+            Some(&all),
+        )]))
+        .await
+        .expect_err("one writer per name");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    // Node 2's upload then completes.
+    tx.send(chunk(name, 1, &all[1024..], None, Some(&all)))
+        .await
+        .unwrap();
+    within("node 2's upload", call).await.unwrap().unwrap();
+    assert_eq!(std::fs::read(dir.join(name)).unwrap(), all);
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_work_again_after_the_lease_stream_is_lost() {
+    if !nats_available("uploads_work_again_after_the_lease_stream_is_lost") {
+        return;
+    }
+    let nats = Nats::start();
+    let node = node(&[nats.url()]).await;
+    // NATS lost its storage (or an operator deleted the stream): the old
+    // code created the bucket's stream only at start, and every Upload and
+    // QueryUpload failed UNAVAILABLE from then on.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.delete_stream(format!("KV_{}", streamhub::cluster::lease::BUCKET))
+        .await
+        .unwrap();
+    let all = data(8 * 1024);
+    let mut client = upload_client(node.channel().await);
+    let q = client
+        .query_upload(QueryUploadRequest {
+            filename: "after-wipe.bin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!q.in_progress, "{q:?}");
+    let done = client
+        .upload(tokio_stream::iter(vec![chunk(
+            "after-wipe.bin",
+            0,
+            &all,
+            None,
+            Some(&all),
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.total_bytes, all.len() as u64);
+    node.stop().await;
+}

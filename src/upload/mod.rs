@@ -170,6 +170,17 @@ pub enum UploadError {
         /// The upload.
         upload: String,
     },
+    /// Cluster mode: this server can no longer be sure it holds the
+    /// shared lease on the name (a renewal failed, or its lifetime ran out
+    /// unrenewed), so another node may be writing it; nothing more was
+    /// written and nothing was published or removed.
+    #[error(
+        "the lease on upload {upload} was lost or expired on this server, so another node may be writing it; this call wrote nothing more and published nothing; ask QueryUpload what is held and resume"
+    )]
+    LeaseLost {
+        /// The upload.
+        upload: String,
+    },
     /// The file would exceed the configured maximum size.
     #[error(
         "upload {upload} exceeds the maximum file size of {limit} bytes at chunk {index}; its bytes were discarded"

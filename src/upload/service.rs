@@ -188,7 +188,7 @@ fn status(err: &UploadError) -> Status {
             Status::failed_precondition(message)
         }
         UploadError::NotAFile { .. } => Status::already_exists(message),
-        UploadError::Busy { .. } => Status::aborted(message),
+        UploadError::Busy { .. } | UploadError::LeaseLost { .. } => Status::aborted(message),
         UploadError::TooLarge { .. }
         | UploadError::QuotaExceeded { .. }
         | UploadError::DiskFull { .. }
@@ -545,6 +545,13 @@ impl file_upload_service_server::FileUploadService for UploadService {
                     status.code(),
                     format!("{message}; {}", resume_hint(&name, held)),
                 ))
+            }
+            Outcome::Storage(err @ UploadError::LeaseLost { .. }) => {
+                // The bytes may be another node's now: closed, not removed.
+                let held = upload.suspend().await;
+                log.end(format!("lease lost; {held} bytes held"));
+                tracing::warn!(upload = %name, %peer, held, %err, "upload stopped");
+                Err(status(&err))
             }
             Outcome::Storage(err) => {
                 if let Err(discard) = upload.discard().await {

@@ -24,7 +24,10 @@
 //! so a resume never races with bytes still being written.
 //! In cluster mode, where several servers share one upload directory, a
 //! [`SharedLeases`] implementation (`crate::cluster::lease`) adds a lease
-//! every server sees, taken after this process's own.
+//! every server sees, taken after this process's own. Every write and the
+//! publish first ask it whether it is still held ([`HeldLease::holds`]);
+//! once it is not, nothing more is written and the partial is neither
+//! published nor removed ([`UploadError::LeaseLost`]).
 //!
 //! No call holds a thread: chunks go in batches ([`WRITE_BATCH`]) to one
 //! blocking task per batch (hash, `write_all`), which takes the file and
@@ -178,7 +181,18 @@ pub trait SharedLeases: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// A held [`SharedLeases`] lease; dropping it releases it.
-pub type SharedLease = Box<dyn std::fmt::Debug + Send + Sync>;
+pub type SharedLease = Box<dyn HeldLease>;
+
+/// What a writer asks a held shared lease before every write and before
+/// publishing.
+pub trait HeldLease: std::fmt::Debug + Send + Sync {
+    /// Whether this server can be sure it still holds the lease: false
+    /// once a renewal found another revision, or once the local deadline
+    /// (last successful renewal + the lease's lifetime, less a margin) has
+    /// passed. Cheap and non-blocking: it is called on blocking threads
+    /// right before each write.
+    fn holds(&self) -> bool;
+}
 
 /// The upload store of one data directory.
 #[derive(Debug)]
@@ -924,13 +938,18 @@ impl Store {
 
     /// Makes a complete upload visible: fsync, rename over any earlier file
     /// of the name, fsync the directory, record the digest.
+    ///
+    /// Right before the rename, checks that the lease is still held and
+    /// that the partial under the name is still the file this writer
+    /// wrote (same inode): otherwise nothing is renamed.
     fn publish(
         &self,
-        name: &str,
+        lease: &Lease,
         file: File,
         digest: &Digest,
         size: u64,
     ) -> Result<StoredFile, UploadError> {
+        let name = lease.name.as_str();
         file.sync_all()
             .map_err(io_err("fsync", self.partial_dir.display(name)))?;
         let md = file
@@ -947,6 +966,14 @@ impl Store {
             Ok(None) => 0,
             Err(e) => return Err(io_err("stat", self.uploads.display(name))(e)),
         };
+        let ours = match self.partial_dir.stat(name) {
+            Ok(Some(now)) => now.dev() == md.dev() && now.ino() == md.ino(),
+            Ok(None) => false,
+            Err(e) => return Err(io_err("stat", self.partial_dir.display(name))(e)),
+        };
+        if !ours || !lease.holds() {
+            return Err(lease.lost());
+        }
         self.partial_dir
             .rename(name, &self.uploads, name)
             .map_err(io_err("rename into place", self.uploads.display(name)))?;
@@ -996,6 +1023,21 @@ struct Lease {
     shared: Option<SharedLease>,
 }
 
+impl Lease {
+    /// Whether this call may still write the name: always with this
+    /// process's lease alone; in cluster mode only while the shared lease
+    /// is certainly held (another node may have taken it otherwise).
+    fn holds(&self) -> bool {
+        self.shared.as_ref().is_none_or(|shared| shared.holds())
+    }
+
+    fn lost(&self) -> UploadError {
+        UploadError::LeaseLost {
+            upload: self.name.clone(),
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         {
@@ -1021,6 +1063,9 @@ struct Writer {
     /// Bytes in the file (hashed so far, while a resume re-reads them).
     written: u64,
     error: Option<io::Error>,
+    /// Set when a write was refused because the shared lease may be
+    /// gone: nothing more is written, and the partial is left alone.
+    lost: bool,
     lease: Lease,
 }
 
@@ -1040,6 +1085,7 @@ impl Writer {
             hasher: Sha256::new(),
             written: 0,
             error: None,
+            lost: false,
             lease,
         }
     }
@@ -1069,10 +1115,17 @@ impl Writer {
     /// Hashes and writes one batch (blocking). After a failed write the
     /// file's length is what is held.
     fn write_batch(&mut self, batch: Vec<Vec<u8>>) {
-        if self.error.is_some() {
+        if self.error.is_some() || self.lost {
             return;
         }
         for data in batch {
+            // Right before each write: a node that may have lost its
+            // lease must not write into a partial another node may have
+            // resumed, or published (a rename keeps this fd's inode).
+            if !self.lease.holds() {
+                self.lost = true;
+                return;
+            }
             if let Err(err) = self.file.write_all(&data) {
                 if let Ok(end) = self.file.stream_position() {
                     self.written = end;
@@ -1216,6 +1269,7 @@ impl Upload {
             }
         }
         match &self.slot {
+            Slot::Idle(writer) if writer.lost => Err(writer.lease.lost()),
             Slot::Idle(writer) => match &writer.error {
                 Some(err) => Err(self.write_error(err)),
                 None => Ok(()),
@@ -1289,6 +1343,10 @@ impl Upload {
     pub async fn finish(mut self, expected: Option<Digest>) -> Result<StoredFile, UploadError> {
         self.settled = true;
         let writer = self.close().await?;
+        if writer.lost || !writer.lease.holds() {
+            // The bytes may be another node's now: leave them alone.
+            return Err(writer.lease.lost());
+        }
         if let Some(err) = &writer.error {
             let err = self.write_error(err);
             self.remove(writer).await?;
@@ -1309,6 +1367,9 @@ impl Upload {
             self.store
                 .io_blocking(move || {
                     drop(file);
+                    if !lease.holds() {
+                        return Err(lease.lost());
+                    }
                     store.remove_partial(&lease.name)
                 })
                 .await??;
@@ -1322,7 +1383,7 @@ impl Upload {
         let store = Arc::clone(&self.store);
         self.store
             .io_blocking(move || {
-                let stored = store.publish(&lease.name, file, &digest, written);
+                let stored = store.publish(&lease, file, &digest, written);
                 drop(lease);
                 stored
             })
@@ -1360,6 +1421,9 @@ impl Upload {
             .io_blocking(move || {
                 let Writer { file, lease, .. } = *writer;
                 drop(file);
+                if !lease.holds() {
+                    return Err(lease.lost());
+                }
                 let removed = store.remove_partial(&lease.name);
                 drop(lease);
                 removed
@@ -1490,5 +1554,57 @@ mod tests {
         std::fs::remove_file(own.join("partial")).expect("unlink");
         Store::open(data.path(), UploadConfig::default()).expect("opens once it is gone");
         assert_eq!(std::fs::read_dir(elsewhere.path()).expect("ls").count(), 0);
+    }
+
+    /// Shared leases whose held leases say "held" until `valid` is cleared
+    /// (as a local deadline passing would).
+    #[derive(Debug)]
+    struct Switch(Arc<std::sync::atomic::AtomicBool>);
+
+    #[derive(Debug)]
+    struct SwitchLease(Arc<std::sync::atomic::AtomicBool>);
+
+    impl HeldLease for SwitchLease {
+        fn holds(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl SharedLeases for Switch {
+        fn acquire(&self, _: &str) -> BoxFuture<'_, Result<SharedLease, UploadError>> {
+            let lease: SharedLease = Box::new(SwitchLease(Arc::clone(&self.0)));
+            Box::pin(async move { Ok(lease) })
+        }
+
+        fn held(&self, _: &str) -> BoxFuture<'_, Result<bool, UploadError>> {
+            Box::pin(async { Ok(false) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_stops_holding_stops_writes_and_the_publish() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(data.path(), UploadConfig::default()).expect("open");
+        let valid = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        assert!(store.set_shared_leases(Arc::new(Switch(Arc::clone(&valid)))));
+        let mut upload = store.begin("f.bin", 0).await.expect("begin");
+        upload.write(0, vec![1; 1000]).await.expect("write");
+        upload.flush().await.expect("flush");
+        // The second flush waits for the first batch to be written.
+        upload.write(1, vec![2; 1000]).await.expect("write");
+        upload.flush().await.expect("flush");
+        valid.store(false, Ordering::SeqCst);
+        // Accepted, but never written; the finish publishes nothing.
+        upload.write(2, vec![3; 1000]).await.expect("accepted");
+        let err = upload.finish(None).await.expect_err("lease gone");
+        assert!(matches!(err, UploadError::LeaseLost { .. }), "{err}");
+        let uploads = data.path().join("uploads");
+        assert!(!uploads.join("f.bin").exists());
+        let partial = uploads.join(RESERVED_NAME).join("partial").join("f.bin");
+        let held = std::fs::read(partial).expect("kept");
+        // The second batch may have been written before the lease went.
+        assert!(held.len() == 1000 || held.len() == 2000, "{}", held.len());
+        assert_eq!(held[..1000], [1; 1000]);
+        assert!(!held.contains(&3));
     }
 }
