@@ -164,13 +164,7 @@ impl NatsLeases {
     async fn recreate_if_missing(&self) -> Result<bool, UploadError> {
         match self.cluster.jetstream().get_stream(stream_name()).await {
             Ok(_) => Ok(false),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    jetstream::context::GetStreamErrorKind::JetStream(ref e)
-                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-                ) =>
-            {
+            Err(err) if super::stream_not_found(&err) => {
                 tracing::warn!(
                     stream = %stream_name(),
                     "cluster: the upload lease bucket's stream is missing; recreating it"

@@ -268,13 +268,7 @@ impl Cluster {
         let name = config.name.clone();
         match self.js.get_stream(&name).await {
             Ok(stream) => Ok(stream),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    jetstream::context::GetStreamErrorKind::JetStream(ref e)
-                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-                ) =>
-            {
+            Err(err) if stream_not_found(&err) => {
                 // Not there yet: create it; a racing creator with the same
                 // config makes this a no-op.
                 match self.js.create_stream(config).await {
@@ -423,6 +417,16 @@ pub async fn report_health(
             changed = link.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// Whether a stream look-up failed because the stream does not exist
+/// (JetStream's `STREAM_NOT_FOUND`), as opposed to NATS not answering.
+pub fn stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 /// Turns any name into one NATS subject token, stream-name part and
