@@ -249,6 +249,16 @@ fn transient(ctx: &Context, status: &tonic::Status) -> Lost {
     }
 }
 
+/// A connection that could not be made: fatal if it never can be (a
+/// permanent failure, see `is_permanent`), else worth another try.
+fn unreachable(err: anyhow::Error) -> Lost {
+    if super::is_permanent(&err) {
+        Lost::Fatal(err)
+    } else {
+        Lost::Unreachable(format!("{err:#}"))
+    }
+}
+
 async fn subscribe_once(
     ctx: &Context,
     args: &SubscribeArgs,
@@ -256,13 +266,7 @@ async fn subscribe_once(
     backoff: &mut Backoff,
     told_waiting: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx.connect().await.map_err(|e| {
-        if super::is_permanent(&e) {
-            Lost::Fatal(e)
-        } else {
-            Lost::Unreachable(format!("{e:#}"))
-        }
-    })?;
+    let channel = ctx.connect().await.map_err(unreachable)?;
     let mut client = TelemetryServiceClient::new(channel);
     let request = MetricsRequest {
         service_name: args.name.clone(),
@@ -388,13 +392,7 @@ async fn feed_once(
     ticks: &Arc<AtomicU64>,
     connected_before: &mut bool,
 ) -> Result<(), Lost> {
-    let channel = ctx.connect().await.map_err(|e| {
-        if super::is_permanent(&e) {
-            Lost::Fatal(e)
-        } else {
-            Lost::Unreachable(format!("{e:#}"))
-        }
-    })?;
+    let channel = ctx.connect().await.map_err(unreachable)?;
     let mut client = TelemetryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel::<MetricsPayload>(16);
     let producer = tokio::spawn(produce(
